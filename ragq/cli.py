@@ -1,0 +1,298 @@
+"""The `ragq` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ragq.errors import BadInput, ConfigError, QuestionTimeout, RagqError, ServiceError
+from ragq.settings import Settings, load_settings
+
+app = typer.Typer(
+    name="ragq", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="A RAG stack (embed, search, rerank, generate) as Celery jobs on GPUs too small for every model at once.",
+)
+services_app = typer.Typer(no_args_is_help=True, help="Embedded Redis and Postgres+pgvector under RAGQ_HOME.")
+app.add_typer(services_app, name="services")
+out = Console()
+err = Console(stderr=True)
+
+EXIT_FAILED_INPUT = 1
+EXIT_USAGE = 2
+EXIT_SERVICE = 3
+
+
+def _setup_logging(level: str = "WARNING") -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=level, format="%(name)s: %(message)s", datefmt="[%X]",
+        handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)], force=True,
+    )
+    for noisy in ("pgserver", "httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)
+
+
+def _guard(func: Any) -> Any:
+    """Turn ragq's errors into a clear message and an exit code."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except BadInput as exc:
+            _fail(str(exc), EXIT_USAGE)
+        except ConfigError as exc:
+            _fail(str(exc), EXIT_USAGE)
+        except ServiceError as exc:
+            _fail(str(exc), EXIT_SERVICE)
+        except QuestionTimeout as exc:
+            _fail(str(exc), EXIT_FAILED_INPUT)
+        except RagqError as exc:
+            _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED_INPUT)
+
+    return wrapper
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+# -- services ------------------------------------------------------------------------------------------------------
+@services_app.command("up")
+@_guard
+def services_up(as_json: Annotated[bool, typer.Option("--json", help="print the endpoints as JSON")] = False) -> None:
+    """Start the embedded Redis and Postgres (only those with no URL configured); reuse them if running."""
+    from ragq.services import EmbeddedServices
+
+    _setup_logging()
+    settings = _settings()
+    services = EmbeddedServices(settings)
+    services.up()
+    _show_status(services.status(), as_json)
+
+
+@services_app.command("status")
+@_guard
+def services_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Show the endpoints and whether the embedded servers run."""
+    from ragq.services import EmbeddedServices
+
+    _setup_logging()
+    _show_status(EmbeddedServices(_settings()).status(), as_json)
+
+
+@services_app.command("down")
+@_guard
+def services_down(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Stop the embedded servers that ragq started (by their recorded pids); external services are untouched."""
+    from ragq.services import EmbeddedServices
+
+    _setup_logging()
+    stopped = EmbeddedServices(_settings()).down()
+    if as_json:
+        _print_json({"stopped": stopped})
+    else:
+        for name, pid in stopped.items():
+            out.print(f"{name.split('_')[0]}: {'stopped pid ' + str(pid) if pid else 'was not running'}")
+
+
+def _show_status(status: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _print_json(status)
+        return
+    table = Table(show_header=False, box=None)
+    for key in ("home", "redis", "postgres", "broker_url", "result_backend", "database_url", "redis_pid",
+                "postgres_pid"):
+        table.add_row(key, str(status.get(key) or "-"))
+    out.print(table)
+
+
+# -- schema and worker ----------------------------------------------------------------------------------------------
+@app.command()
+@_guard
+def migrate() -> None:
+    """Apply the database migrations (also applied automatically on first use)."""
+    from ragq.db import migrate as run_migrations
+    from ragq.services import ensure_services
+
+    _setup_logging()
+    revision = run_migrations(ensure_services(_settings()).database_url)
+    out.print(f"database at revision {revision}")
+
+
+@app.command()
+@_guard
+def worker(
+    device: Annotated[str, typer.Option(help="cpu, cuda:N, or all (one process per visible GPU)")] = "cpu",
+    concurrency: Annotated[int | None, typer.Option(help="task threads (default RAGQ_WORKER_CONCURRENCY)")] = None,
+    loglevel: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+    name: Annotated[str | None, typer.Option(help="worker name before @host (default from the device)")] = None,
+) -> None:
+    """Run a GPU (or CPU) worker consuming the urgent and background queues."""
+    from workers.devices import parse_device
+    from workers.start import run_worker
+
+    _setup_logging(loglevel.upper())
+    raise typer.Exit(run_worker(_settings(), parse_device(device), concurrency, loglevel.upper(), name))
+
+
+# -- ingestion ----------------------------------------------------------------------------------------------------
+@app.command()
+@_guard
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="DoclingDocument .json, .md, .txt files or folders of them")],
+    wait: Annotated[bool, typer.Option("--wait", help="wait for the job, with a progress bar")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary")] = False,
+    timeout: Annotated[float | None, typer.Option(help="seconds to wait with --wait")] = None,
+) -> None:
+    """Queue documents for background ingestion. Exit 1 if any input failed (the others are still ingested)."""
+    from ragq.client import Client
+
+    _setup_logging()
+    client = Client(_settings())
+    submission = client.submit_ingest(paths)
+    result: dict[str, Any] = {**submission.as_dict(), "chunks": None, "chunks_added": None, "status": "queued"}
+    for failure in submission.failed:
+        err.print(f"[bold red]error:[/] {failure.path}: {failure.error}", highlight=False, soft_wrap=True)
+    if wait and submission.documents:
+        status = _wait_with_progress(client, submission.job_id, timeout, show=not as_json)
+        already = {f.path for f in submission.failed}
+        for failure in status["failed"]:
+            if failure["path"] not in already:
+                err.print(f"[bold red]error:[/] {failure['error']}", highlight=False, soft_wrap=True)
+        result.update(
+            status=status["status"], chunks=status["chunks_total"], chunks_added=status["chunks_added"],
+            documents=status["documents_done"], failed=status["failed"],
+        )
+    elif not submission.documents:
+        result["status"] = "failed" if submission.failed else "completed"
+    if as_json:
+        _print_json(result)
+    elif wait:
+        out.print(f"job {result['job_id']}: {result['status']} — {result['documents']} documents, "
+                  f"{result['chunks']} chunks ({result['chunks_added']} new), {len(result['failed'])} failed")
+    else:
+        out.print(f"job {result['job_id']}: queued {submission.documents} documents, "
+                  f"{len(submission.failed)} rejected; follow it with `ragq job {result['job_id']}`")
+    if result["failed"]:
+        raise typer.Exit(EXIT_FAILED_INPUT)
+
+
+def _wait_with_progress(client: Any, job_id: str, timeout: float | None, show: bool) -> dict[str, Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if not show:
+        return dict(client.wait_for_job(job_id, timeout_s=timeout))
+    with Progress(TextColumn("ingesting"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[chunks]} chunks"),
+                  TimeElapsedColumn(), console=err, transient=False) as progress:
+        task = progress.add_task("ingest", total=None, chunks=0)
+
+        def update(status: dict[str, Any]) -> None:
+            progress.update(task, total=status["documents_total"], chunks=status["chunks_total"],
+                            completed=status["documents_done"] + status["documents_failed"])
+
+        return dict(client.wait_for_job(job_id, timeout_s=timeout, on_progress=update))
+
+
+@app.command()
+@_guard
+def job(job_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Show an ingestion job's status and failed inputs."""
+    from ragq.client import Client
+
+    _setup_logging()
+    status = Client(_settings()).job_status(job_id)
+    if as_json:
+        _print_json(status)
+        return
+    out.print(f"job {job_id}: {status['status']} — {status['documents_done']}/{status['documents_total']} documents, "
+              f"{status['chunks_total']} chunks ({status['chunks_added']} new), {status['documents_failed']} failed")
+    for failure in status["failed"]:
+        out.print(f"  failed: {failure['error']}", highlight=False)
+
+
+# -- questions ----------------------------------------------------------------------------------------------------
+@app.command()
+@_guard
+def ask(
+    question: Annotated[str, typer.Argument(help="the question")],
+    timeout: Annotated[float | None, typer.Option(help="seconds to wait for the answer")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="passages to return")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the answer, sources and timings as JSON")] = False,
+) -> None:
+    """Ask a question over the urgent queue (synchronous RPC)."""
+    from ragq.client import Client
+
+    _setup_logging()
+    reply = Client(_settings()).ask(question, timeout_s=timeout, top_k=top_k)
+    if as_json:
+        _print_json(reply)
+    else:
+        print_reply(reply, out)
+
+
+def print_reply(reply: dict[str, Any], console: Console) -> None:
+    console.print(f"[bold]Q:[/] {reply['question']}", highlight=False)
+    console.print(f"[bold]A:[/] {reply['answer']}", highlight=False)
+    if reply.get("note"):
+        console.print(f"[dim]({reply['note']})[/]", highlight=False)
+    sources = Table(title="sources", show_lines=False, title_justify="left")
+    for column in ("#", "document", "score", "passage"):
+        sources.add_column(column, overflow="fold")
+    for i, s in enumerate(reply["sources"], 1):
+        snippet = s["text"].replace("\n", " ")
+        sources.add_row(str(i), s["document"], f"{s['score']:.3f}", snippet[:110] + ("…" if len(snippet) > 110 else ""))
+    console.print(sources)
+    console.print(timing_table(reply))
+
+
+def timing_table(reply: dict[str, Any]) -> Table:
+    table = Table(title=f"timings (total {reply.get('total_ms') or 0:.0f} ms)", title_justify="left")
+    for column in ("stage", "model", "queue ms", "load ms", "compute ms", "batch"):
+        table.add_column(column, justify="right" if "ms" in column or column == "batch" else "left")
+    for stage, t in reply["timings"].items():
+        table.add_row(stage, str(t.get("model") or "-"), f"{t['queue_ms']:.1f}", f"{t['load_ms']:.1f}",
+                      f"{t['compute_ms']:.1f}", str(t.get("batch_size") or "-"))
+    return table
+
+
+@app.command()
+@_guard
+def demo(
+    keep_services: Annotated[bool, typer.Option(help="leave the services running afterwards")] = False,
+) -> None:
+    """Start services and a worker, ingest the sample corpus, ask three questions, then stop what it started."""
+    from ragq.demo import run_demo
+
+    _setup_logging()
+    raise typer.Exit(run_demo(_settings(), out, keep_services=keep_services))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""One exception tree for ragq. Catch `RagqError` to catch everything ragq raises on purpose."""
+
+from __future__ import annotations
+
+
+class RagqError(Exception):
+    """Base of every error ragq raises deliberately."""
+
+
+class BadInput(RagqError):
+    """A user-supplied input (file, question, option) is unusable. The message names the input and the problem."""
+
+    def __init__(self, source: str, problem: str) -> None:
+        super().__init__(f"{source}: {problem}")
+        self.source = source
+        self.problem = problem
+
+
+class ConfigError(RagqError):
+    """Settings or the models file are invalid."""
+
+
+class ServiceError(RagqError):
+    """An embedded or configured service (Redis, Postgres) could not be started or reached."""
+
+
+class BudgetExceeded(RagqError):
+    """A model or batch cannot fit in the device budget even after evicting everything evictable."""
+
+
+class ModelLoadFailed(RagqError):
+    """A model directory is missing, incomplete or corrupted."""
+
+
+class BackendUnavailable(RagqError):
+    """The requested backend (a role with no model configured, a Triton server that is down)."""
+
+
+class RequestExpired(RagqError):
+    """Control flow: a request's deadline passed before it ran; it is dropped without costing device time."""
+
+
+class QuestionTimeout(RagqError):
+    """An urgent question did not complete within its timeout."""

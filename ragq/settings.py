@@ -1,0 +1,78 @@
+"""Typed settings from RAGQ_* environment variables (and an optional .env file).
+
+One `Settings` object is built at the edge (CLI, worker start-up) and passed down.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from scheduler.budget import parse_size
+
+
+def _default_home() -> Path:
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "ragq"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RAGQ_", env_file=".env", extra="ignore")
+
+    home: Path = Field(default_factory=_default_home, description="state of the embedded services and caches")
+    broker_url: str | None = Field(None, description="Celery broker; unset = embedded Redis")
+    result_backend: str | None = Field(None, description="Celery result backend; unset = the broker's Redis")
+    database_url: str | None = Field(None, description="Postgres with pgvector; unset = embedded pgserver")
+    models: Path | None = Field(None, description="models config file (TOML); unset = the CPU default")
+    vram_budget: str | None = Field(None, description="explicit device budget, e.g. 16GiB; unset = memory x (1-buffer)")
+    vram_buffer: float = Field(0.15, ge=0.0, lt=1.0, description="share of device memory kept free")
+    cpu_budget: str = Field("4GiB", description="budget for models on the cpu device")
+    worker_concurrency: int = Field(4, ge=1, le=256)
+    visibility_timeout_s: int = Field(3600, ge=60)
+    ingest_batch_docs: int = Field(8, ge=1, description="documents per background ingest task")
+    ask_timeout_s: float = Field(60.0, gt=0)
+    top_k: int = Field(5, ge=1, le=100)
+    rerank_candidates: int = Field(20, ge=1, le=1000, description="passages the reranker sees per question")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("vram_budget", "cpu_budget")
+    @classmethod
+    def _size_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_size(value)
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _models_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"models file {value} does not exist")
+        return value
+
+    @cached_property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def embedded(self) -> bool:
+        """True when some service has no URL configured and ragq must run it itself."""
+        return self.broker_url is None or self.database_url is None
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings, turning pydantic's validation error into a ConfigError that names the variable."""
+    from pydantic import ValidationError
+
+    from ragq.errors import ConfigError
+
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"RAGQ_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None

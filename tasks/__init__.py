@@ -1,0 +1,1 @@
+"""The job graph: Celery tasks for ingestion (background) and questions (urgent chains)."""

@@ -1,0 +1,152 @@
+"""Background ingestion: chunk DoclingDocuments, embed the chunks not stored yet, store them, count per job.
+
+One task carries a batch of documents so one embed request serves all of them; the engine batches further across
+concurrent tasks. Each document is stored in its own transaction, together with its job_items row, so a failure
+in one document leaves the others complete and a redelivered task never counts a document twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import OperationalError
+
+from ragq.chunking import ChunkText, chunk_document
+from ragq.db import Chunk, Document, JobItem, ensure_vector_index
+from ragq.errors import BadInput
+from scheduler.batching import BACKGROUND
+from tasks.common import sent_at
+from workers.celery_app import app
+from workers.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+_FINISH_JOB = text("""
+UPDATE jobs SET
+  documents_done = documents_done + :done,
+  documents_failed = documents_failed + :failed,
+  chunks_total = chunks_total + :chunks,
+  chunks_added = chunks_added + :added,
+  updated_at = now(),
+  status = CASE
+    WHEN documents_done + :done + documents_failed + :failed < documents_total THEN 'running'
+    WHEN documents_failed + :failed = 0 THEN 'completed'
+    WHEN documents_done + :done = 0 THEN 'failed'
+    ELSE 'completed_with_errors' END,
+  finished_at = CASE
+    WHEN documents_done + :done + documents_failed + :failed >= documents_total THEN now() ELSE NULL END
+WHERE id = :job_id
+""")
+
+
+def _claim_item(conn: Any, item_id: int, **values: Any) -> bool:
+    """Move a job item out of 'queued' exactly once (a redelivered task finds it done and counts nothing)."""
+    result = conn.execute(
+        update(JobItem).where(JobItem.id == item_id, JobItem.status == "queued").values(updated_at=text("now()"), **values)
+    )
+    return bool(result.rowcount)
+
+
+def record_item_failure(rt_db: Any, job_id: str, item_id: int, error: str) -> None:
+    with rt_db.begin() as conn:
+        if _claim_item(conn, item_id, status="failed", error=error[:4000]):
+            conn.execute(_FINISH_JOB, {"job_id": job_id, "done": 0, "failed": 1, "chunks": 0, "added": 0})
+
+
+def _store_document(rt: WorkerRuntime, job_id: str, item: dict[str, Any], chunks: list[ChunkText],
+                    vectors: dict[str, list[float]]) -> int:
+    model = rt.specs["embed"].name
+    doc = item["document"]
+    with rt.db.begin() as conn:
+        conn.execute(pg_insert(Document).values(
+            id=item["document_id"], name=str(doc.get("name") or item["path"]), source=item["path"],
+            format=item["format"], meta={"origin": doc.get("origin")},
+        ).on_conflict_do_nothing())
+        rows = [
+            {
+                "id": c.id, "document_id": item["document_id"], "seq": c.seq, "text": c.text, "headings": c.headings,
+                "embed_model": model, "dim": len(vectors[c.id]), "embedding": vectors[c.id],
+            }
+            for c in chunks if c.id in vectors
+        ]
+        added = 0
+        if rows:
+            added = len(conn.execute(pg_insert(Chunk).values(rows).on_conflict_do_nothing().returning(Chunk.id)).all())
+        if _claim_item(conn, item["item_id"], status="done", document_id=item["document_id"], chunks=len(chunks),
+                       chunks_added=added):
+            conn.execute(_FINISH_JOB, {"job_id": job_id, "done": 1, "failed": 0, "chunks": len(chunks), "added": added})
+    return added
+
+
+@app.task(
+    name="ragq.ingest_documents", bind=True, acks_late=True, autoretry_for=(OperationalError,),
+    retry_backoff=True, retry_backoff_max=60, max_retries=8,
+)
+def ingest_documents(self: Any, job_id: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+    from docling_core.types.doc import DoclingDocument
+
+    rt = self.app.require_runtime()
+    spec = rt.specs["embed"]
+    published = sent_at(self.request)
+    context = {"priority": BACKGROUND, "job_id": job_id, "task_id": self.request.id}
+    with rt.db.begin() as conn:
+        conn.execute(text("UPDATE jobs SET status = 'running', updated_at = now() WHERE id = :id AND status = 'queued'"),
+                     {"id": job_id})
+
+    prepared: list[tuple[dict[str, Any], list[ChunkText]]] = []
+    failed = 0
+    with rt.stage("chunk", sent_at=published, **context) as clock:
+        chunker = rt.chunker
+        for item in items:
+            try:
+                doc = DoclingDocument.model_validate(item["document"])
+                chunks = chunk_document(doc, chunker, spec.name, item["document_id"])
+                if not chunks:
+                    raise BadInput(item["path"], "document produced no chunks (no text)")
+                prepared.append((item, chunks))
+                clock.items += len(chunks)
+            except Exception as exc:
+                failed += 1
+                error = str(exc) if isinstance(exc, BadInput) else f"{item['path']}: {type(exc).__name__}: {exc}"
+                record_item_failure(rt.db, job_id, item["item_id"], error)
+
+    all_ids = [c.id for _, chunks in prepared for c in chunks]
+    with rt.db.connect() as conn:
+        stored = set(conn.execute(select(Chunk.id).where(Chunk.id.in_(all_ids))).scalars()) if all_ids else set()
+    todo = [c for _, chunks in prepared for c in chunks if c.id not in stored]
+    vectors: dict[str, list[float]] = {}
+    if todo:
+        try:
+            with rt.stage("embed", sent_at=None, **context) as clock:
+                result = rt.engine.run("embed", [c.embed_text for c in todo], priority=BACKGROUND,
+                                       params={"kind": "document"})
+                clock.from_engine(result)
+        except Exception as exc:
+            for item, _ in prepared:
+                record_item_failure(rt.db, job_id, item["item_id"], f"{item['path']}: embedding failed: {exc}")
+            raise
+        vectors = {c.id: v for c, v in zip(todo, result.outputs)}
+        _ensure_index(rt, len(result.outputs[0]))
+
+    added = 0
+    with rt.stage("store", sent_at=None, **context) as clock:
+        for item, chunks in prepared:
+            try:
+                added += _store_document(rt, job_id, item, chunks, vectors)
+                clock.items += len(chunks)
+            except OperationalError:
+                raise  # the database is away: retry the task; stored documents are skipped by their ids
+            except Exception as exc:
+                failed += 1
+                log.exception("storing %s failed", item["path"])
+                record_item_failure(rt.db, job_id, item["item_id"], f"{item['path']}: storing failed: {exc}")
+    return {"job_id": job_id, "documents": len(items), "failed": failed, "chunks_added": added}
+
+
+def _ensure_index(rt: WorkerRuntime, dim: int) -> None:
+    if dim not in rt.indexed_dims:
+        ensure_vector_index(rt.db, rt.specs["embed"].name, dim)
+        rt.indexed_dims.add(dim)

@@ -1,0 +1,147 @@
+"""Urgent questions: a Celery chain embed -> search -> rerank -> generate on the urgent queue.
+
+Each task takes the state dict the previous one returned and adds to it. A request whose deadline passed is
+dropped before it reaches the device: Celery's `expires` stops tasks not yet started, the engine drops expired
+requests still pending, and each task checks the deadline when it starts.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery import chain
+from sqlalchemy import text
+
+from ragq.answer import EXTRACTIVE_NOTE, extractive_answer, generation_prompt
+from ragq.errors import RequestExpired
+from scheduler.batching import URGENT
+from tasks.common import engine_deadline, sent_at
+from workers.celery_app import URGENT_QUEUE, app
+
+STAGES = ("embed", "search", "rerank", "generate")
+
+
+def _begin(task: Any, state: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    deadline = state.get("deadline")
+    if deadline is not None and time.time() > deadline:
+        raise RequestExpired(f"question expired {time.time() - deadline:.2f}s ago; its caller has gone")
+    rt = task.app.require_runtime()
+    context = {"priority": URGENT, "job_id": None, "task_id": task.request.id, "sent_at": sent_at(task.request)}
+    return rt, context
+
+
+def _keep_timing(state: dict[str, Any], stage: str, clock: Any) -> None:
+    state.setdefault("timings", {})[stage] = {
+        "queue_ms": round(clock.extra.get("queue_ms", 0.0), 2),
+        "load_ms": round(clock.load_ms, 2),
+        "compute_ms": round(clock.extra.get("compute_ms", 0.0), 2),
+        "model": clock.model,
+        "batch_size": clock.batch_size,
+    }
+
+
+@app.task(name="ragq.query.embed", bind=True)
+def embed_query(self: Any, state: dict[str, Any]) -> dict[str, Any]:
+    rt, context = _begin(self, state)
+    with rt.stage("embed", **context) as clock:
+        result = rt.engine.run(
+            "embed", [state["question"]], priority=URGENT, deadline=engine_deadline(state.get("deadline")),
+            params={"kind": "query"},
+        )
+        clock.from_engine(result)
+    _keep_timing(state, "embed", clock)
+    state["vector"] = result.outputs[0]
+    state["embed_model"] = result.model
+    return state
+
+
+@app.task(name="ragq.query.search", bind=True)
+def search(self: Any, state: dict[str, Any]) -> dict[str, Any]:
+    rt, context = _begin(self, state)
+    vector = state.pop("vector")
+    dim = int(len(vector))
+    wanted = max(state["top_k"], state.get("candidates", state["top_k"]))
+    sql = text(f"""
+        SELECT c.id, c.text, c.headings, d.name AS document, d.source,
+               1 - ((c.embedding::vector({dim})) <=> CAST(:q AS vector({dim}))) AS score
+        FROM chunks c JOIN documents d ON d.id = c.document_id
+        WHERE c.embed_model = :model AND c.dim = {dim}
+        ORDER BY (c.embedding::vector({dim})) <=> CAST(:q AS vector({dim}))
+        LIMIT :n
+    """)
+    with rt.stage("search", **context) as clock:
+        clock.model = "pgvector-hnsw"
+        with rt.db.begin() as conn:
+            conn.execute(text(f"SET LOCAL hnsw.ef_search = {max(40, min(1000, wanted))}"))
+            rows = conn.execute(sql, {"q": str(vector), "model": state["embed_model"], "n": wanted}).mappings().all()
+        clock.items = len(rows)
+    _keep_timing(state, "search", clock)
+    state["candidates"] = [
+        {"chunk_id": r["id"], "document": r["document"], "source": r["source"], "text": r["text"],
+         "headings": r["headings"], "score": float(r["score"]), "similarity": float(r["score"])}
+        for r in rows
+    ]
+    return state
+
+
+@app.task(name="ragq.query.rerank", bind=True)
+def rerank(self: Any, state: dict[str, Any]) -> dict[str, Any]:
+    rt, context = _begin(self, state)
+    candidates = state.pop("candidates")
+    with rt.stage("rerank", **context) as clock:
+        if rt.engine.has_role("rerank") and candidates:
+            result = rt.engine.run(
+                "rerank", [[state["question"], c["text"]] for c in candidates], priority=URGENT,
+                deadline=engine_deadline(state.get("deadline")),
+            )
+            clock.from_engine(result)
+            for candidate, score in zip(candidates, result.outputs):
+                candidate["score"] = float(score)
+            candidates.sort(key=lambda c: -c["score"])
+        else:
+            clock.model = "vector-similarity"  # no reranker configured: keep the search order
+            clock.items = len(candidates)
+    _keep_timing(state, "rerank", clock)
+    state["sources"] = candidates[: state["top_k"]]
+    return state
+
+
+@app.task(name="ragq.query.generate", bind=True)
+def generate(self: Any, state: dict[str, Any]) -> dict[str, Any]:
+    rt, context = _begin(self, state)
+    sources = state["sources"]
+    passages = [s["text"] for s in sources]
+    with rt.stage("generate", **context) as clock:
+        if not sources:
+            clock.model = "none"
+            state["answer"] = "No ingested passage matches this question: ingest documents first (`ragq ingest`)."
+            state["mode"] = "none"
+        elif rt.engine.has_role("generate"):
+            result = rt.engine.run(
+                "generate", [generation_prompt(state["question"], passages)], priority=URGENT,
+                deadline=engine_deadline(state.get("deadline")),
+                params={"max_new_tokens": state.get("max_new_tokens")} if state.get("max_new_tokens") else {},
+            )
+            clock.from_engine(result)
+            state["answer"] = result.outputs[0]
+            state["mode"] = "generated"
+        else:
+            clock.model = "extractive"
+            clock.items = len(passages)
+            state["answer"] = extractive_answer(state["question"], passages)
+            state["mode"] = "extractive"
+            state["note"] = EXTRACTIVE_NOTE
+    _keep_timing(state, "generate", clock)
+    return state
+
+
+def question_chain(state: dict[str, Any]) -> Any:
+    """The urgent chain for one question; every task in it expires at the question's deadline."""
+    from datetime import datetime, timezone
+
+    options = {"queue": URGENT_QUEUE, "expires": datetime.fromtimestamp(state["deadline"], tz=timezone.utc)}
+    return chain(
+        embed_query.s(state).set(**options), search.s().set(**options), rerank.s().set(**options),
+        generate.s().set(**options),
+    )

@@ -1,0 +1,274 @@
+"""Torch backend: transformers models from local directories, offline.
+
+embed    mean / last-token / CLS pooling, L2-normalised, optional Matryoshka truncation (Qwen3-Embedding: last)
+rerank   Qwen3-Reranker: p(yes) from the last-token logits of "yes" and "no" under its prompt template;
+         or a sequence-classification cross-encoder
+generate causal LM, greedy or sampled, max_new_tokens, stop strings
+Batches are padded on the left for the causal models, with position ids from the attention mask, so a batch of
+mixed lengths gives what each input gives alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ragq.errors import ModelLoadFailed
+from workers.models import ModelSpec
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+hf_logging.disable_progress_bar()
+
+log = logging.getLogger(__name__)
+
+QWEN3_RERANK_PREFIX = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
+    'provided. Note that the answer can only be "yes" or "no".<|im_end|>\n<|im_start|>user\n'
+)
+QWEN3_RERANK_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def _dtype(spec: ModelSpec, device: str) -> torch.dtype:
+    if spec.dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec.dtype]
+    except KeyError:
+        raise ModelLoadFailed(f"model {spec.name}: dtype {spec.dtype!r} is not float32, bfloat16 or float16") from None
+
+
+def _check_dir(spec: ModelSpec) -> Path:
+    path = spec.path
+    if not path.is_dir():
+        raise ModelLoadFailed(f"model {spec.name}: directory {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise ModelLoadFailed(f"model {spec.name}: {path} has no config.json")
+    return path
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)
+
+
+class _TorchModel:
+    def __init__(self, spec: ModelSpec, device: str, model: torch.nn.Module, tokenizer: Any) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.device = torch.device(device)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.nbytes = module_bytes(model)
+
+    def count_tokens(self, items: list[Any]) -> list[int]:
+        texts = [item if isinstance(item, str) else " ".join(item) for item in items]
+        encoded = self.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=self.spec.max_length)
+        return [len(ids) for ids in encoded["input_ids"]]
+
+    def unload(self) -> None:
+        import gc
+
+        self.model = None  # type: ignore[assignment]
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class TorchEmbedder(_TorchModel):
+    def run(self, items: list[str], params: dict[str, Any]) -> list[list[float]]:
+        prefix = self.spec.query_prefix if params.get("kind") == "query" else self.spec.document_prefix
+        texts = [prefix + text for text in items]
+        batch = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.spec.max_length, return_tensors="pt"
+        ).to(self.device)
+        with torch.inference_mode():
+            hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"]
+            if self.spec.pooling == "mean":
+                weights = mask.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+            elif self.spec.pooling == "cls":
+                pooled = hidden[:, 0]
+            else:  # last token: the last real token of each row, whichever side the padding is on
+                if self.tokenizer.padding_side == "left":
+                    pooled = hidden[:, -1]
+                else:
+                    last = mask.sum(1) - 1
+                    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+            if self.spec.dim:
+                pooled = pooled[:, : self.spec.dim]
+            pooled = torch.nn.functional.normalize(pooled.float(), p=2, dim=-1)
+        return pooled.cpu().tolist()
+
+    @property
+    def dim(self) -> int:
+        hidden = int(self.model.config.hidden_size)
+        return min(hidden, self.spec.dim) if self.spec.dim else hidden
+
+
+class TorchQwen3Reranker(_TorchModel):
+    """p(yes) of the Qwen3-Reranker prompt; items are (query, document) pairs."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        tok = self.tokenizer
+        self.prefix_ids = tok.encode(QWEN3_RERANK_PREFIX, add_special_tokens=False)
+        self.suffix_ids = tok.encode(QWEN3_RERANK_SUFFIX, add_special_tokens=False)
+        self.yes_id = tok.convert_tokens_to_ids("yes")
+        self.no_id = tok.convert_tokens_to_ids("no")
+        if self.yes_id is None or self.no_id is None or self.yes_id == tok.unk_token_id:
+            raise ModelLoadFailed(f"model {self.name}: tokenizer has no single 'yes'/'no' tokens for reranking")
+
+    def _encode(self, items: list[tuple[str, str]], instruction: str) -> dict[str, torch.Tensor]:
+        room = max(8, self.spec.max_length - len(self.prefix_ids) - len(self.suffix_ids))
+        rows = []
+        for query, document in items:
+            content = f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
+            ids = self.tokenizer.encode(content, add_special_tokens=False, truncation=True, max_length=room)
+            rows.append({"input_ids": self.prefix_ids + ids + self.suffix_ids})
+        batch = self.tokenizer.pad(rows, padding=True, return_tensors="pt", padding_side="left")
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def run(self, items: list[Any], params: dict[str, Any]) -> list[float]:
+        batch = self._encode([tuple(item) for item in items], params.get("instruction") or self.spec.instruction)
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=_left_padded_positions(batch["attention_mask"]), logits_to_keep=1,
+            )
+            last = out.logits[:, -1, :].float()
+            pair = torch.stack([last[:, self.no_id], last[:, self.yes_id]], dim=1)
+            scores = torch.log_softmax(pair, dim=1)[:, 1].exp()
+        return scores.cpu().tolist()
+
+    def count_tokens(self, items: list[Any]) -> list[int]:
+        extra = len(self.prefix_ids) + len(self.suffix_ids)
+        return [n + extra for n in super().count_tokens([f"{q}\n{d}" for q, d in items])]
+
+
+class TorchCrossEncoder(_TorchModel):
+    def run(self, items: list[Any], params: dict[str, Any]) -> list[float]:
+        queries = [q for q, _ in items]
+        docs = [d for _, d in items]
+        batch = self.tokenizer(
+            queries, docs, padding=True, truncation=True, max_length=self.spec.max_length, return_tensors="pt"
+        ).to(self.device)
+        with torch.inference_mode():
+            logits = self.model(**batch).logits.float()
+            scores = logits[:, 0].sigmoid() if logits.shape[1] == 1 else logits.softmax(-1)[:, 1]
+        return scores.cpu().tolist()
+
+
+class TorchGenerator(_TorchModel):
+    """Items are prompts (already templated by the caller, or chat-templated here when the tokenizer has one)."""
+
+    def _prompt(self, text: str, templated: bool) -> str:
+        if templated or not getattr(self.tokenizer, "chat_template", None):
+            return text
+        return str(self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True,
+        ))
+
+    def run(self, items: list[str], params: dict[str, Any]) -> list[str]:
+        max_new = int(params.get("max_new_tokens") or self.spec.max_new_tokens)
+        stops = list(params.get("stop") or self.spec.stop)
+        prompts = [self._prompt(text, bool(params.get("templated"))) for text in items]
+        batch = self.tokenizer(
+            prompts, padding=True, truncation=True, max_length=self.spec.max_length, return_tensors="pt",
+            padding_side="left",
+        ).to(self.device)
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = self.tokenizer.eos_token_id
+        sample = bool(params.get("sample"))
+        generate_kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new, "do_sample": sample, "pad_token_id": pad_id,
+        }
+        if sample:
+            generate_kwargs.update(temperature=float(params.get("temperature", 0.7)), top_p=float(params.get("top_p", 0.9)))
+        else:
+            generate_kwargs.update(temperature=None, top_p=None, top_k=None)
+        if stops:
+            generate_kwargs.update(stop_strings=stops, tokenizer=self.tokenizer)
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **generate_kwargs,
+            )
+        new_tokens = out[:, batch["input_ids"].shape[1]:]
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [_cut_at_stop(text, stops).strip() for text in texts]
+
+    def generate_ids(self, items: list[str], max_new_tokens: int) -> list[list[int]]:
+        """Greedy new token ids per prompt (pad and eos removed); used to compare batched and single runs."""
+        batch = self.tokenizer(items, padding=True, return_tensors="pt", padding_side="left").to(self.device)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        with torch.inference_mode():
+            out = self.model.generate(
+                **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                temperature=None, top_p=None, top_k=None,
+            )
+        rows = out[:, batch["input_ids"].shape[1]:].tolist()
+        eos = self.tokenizer.eos_token_id
+        result = []
+        for row in rows:
+            kept = []
+            for token in row:
+                if token == eos:
+                    break
+                kept.append(token)
+            result.append(kept)
+        return result
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> str:
+    cut = len(text)
+    for stop in stops:
+        index = text.find(stop)
+        if index != -1:
+            cut = min(cut, index)
+    return text[:cut]
+
+
+def load_torch_model(spec: ModelSpec, device: str) -> _TorchModel:
+    from transformers import (
+        AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+    )
+
+    path = _check_dir(spec)
+    dtype = _dtype(spec, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if spec.role == "embed":
+            if spec.pooling == "last":
+                tokenizer.padding_side = "left"
+            model = AutoModel.from_pretrained(path, dtype=dtype, local_files_only=True)
+            cls: type[_TorchModel] = TorchEmbedder
+        elif spec.role == "rerank" and spec.kind == "cross-encoder":
+            model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, local_files_only=True)
+            cls = TorchCrossEncoder
+        elif spec.role == "rerank":
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+            cls = TorchQwen3Reranker
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+            cls = TorchGenerator
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelLoadFailed(f"model {spec.name}: cannot load {path}: {exc}") from exc
+    model.eval()
+    model.to(device)
+    return cls(spec, device, model, tokenizer)

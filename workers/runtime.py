@@ -1,0 +1,110 @@
+"""What a worker process holds: settings, endpoints, the device engine, the timing sink, the models' tokenizers.
+
+Tasks reach it through `app.require_runtime()`; `stage()` is the hook that times a stage and records its row.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from ragq.services import Endpoints
+from ragq.settings import Settings
+from scheduler.batching import PRIORITY_NAMES
+from workers.engine import Engine
+from workers.models import ModelSpec
+from workers.timing import TimingSink, utc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageClock:
+    """Filled in by the stage body: the engine's queue/load/compute split, or nothing for CPU-only stages."""
+
+    model: str | None = None
+    items: int = 0
+    tokens: int = 0
+    batch_size: int = 0
+    engine_queue_ms: float = 0.0
+    load_ms: float = 0.0
+    compute_ms: float | None = None
+    outcome: str = "ok"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def from_engine(self, result: Any) -> None:
+        self.model = result.model
+        self.items = len(result.outputs)
+        self.tokens = result.tokens
+        self.batch_size = result.batch_size
+        self.engine_queue_ms = result.queue_ms
+        self.load_ms = result.load_ms
+        self.compute_ms = result.compute_ms
+
+
+@dataclass
+class WorkerRuntime:
+    settings: Settings
+    endpoints: Endpoints
+    engine: Engine
+    sink: TimingSink
+    worker_name: str
+    device: str
+    specs: dict[str, ModelSpec]
+    indexed_dims: set[int] = field(default_factory=set)
+
+    @cached_property
+    def db(self):  # type: ignore[no-untyped-def]
+        from ragq.db import get_engine
+
+        return get_engine(self.endpoints.database_url)
+
+    @cached_property
+    def embed_tokenizer(self):  # type: ignore[no-untyped-def]
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.specs["embed"].path, local_files_only=True)
+
+    @cached_property
+    def chunker(self):  # type: ignore[no-untyped-def]
+        from ragq.chunking import make_chunker
+
+        return make_chunker(self.embed_tokenizer, self.specs["embed"].chunk_tokens)
+
+    @contextmanager
+    def stage(
+        self, stage: str, *, priority: int, job_id: str | None, task_id: str | None, sent_at: float | None,
+    ) -> Iterator[StageClock]:
+        """Time one stage and record its stage_timings row, whatever the outcome.
+
+        queue_ms = time in the broker (publish to task start) + time waiting in the engine; compute_ms is the
+        engine's run time when the stage used the engine, else the stage's own wall time less loading."""
+        started = time.time()
+        clock = StageClock()
+        error: str | None = None
+        try:
+            yield clock
+        except Exception as exc:
+            clock.outcome = "expired" if type(exc).__name__ == "RequestExpired" else "error"
+            error = f"{type(exc).__name__}: {exc}"[:2000]
+            raise
+        finally:
+            finished = time.time()
+            broker_ms = max(0.0, (started - sent_at) * 1000.0) if sent_at else 0.0
+            compute_ms = clock.compute_ms
+            if compute_ms is None:
+                compute_ms = max(0.0, (finished - started) * 1000.0 - clock.load_ms)
+            self.sink.record_stage(
+                job_id=job_id, task_id=task_id, stage=stage, model=clock.model, worker=self.worker_name,
+                device=self.device, priority=PRIORITY_NAMES[priority], batch_size=clock.batch_size,
+                items=clock.items, tokens=clock.tokens, enqueued_at=utc(sent_at), started_at=utc(started),
+                finished_at=utc(finished), queue_ms=broker_ms + clock.engine_queue_ms, load_ms=clock.load_ms,
+                compute_ms=compute_ms, outcome=clock.outcome, error=error,
+            )
+            clock.extra["queue_ms"] = broker_ms + clock.engine_queue_ms
+            clock.extra["compute_ms"] = compute_ms

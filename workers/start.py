@@ -1,0 +1,107 @@
+"""`ragq worker`: one Celery worker process per device (threads pool) with one in-process engine.
+
+`--device all` starts one child process per visible GPU, each pinned with CUDA_VISIBLE_DEVICES.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+from ragq.db import ensure_schema
+from ragq.services import ensure_services
+from ragq.settings import Settings
+from scheduler.budget import device_budget, format_size, parse_size
+from workers.devices import device_memory, gpu_count
+
+log = logging.getLogger(__name__)
+
+
+def worker_name(device: str, name: str | None = None) -> str:
+    return f"{name or device.replace(':', '')}@{socket.gethostname()}"
+
+
+def budget_for(settings: Settings, device: str) -> int:
+    if device == "cpu":
+        return parse_size(settings.cpu_budget)
+    explicit = parse_size(settings.vram_budget) if settings.vram_budget else None
+    memory = device_memory(device)
+    budget = device_budget(memory.total_bytes, settings.vram_buffer, explicit)
+    if memory.total_bytes and budget < memory.total_bytes:
+        import torch
+
+        index = int(device.split(":")[1])
+        # make an overrun of the budget a real OOM on a card larger than the budget
+        torch.cuda.set_per_process_memory_fraction(budget / memory.total_bytes, index)
+    return budget
+
+
+def build_runtime(settings: Settings, device: str, name: str | None = None):  # type: ignore[no-untyped-def]
+    from workers.backends import load_model
+    from workers.engine import Engine
+    from workers.models import load_model_specs
+    from workers.runtime import WorkerRuntime
+    from workers.timing import PostgresSink
+
+    endpoints = ensure_services(settings)
+    ensure_schema(endpoints.database_url)
+    specs = load_model_specs(settings.models)
+    name = worker_name(device, name)
+    sink = PostgresSink(endpoints.database_url, worker=name)
+    budget = budget_for(settings, device)
+    engine = Engine(device, specs, load_model, budget, on_model_event=sink.record_model_event).start()
+    log.info("worker %s: budget %s, models %s", name, format_size(budget),
+             ", ".join(f"{role}={spec.name}" for role, spec in specs.items()))
+    return WorkerRuntime(settings, endpoints, engine, sink, name, device, specs)
+
+
+def run_worker(
+    settings: Settings, device: str, concurrency: int | None = None, loglevel: str = "INFO", name: str | None = None,
+) -> int:
+    if device == "all":
+        return _run_all(settings, concurrency, loglevel)
+    from workers.celery_app import BACKGROUND_QUEUE, URGENT_QUEUE, app, configure_app
+
+    runtime = build_runtime(settings, device, name)
+    configure_app(settings, runtime.endpoints)
+    app.runtime = runtime
+    try:
+        app.worker_main([
+            "worker", "--pool", "threads", "--concurrency", str(concurrency or settings.worker_concurrency),
+            "--queues", f"{URGENT_QUEUE},{BACKGROUND_QUEUE}", "--hostname", runtime.worker_name,
+            "--loglevel", loglevel, "--without-gossip", "--without-mingle",
+        ])
+    finally:
+        runtime.engine.stop()
+        runtime.sink.close()
+    return 0
+
+
+def _run_all(settings: Settings, concurrency: int | None, loglevel: str) -> int:
+    count = gpu_count()
+    if count == 0:
+        log.warning("--device all: no GPU is visible; starting one cpu worker")
+        return run_worker(settings, "cpu", concurrency, loglevel)
+    ensure_services(settings)
+    children = []
+    for index in range(count):
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(index))
+        args = [sys.executable, "-m", "ragq.cli", "worker", "--device", "cuda:0", "--name", f"gpu{index}",
+                "--loglevel", loglevel]
+        if concurrency:
+            args += ["--concurrency", str(concurrency)]
+        children.append(subprocess.Popen(args, env=env))  # noqa: S603
+        log.info("started worker for GPU %d (pid %d)", index, children[-1].pid)
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return max(child.wait() for child in children)
