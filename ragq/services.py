@@ -206,13 +206,13 @@ class EmbeddedServices:
     def up(self) -> Endpoints:
         s = self.settings
         with self._lock():
-            redis_state = self.start_redis() if s.broker_url is None or s.result_backend is None else None
+            redis_state = self.start_redis() if s.broker_url is None else None
             pg_info = self.start_postgres() if s.database_url is None else None
         return self._endpoints(redis_state, pg_info)
 
     def status(self) -> dict[str, object]:
         s = self.settings
-        redis_state = self.redis_running() if s.broker_url is None or s.result_backend is None else None
+        redis_state = self.redis_running() if s.broker_url is None else None
         pg_info = self._postmaster() if s.database_url is None else None
         status: dict[str, object] = {"home": str(self.home)}
         status["redis"] = "external" if redis_state is None and s.broker_url else (

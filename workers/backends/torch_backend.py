@@ -267,7 +267,7 @@ def load_torch_model(spec: ModelSpec, device: str) -> _TorchModel:
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
             cls = TorchGenerator
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+    except Exception as exc:  # transformers/safetensors raise many types for a bad directory
         raise ModelLoadFailed(f"model {spec.name}: cannot load {path}: {exc}") from exc
     model.eval()
     model.to(device)

@@ -1,0 +1,110 @@
+"""Fixtures: real embedded Redis and Postgres+pgvector (started as `ragq services up` does) and real
+`ragq worker` processes. Nothing here is mocked; unit tests of pure code need none of it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ragq_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAGQ_")}
+    env.update({"RAGQ_HOME": str(home), "PYTHONUNBUFFERED": "1"}, **extra)
+    return env
+
+
+def run_ragq(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ragq.cli", *args], env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT, stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture(scope="session")
+def ragq_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One embedded Redis + Postgres for the session's integration tests."""
+    from ragq.services import EmbeddedServices
+    from ragq.settings import Settings
+
+    home = tmp_path_factory.mktemp("home")
+    services = EmbeddedServices(Settings(home=home))
+    services.up()
+    yield home
+    services.down()
+
+
+@pytest.fixture(scope="session")
+def settings(ragq_home: Path):  # type: ignore[no-untyped-def]
+    from ragq.settings import Settings
+
+    return Settings(home=ragq_home)
+
+
+@pytest.fixture(scope="session")
+def client(settings):  # type: ignore[no-untyped-def]
+    from ragq.client import Client
+
+    return Client(settings)
+
+
+class WorkerProcess:
+    def __init__(self, env: dict[str, str], name: str, log_path: Path, *extra: str) -> None:
+        self.name = name
+        self.log_path = log_path
+        self.log = open(log_path, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ragq.cli", "worker", "--device", "cpu", "--name", name, *extra],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
+        )
+
+    def wait_ready(self, app, timeout_s: float = 180) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}")
+            replies = app.control.ping(destination=[f"{self.name}@{os.uname().nodename}"], timeout=0.5)
+            if replies:
+                return
+        raise RuntimeError(f"worker not ready:\n{self.log_path.read_text()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def worker(ragq_home: Path, client, tmp_path_factory) -> Iterator[WorkerProcess]:  # type: ignore[no-untyped-def]
+    """A real `ragq worker --device cpu` (default models: all-MiniLM-L6-v2, no reranker or generator)."""
+    log_path = tmp_path_factory.mktemp("logs") / "worker.log"
+    proc = WorkerProcess(ragq_env(ragq_home), "pytest", log_path)
+    try:
+        proc.wait_ready(client.app)
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from tests.tinymodels import build_qwen3
+
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "embed": build_qwen3(root / "tiny-qwen3-embed", causal=False, seed=1),
+        "lm": build_qwen3(root / "tiny-qwen3-lm", causal=True, seed=2),
+    }

@@ -1,0 +1,110 @@
+"""Torch backends on tiny models of the real architectures, loaded through from_pretrained(local_dir)."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ragq.errors import ModelLoadFailed
+from workers.backends.torch_backend import load_torch_model
+from workers.models import ModelSpec, default_embed_spec
+
+PAIRS = [
+    ("what is redis", "Redis is the broker; the result backend answers the synchronous call."),
+    ("gpu", "The GPU worker loads the embedder, then the reranker, then the generator. " * 4),
+    ("x", "yes"),
+    ("Which queue is urgent?", "Celery routes urgent questions ahead of background ingestion."),
+]
+PROMPTS = ["Question: what", "The GPU worker loads the embedder then the reranker and", "yes", "Postgres stores"]
+
+
+@pytest.fixture(scope="module")
+def reranker(tiny_models):  # type: ignore[no-untyped-def]
+    return load_torch_model(ModelSpec(role="rerank", path=tiny_models["lm"], name="tiny-rerank"), "cpu")
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_models):  # type: ignore[no-untyped-def]
+    return load_torch_model(ModelSpec(role="generate", path=tiny_models["lm"], name="tiny-gen", max_new_tokens=12), "cpu")
+
+
+def test_qwen3_rerank_batch_equals_one_by_one(reranker) -> None:  # type: ignore[no-untyped-def]
+    batched = reranker.run(PAIRS, {})
+    single = [reranker.run([pair], {})[0] for pair in PAIRS]
+    assert batched == pytest.approx(single, abs=1e-5)
+    assert all(0.0 < s < 1.0 for s in batched)
+    assert len(set(round(s, 4) for s in batched)) > 1
+
+
+def test_qwen3_rerank_is_p_yes_of_the_prompt(reranker) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from workers.backends.torch_backend import QWEN3_RERANK_PREFIX, QWEN3_RERANK_SUFFIX
+
+    query, doc = PAIRS[0]
+    text = f"{QWEN3_RERANK_PREFIX}<Instruct>: {reranker.spec.instruction}\n<Query>: {query}\n<Document>: {doc}" \
+        f"{QWEN3_RERANK_SUFFIX}"
+    ids = reranker.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        logits = reranker.model(input_ids=ids).logits[0, -1]
+    yes, no = logits[reranker.yes_id].item(), logits[reranker.no_id].item()
+    expected = math.exp(yes) / (math.exp(yes) + math.exp(no))
+    assert reranker.run([PAIRS[0]], {})[0] == pytest.approx(expected, abs=1e-5)
+
+
+def test_generate_batch_equals_one_by_one(generator) -> None:  # type: ignore[no-untyped-def]
+    batched = generator.generate_ids(PROMPTS, 12)
+    single = [generator.generate_ids([p], 12)[0] for p in PROMPTS]
+    assert batched == single
+    assert any(len(tokens) > 0 for tokens in batched)
+    texts = generator.run(PROMPTS, {"max_new_tokens": 12})
+    assert texts == [generator.run([p], {"max_new_tokens": 12})[0] for p in PROMPTS]
+
+
+def test_generate_stop_strings_cut_the_text(generator) -> None:  # type: ignore[no-untyped-def]
+    full = generator.run([PROMPTS[1]], {"max_new_tokens": 12})[0]
+    assert len(full) > 2
+    stop = full[1:3]
+    cut = generator.run([PROMPTS[1]], {"max_new_tokens": 12, "stop": [stop]})[0]
+    assert stop not in cut and full.startswith(cut)
+
+
+def test_qwen3_last_token_embedding(tiny_models) -> None:  # type: ignore[no-untyped-def]
+    embedder = load_torch_model(
+        ModelSpec(role="embed", path=tiny_models["embed"], name="tiny-embed", kind="last", dim=32), "cpu")
+    texts = ["hello there", "a much longer text about redis and postgres and the GPU worker", "yes"]
+    batched = embedder.run(texts, {})
+    single = [embedder.run([t], {})[0] for t in texts]
+    assert all(len(v) == 32 for v in batched)
+    assert all(abs(sum(x * x for x in v) - 1.0) < 1e-5 for v in batched)
+    for b, s in zip(batched, single):
+        assert b == pytest.approx(s, abs=1e-5)
+
+
+def test_minilm_puts_related_sentences_closer() -> None:
+    embedder = load_torch_model(default_embed_spec(), "cpu")
+    a, b, c = embedder.run([
+        "How long does it take to load a model onto the GPU?",
+        "Loading the weights into GPU memory takes about a second.",
+        "Bananas are rich in potassium.",
+    ], {"kind": "query"})
+    dot = lambda x, y: sum(p * q for p, q in zip(x, y))  # noqa: E731
+    assert len(a) == 384
+    assert dot(a, b) > dot(a, c) + 0.2
+    assert embedder.nbytes > 80 * 2**20
+
+
+def test_missing_model_directory(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadFailed, match="does not exist"):
+        load_torch_model(ModelSpec(role="embed", path=tmp_path / "nope", name="nope"), "cpu")
+
+
+def test_corrupted_model_directory(tiny_models, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models["lm"], broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelLoadFailed, match="broken"):
+        load_torch_model(ModelSpec(role="generate", path=broken, name="broken"), "cpu")

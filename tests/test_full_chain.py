@@ -1,0 +1,84 @@
+"""The whole question chain with a configured embedder (Qwen3, last-token pooling), reranker (Qwen3-Reranker
+formula) and generator (causal LM): tiny random-weight models of the real architectures, a real worker of its own
+on a separate Redis database, driven through the CLI."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from tests.conftest import WorkerProcess, ragq_env, run_ragq
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def tiny_env(tiny_models, settings, tmp_path_factory):  # type: ignore[no-untyped-def]
+    from ragq.services import EmbeddedServices
+
+    endpoints = EmbeddedServices(settings).up()
+    root = tmp_path_factory.mktemp("tiny")
+    models = root / "models.toml"
+    models.write_text(
+        f'[embed]\npath = "{tiny_models["embed"]}"\nname = "tiny-qwen3-embed"\npooling = "last"\ndim = 48\n'
+        f'chunk_tokens = 64\n'
+        f'[rerank]\npath = "{tiny_models["lm"]}"\nname = "tiny-qwen3-rerank"\nkind = "qwen3"\n'
+        f'[generate]\npath = "{tiny_models["lm"]}"\nname = "tiny-qwen3-gen"\nmax_new_tokens = 8\n'
+    )
+    broker = endpoints.broker_url.rsplit("/", 1)[0] + "/3"
+    env = ragq_env(settings.home, RAGQ_MODELS=str(models), RAGQ_BROKER_URL=broker,
+                   RAGQ_DATABASE_URL=endpoints.database_url)
+    return env, root
+
+
+def test_ask_runs_embed_search_rerank_generate_with_configured_models(tiny_env, client) -> None:  # type: ignore[no-untyped-def]
+    from celery import Celery
+
+    env, root = tiny_env
+    worker = WorkerProcess(env, "tiny", root / "worker.log")
+    try:
+        probe_app = Celery(broker=env["RAGQ_BROKER_URL"], backend=env["RAGQ_BROKER_URL"])
+        worker.wait_ready(probe_app)
+        doc = root / "lanterns.md"
+        doc.write_text("# Lanterns\n\nThe lantern festival is held at the first frost.\n\n"
+                       "## Paper\n\nThe lanterns are made of mulberry paper and burn for an hour.\n")
+        ingest = run_ragq(env, "ingest", str(doc), "--wait", "--json")
+        assert ingest.returncode == 0, ingest.stderr
+        assert json.loads(ingest.stdout)["chunks"] >= 1
+
+        result = run_ragq(env, "ask", "When is the lantern festival?", "--json", "--top-k", "1")
+        assert result.returncode == 0, result.stderr + worker.log_path.read_text()[-3000:]
+        reply = json.loads(result.stdout)
+        assert reply["mode"] == "generated" and isinstance(reply["answer"], str)
+        assert reply["sources"][0]["document"] == "lanterns"
+        assert 0.0 < reply["sources"][0]["score"] < 1.0  # p(yes), not a cosine similarity
+        models = {stage: t["model"] for stage, t in reply["timings"].items()}
+        assert models == {"embed": "tiny-qwen3-embed", "search": "pgvector-hnsw", "rerank": "tiny-qwen3-rerank",
+                          "generate": "tiny-qwen3-gen"}
+        assert reply["timings"]["generate"]["load_ms"] > 0  # first use of the generator loads it
+
+        deadline = time.monotonic() + 15
+        while True:
+            with client.db.connect() as conn:
+                events = conn.execute(text(
+                    "select model, event, bytes from model_events where worker like 'tiny@%'")).mappings().all()
+            if {e["model"] for e in events if e["event"] == "load"} >= {"tiny-qwen3-embed", "tiny-qwen3-rerank",
+                                                                       "tiny-qwen3-gen"} or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        loads = {e["model"]: e["bytes"] for e in events if e["event"] == "load"}
+        assert set(loads) == {"tiny-qwen3-embed", "tiny-qwen3-rerank", "tiny-qwen3-gen"}
+        assert all(b > 0 for b in loads.values())
+        with client.db.connect() as conn:
+            dims = conn.execute(text("select distinct dim from chunks where embed_model = 'tiny-qwen3-embed'")).scalars()
+            assert list(dims) == [48]
+            index = conn.execute(text(
+                "select indexdef from pg_indexes where tablename = 'chunks' and indexdef like '%tiny-qwen3-embed%'"
+            )).scalar_one()
+        assert "hnsw" in index and "vector(48)" in index and "vector_cosine_ops" in index
+    finally:
+        worker.stop()

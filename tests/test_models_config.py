@@ -1,0 +1,53 @@
+from pathlib import Path
+
+import pytest
+
+from ragq.errors import ConfigError
+from workers.models import DEFAULT_EMBED_NAME, load_model_specs
+
+
+def test_default_is_the_packaged_minilm() -> None:
+    specs = load_model_specs(None)
+    assert set(specs) == {"embed"}
+    assert specs["embed"].name == DEFAULT_EMBED_NAME and (specs["embed"].path / "config.json").is_file()
+
+
+def test_full_config(tmp_path: Path) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text(
+        '[embed]\npath = "/m/Qwen3-Embedding-4B"\npooling = "last"\ndim = 1024\nestimate = "7.5GiB"\n'
+        '[rerank]\npath = "/m/Qwen3-Reranker-0.6B"\n'
+        '[generate]\npath = "/m/Qwen3-4B"\nmax_new_tokens = 64\nstop = ["\\n\\n"]\n'
+    )
+    specs = load_model_specs(path)
+    assert specs["embed"].pooling == "last" and specs["embed"].dim == 1024
+    assert specs["embed"].estimate_bytes == int(7.5 * 2**30) and specs["embed"].name == "Qwen3-Embedding-4B"
+    assert specs["rerank"].kind == "qwen3"
+    assert specs["generate"].stop == ("\n\n",) and specs["generate"].max_new_tokens == 64
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("[embed\npath=1", "not valid TOML"),
+    ("[summarise]\npath = '/x'", "unknown role [summarise]"),
+    ("[rerank]\nkind = 'qwen3'", "needs `path`"),
+    ("[embed]\npath = '/x'\npooling = 'max'", "kind/pooling 'max'"),
+    ("[embed]\npath = '/x'\nestimate = 'lots'", "is not a size"),
+])
+def test_invalid_config_names_file_and_problem(tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_model_specs(path)
+    assert str(path) in str(info.value) and problem in str(info.value)
+
+
+def test_invalid_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ragq.settings import load_settings
+
+    monkeypatch.setenv("RAGQ_VRAM_BUDGET", "plenty")
+    with pytest.raises(ConfigError, match="RAGQ_VRAM_BUDGET"):
+        load_settings()
+    monkeypatch.setenv("RAGQ_VRAM_BUDGET", "16GiB")
+    monkeypatch.setenv("RAGQ_MODELS", "/nonexistent/models.toml")
+    with pytest.raises(ConfigError, match="RAGQ_MODELS"):
+        load_settings()

@@ -1,0 +1,67 @@
+"""`ragq services up | status | down` against real servers, in a home of its own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+import sqlalchemy
+
+from tests.conftest import ragq_env, run_ragq
+
+pytestmark = pytest.mark.integration
+
+
+def test_up_is_idempotent_status_reports_and_down_stops_exactly_its_processes(tmp_path: Path, ragq_home: Path) -> None:
+    env = ragq_env(tmp_path / "home")
+    first = run_ragq(env, "services", "up", "--json")
+    assert first.returncode == 0, first.stderr
+    up = json.loads(first.stdout)
+    for key in ("broker_url", "result_backend", "database_url", "redis_pid", "postgres_pid"):
+        assert up[key], key
+    assert up["broker_url"].startswith("redis://127.0.0.1:")  # loopback only
+    assert redis.Redis.from_url(up["broker_url"]).ping()
+    with sqlalchemy.create_engine(up["database_url"]).connect() as conn:
+        assert "PostgreSQL 16" in conn.execute(sqlalchemy.text("select version()")).scalar_one()
+        conn.execute(sqlalchemy.text("create extension if not exists vector"))
+        conn.commit()
+        assert conn.execute(sqlalchemy.text("select extversion from pg_extension where extname='vector'")).scalar_one()
+
+    again = json.loads(run_ragq(env, "services", "up", "--json").stdout)
+    assert (again["redis_pid"], again["postgres_pid"]) == (up["redis_pid"], up["postgres_pid"])
+
+    status = json.loads(run_ragq(env, "services", "status", "--json").stdout)
+    assert status["redis"] == "running" and status["postgres"] == "running"
+    assert status["database_url"] == up["database_url"]
+
+    session_redis = json.loads(run_ragq(ragq_env(ragq_home), "services", "status", "--json").stdout)["redis_pid"]
+    down = run_ragq(env, "services", "down", "--json")
+    assert down.returncode == 0, down.stderr
+    stopped = json.loads(down.stdout)["stopped"]
+    assert stopped == {"redis_pid": up["redis_pid"], "postgres_pid": up["postgres_pid"]}
+    assert not psutil.pid_exists(up["redis_pid"]) and not psutil.pid_exists(up["postgres_pid"])
+    assert psutil.pid_exists(session_redis)  # another home's servers are untouched
+
+    after = json.loads(run_ragq(env, "services", "status", "--json").stdout)
+    assert after["redis"] == "stopped" and after["postgres"] == "stopped"
+    assert run_ragq(env, "services", "down").returncode == 0  # stopping twice is fine
+
+
+def test_external_urls_are_used_and_nothing_is_started(tmp_path: Path, settings) -> None:  # type: ignore[no-untyped-def]
+    from ragq.services import EmbeddedServices
+
+    endpoints = EmbeddedServices(settings).up()
+    env = ragq_env(tmp_path / "ext", RAGQ_BROKER_URL=endpoints.broker_url, RAGQ_DATABASE_URL=endpoints.database_url)
+    status = json.loads(run_ragq(env, "services", "up", "--json").stdout)
+    assert status["redis"] == "external" and status["postgres"] == "external"
+    assert status["redis_pid"] is None and status["postgres_pid"] is None
+    assert status["result_backend"] == endpoints.broker_url
+
+
+def test_invalid_configuration_exits_non_zero_naming_the_variable(tmp_path: Path) -> None:
+    result = run_ragq(ragq_env(tmp_path, RAGQ_VRAM_BUDGET="lots"), "services", "status")
+    assert result.returncode == 2
+    assert "RAGQ_VRAM_BUDGET" in result.stderr
