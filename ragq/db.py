@@ -119,6 +119,16 @@ class ModelEvent(Base):
     reason: Mapped[str | None] = mapped_column(Text)
 
 
+class ModelProfileRow(Base):
+    __tablename__ = "model_profiles"
+    model: Mapped[str] = mapped_column(String(200), primary_key=True)
+    device_kind: Mapped[str] = mapped_column(String(200), primary_key=True)
+    dtype: Mapped[str] = mapped_column(String(16), primary_key=True)
+    weights_bytes: Mapped[int] = mapped_column(BigInteger)
+    activations: Mapped[dict[str, int]] = mapped_column(JSONB, default=dict)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
 _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
 

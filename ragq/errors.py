@@ -42,3 +42,8 @@ class RequestExpired(RagqError):
 
 class QuestionTimeout(RagqError):
     """An urgent question did not complete within its timeout."""
+
+
+class DeviceOutOfMemory(RagqError):
+    """A backend ran out of device memory (torch.cuda.OutOfMemoryError and the like). The engine treats it as an
+    event: it evicts idle models, splits the batch and retries."""

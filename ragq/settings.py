@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     vram_budget: str | None = Field(None, description="explicit device budget, e.g. 16GiB; unset = memory x (1-buffer)")
     vram_buffer: float = Field(0.15, ge=0.0, lt=1.0, description="share of device memory kept free")
     cpu_budget: str = Field("4GiB", description="budget for models on the cpu device")
+    host_budget: str | None = Field(None, description="pinned host RAM for sleeping models; unset = 25% of RAM")
+    cooldown_s: float = Field(2.0, ge=0.0, description="minimum residency before a busy model may be evicted")
     worker_concurrency: int = Field(4, ge=1, le=256)
     visibility_timeout_s: int = Field(3600, ge=60)
     ingest_batch_docs: int = Field(8, ge=1, description="documents per background ingest task")
@@ -39,7 +41,7 @@ class Settings(BaseSettings):
     rerank_candidates: int = Field(20, ge=1, le=1000, description="passages the reranker sees per question")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @field_validator("vram_budget", "cpu_budget")
+    @field_validator("vram_budget", "cpu_budget", "host_budget")
     @classmethod
     def _size_parses(cls, value: str | None) -> str | None:
         if value is not None:

@@ -1,45 +1,163 @@
-"""Which models to evict so that another fits the device budget (first version: LRU among idle models)."""
+"""Model residency across three tiers: VRAM (active), pinned host RAM (asleep), disk (cold).
+
+Pure decisions over a snapshot and a clock:
+- `admit`: the moves that make a model active within the VRAM budget — evict least recently used models that no
+  pending work needs first; never evict a model inside its cooldown (minimum residency: a model that was just
+  brought in stays at least that long, which is what stops load/unload oscillation under an alternating load),
+  unless the request is urgent; otherwise the answer is `Deferred` and the caller runs resident work meanwhile.
+  Evicted models go to sleep in pinned host RAM when the host budget has room, else they are unloaded.
+- `prewarm`: the moves that wake the next stage's model early, only if that costs no busy or cooling model.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Set
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ragq.errors import BudgetExceeded
 
+VRAM = "vram"
+HOST = "host"
+DISK = "disk"
+
+SLEEP = "sleep"        # vram -> host (keeps a pinned copy; wake is one host-to-device copy)
+UNLOAD = "unload"      # vram -> disk
+DROP_HOST = "drop"     # host -> disk
+WAKE = "wake"          # host -> vram
+LOAD = "load"          # disk -> vram (through host)
+
 
 @dataclass(frozen=True)
-class Resident:
+class ModelView:
     name: str
-    nbytes: int
-    last_used: float
+    tier: str                  # vram | host | disk
+    vram_bytes: int            # measured weights bytes on the device (or the configured first guess)
+    host_bytes: int = 0        # bytes of its pinned host copy (equal to vram_bytes once measured)
+    last_used: float = 0.0
+    resident_since: float | None = None
+    pending: int = 0           # pending requests that need it
 
 
-def plan_admission(
-    resident: Mapping[str, Resident],
+@dataclass(frozen=True)
+class ResidencyPolicy:
+    budget_bytes: int
+    host_budget_bytes: int = 0
+    cooldown_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Move:
+    model: str
+    action: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """Admission would evict a model still in its cooldown; retry at `until` (or run resident work meanwhile)."""
+
+    blocking: tuple[str, ...]
+    until: float
+
+
+def in_cooldown(model: ModelView, policy: ResidencyPolicy, now: float) -> bool:
+    return model.resident_since is not None and now - model.resident_since < policy.cooldown_s
+
+
+def vram_used(models: Mapping[str, ModelView]) -> int:
+    return sum(m.vram_bytes for m in models.values() if m.tier == VRAM)
+
+
+def host_used(models: Mapping[str, ModelView]) -> int:
+    return sum(m.host_bytes for m in models.values() if m.tier == HOST)
+
+
+def _eviction_order(candidates: list[ModelView], policy: ResidencyPolicy, now: float) -> list[ModelView]:
+    return sorted(candidates, key=lambda m: (m.pending > 0, in_cooldown(m, policy, now), m.last_used, m.name))
+
+
+def evict_moves(
+    victims: list[ModelView], models: Mapping[str, ModelView], policy: ResidencyPolicy, reason: str,
+    keep: str | None = None,
+) -> list[Move]:
+    """Sleep each victim to host RAM if the host budget can hold it (dropping older sleepers, never `keep`),
+    else unload it."""
+    moves: list[Move] = []
+    sleepers = sorted((m for m in models.values() if m.tier == HOST and m.name != keep),
+                      key=lambda m: (m.last_used, m.name))
+    host = host_used(models)
+    for victim in victims:
+        size = victim.host_bytes or victim.vram_bytes
+        if size > policy.host_budget_bytes:
+            moves.append(Move(victim.name, UNLOAD, reason + "; too large for the host tier"))
+            continue
+        while host + size > policy.host_budget_bytes and sleepers:
+            dropped = sleepers.pop(0)
+            host -= dropped.host_bytes
+            moves.append(Move(dropped.name, DROP_HOST, f"host tier full: making room for {victim.name}"))
+        moves.append(Move(victim.name, SLEEP, reason))
+        host += size
+    return moves
+
+
+def admit(
+    models: Mapping[str, ModelView],
     incoming: str,
-    incoming_bytes: int,
-    budget_bytes: int,
-    busy: Set[str] = frozenset(),
-) -> list[str]:
-    """Names to evict, least recently used first, so that `incoming` fits next to what stays.
+    policy: ResidencyPolicy,
+    now: float,
+    *,
+    urgent: bool = False,
+    extra_bytes: int = 0,
+) -> list[Move] | Deferred:
+    """Moves that make `incoming` active with `extra_bytes` (activations) of headroom, or Deferred.
 
-    Models in `busy` (needed by pending work) are evicted only if idle ones are not enough. Raises BudgetExceeded
-    when the model alone is larger than the budget.
-    """
-    if incoming_bytes > budget_bytes:
+    Raises BudgetExceeded when the model and its activations alone exceed the budget."""
+    target = models[incoming]
+    need = target.vram_bytes + extra_bytes
+    if need > policy.budget_bytes:
         raise BudgetExceeded(
-            f"model {incoming} needs {incoming_bytes} bytes, more than the whole budget of {budget_bytes}"
+            f"model {incoming} needs {need} bytes ({target.vram_bytes} weights + {extra_bytes} activations), "
+            f"more than the whole budget of {policy.budget_bytes}"
         )
-    others = [r for name, r in resident.items() if name != incoming]
-    used = sum(r.nbytes for r in others)
-    if used + incoming_bytes <= budget_bytes:
-        return []
-    order = sorted(others, key=lambda r: (r.name in busy, r.last_used))
-    evict: list[str] = []
-    for candidate in order:
-        evict.append(candidate.name)
-        used -= candidate.nbytes
-        if used + incoming_bytes <= budget_bytes:
+    others = [m for m in models.values() if m.tier == VRAM and m.name != incoming]
+    used = sum(m.vram_bytes for m in others) + (target.vram_bytes if target.tier == VRAM else 0)
+    free = policy.budget_bytes - used
+    missing = (extra_bytes if target.tier == VRAM else need) - free
+    victims: list[ModelView] = []
+    for candidate in _eviction_order(others, policy, now):
+        if missing <= 0:
             break
-    return evict
+        victims.append(candidate)
+        missing -= candidate.vram_bytes
+    protected = [v for v in victims if in_cooldown(v, policy, now)]
+    if protected and not urgent:
+        until = min((v.resident_since or now) + policy.cooldown_s for v in protected)
+        return Deferred(tuple(v.name for v in protected), until)
+    moves = evict_moves(victims, models, policy, f"evicted (LRU) to fit {incoming}", keep=incoming)
+    if target.tier == HOST:
+        moves.append(Move(incoming, WAKE, "needed by pending work"))
+    elif target.tier == DISK:
+        moves.append(Move(incoming, LOAD, "needed by pending work"))
+    return moves
+
+
+def prewarm(
+    models: Mapping[str, ModelView], incoming: str, policy: ResidencyPolicy, now: float,
+) -> list[Move]:
+    """Moves that bring the next stage's model in early — only when they evict nothing that is busy or cooling."""
+    target = models.get(incoming)
+    if target is None or target.tier == VRAM:
+        return []
+    try:
+        plan = admit(models, incoming, policy, now)
+    except BudgetExceeded:
+        return []
+    if isinstance(plan, Deferred):
+        return []
+    for move in plan:
+        victim = models.get(move.model)
+        if move.action in (SLEEP, UNLOAD) and victim is not None and (
+            victim.pending > 0 or in_cooldown(victim, policy, now)
+        ):
+            return []
+    return [Move(m.model, m.action, "prewarm: " + m.reason) if m.model == incoming else m for m in plan]

@@ -51,6 +51,8 @@ def embed_query(self: Any, state: dict[str, Any]) -> dict[str, Any]:
         )
         clock.from_engine(result)
     _keep_timing(state, "embed", clock)
+    if rt.engine.has_role("rerank"):
+        rt.engine.prewarm("rerank")  # wake the reranker while Postgres searches
     state["vector"] = result.outputs[0]
     state["embed_model"] = result.model
     return state
@@ -103,6 +105,8 @@ def rerank(self: Any, state: dict[str, Any]) -> dict[str, Any]:
             clock.model = "vector-similarity"  # no reranker configured: keep the search order
             clock.items = len(candidates)
     _keep_timing(state, "rerank", clock)
+    if rt.engine.has_role("generate"):
+        rt.engine.prewarm("generate")
     state["sources"] = candidates[: state["top_k"]]
     return state
 

@@ -1,4 +1,4 @@
-"""The engine with injected fakes for loading and running: batching, priority, budget, expiry, failures."""
+"""The engine with a fake device and fake models: batching, priority, expiry, residency, OOM, prewarm."""
 
 from __future__ import annotations
 
@@ -10,57 +10,40 @@ import pytest
 
 from ragq.errors import BudgetExceeded, RequestExpired
 from scheduler.batching import BACKGROUND, URGENT
+from tests.fakes import MiB, FakeClock, FakeDevice, FakeModel, spec
 from workers.engine import Engine
 from workers.models import ModelSpec
-
-MiB = 2**20
-
-
-class FakeModel:
-    def __init__(self, spec: ModelSpec, log: list[tuple[str, list[Any]]], gate: threading.Event | None,
-                 fail_on: str | None) -> None:
-        self.spec = spec
-        self.name = spec.name
-        self.nbytes = spec.estimate_bytes or MiB
-        self.log = log
-        self.gate = gate
-        self.fail_on = fail_on
-
-    def run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
-        if self.gate is not None:
-            self.gate.wait(5)
-        if self.fail_on is not None and self.fail_on in items:
-            raise RuntimeError(f"cannot process {self.fail_on}")
-        self.log.append((self.name, list(items)))
-        return [f"{self.name}:{item}" for item in items]
-
-    def count_tokens(self, items: list[Any]) -> list[int]:
-        return [len(str(item)) for item in items]
-
-    def unload(self) -> None:
-        pass
+from workers.profiles import MemoryProfileStore
 
 
 class Harness:
-    def __init__(self, budget: int = 100 * MiB, batch: int = 8, sizes: dict[str, int] | None = None,
-                 fail_on: str | None = None) -> None:
+    def __init__(self, budget_mib: float = 100, batch: int = 8, sizes: dict[str, float] | None = None,
+                 host_mib: float = 1000, cooldown_s: float = 0.0, clock: Any = None, real_time: bool = True,
+                 capacity_mib: float | None = None, **model_kwargs: Any) -> None:
         sizes = sizes or {}
-        self.specs = {
-            role: ModelSpec(role=role, path=__import__("pathlib").Path("/nonexistent"), name=role, batch_size=batch,
-                            estimate_bytes=sizes.get(role, MiB))
-            for role in ("embed", "rerank", "generate")
-        }
+        self.specs = {role: spec(role, sizes.get(role, 1), batch) for role in ("embed", "rerank", "generate")}
+        self.device = FakeDevice(int((capacity_mib or budget_mib) * MiB))
         self.runs: list[tuple[str, list[Any]]] = []
         self.loads: list[str] = []
         self.events: list[dict[str, Any]] = []
-        self.gate: threading.Event | None = None
-        self.fail_on = fail_on
+        self.timeline: list[tuple[str, float, float]] = []
+        self.clock = clock or time.monotonic
+        self.profiles = MemoryProfileStore()
+        self.model_kwargs = model_kwargs
 
-        def loader(spec: ModelSpec, device: str) -> FakeModel:
-            self.loads.append(spec.name)
-            return FakeModel(spec, self.runs, self.gate, self.fail_on)
+        def loader(model_spec: ModelSpec, device: str) -> FakeModel:
+            self.loads.append(model_spec.name)
+            return FakeModel(model_spec, self.device, self.clock, real_time=real_time, runs=self.runs,
+                             timeline=self.timeline, **self.model_kwargs)
 
-        self.engine = Engine("cpu", self.specs, loader, budget, on_model_event=self.events.append)
+        self.engine = Engine(
+            "fake", self.specs, loader, int(budget_mib * MiB), host_budget_bytes=int(host_mib * MiB),
+            cooldown_s=cooldown_s, on_model_event=self.events.append, profiles=self.profiles,
+            clock=self.clock, waiter=self.clock.advance if isinstance(self.clock, FakeClock) else None,
+        )
+
+    def kinds(self) -> list[tuple[str, str]]:
+        return [(e["event"], e["model"]) for e in self.events]
 
 
 def test_requests_from_many_callers_share_one_micro_batch() -> None:
@@ -85,13 +68,13 @@ def test_large_request_is_split_into_micro_batches_and_reassembled() -> None:
 
 
 def test_urgent_jumps_ahead_at_a_micro_batch_boundary() -> None:
-    h = Harness(batch=2)
-    h.gate = threading.Event()
+    gate = threading.Event()
+    h = Harness(batch=2, gate=gate)
     h.engine.start()
     background = h.engine.submit("embed", [f"b{i}" for i in range(8)], priority=BACKGROUND)
     time.sleep(0.1)  # the first background micro-batch is now running, held by the gate
     urgent = h.engine.submit("embed", ["u0"], priority=URGENT)
-    h.gate.set()
+    gate.set()
     urgent.result(5)
     background.result(5)
     h.engine.stop()
@@ -100,23 +83,24 @@ def test_urgent_jumps_ahead_at_a_micro_batch_boundary() -> None:
     assert batches[1][0] == "u0"  # right after the running micro-batch, not after the whole backlog
 
 
-def test_models_are_evicted_lru_to_stay_in_budget() -> None:
-    h = Harness(budget=10 * MiB, sizes={"embed": 6 * MiB, "rerank": 3 * MiB, "generate": 6 * MiB})
+def test_models_sleep_lru_to_stay_in_budget_and_wake_later() -> None:
+    h = Harness(budget_mib=10, sizes={"embed": 6, "rerank": 3, "generate": 6})
     h.engine.start()
     h.engine.run("embed", ["a"])
     h.engine.run("rerank", ["b"])
     assert set(h.engine.resident_models()) == {"embed", "rerank"}
     h.engine.run("generate", ["c"])
-    resident = h.engine.resident_models()
+    tiers = h.engine.tiers()
+    assert tiers == {"embed": "host", "rerank": "vram", "generate": "vram"}
+    h.engine.run("embed", ["d"])
     h.engine.stop()
-    assert sum(resident.values()) <= 10 * MiB
-    assert "embed" not in resident  # least recently used
-    kinds = [(e["event"], e["model"]) for e in h.events]
-    assert ("unload", "embed") in kinds and ("load", "generate") in kinds
+    assert h.loads == ["embed", "rerank", "generate"]  # embed came back by a wake, not a second load
+    assert ("sleep", "embed") in h.kinds() and ("wake", "embed") in h.kinds() and ("evict", "embed") in h.kinds()
+    assert h.device.peak <= 10 * MiB
 
 
-def test_model_larger_than_budget_fails_its_request_only() -> None:
-    h = Harness(budget=4 * MiB, sizes={"generate": 8 * MiB})
+def test_model_larger_than_budget_fails_its_requests_only() -> None:
+    h = Harness(budget_mib=4, sizes={"generate": 8})
     h.engine.start()
     with pytest.raises(BudgetExceeded):
         h.engine.run("generate", ["x"])
@@ -145,11 +129,63 @@ def test_failing_batch_fails_its_requests_and_the_engine_goes_on() -> None:
     h.engine.stop()
 
 
-def test_timings_split_queue_load_compute() -> None:
-    h = Harness()
+def test_oom_splits_the_batch_evicts_idle_models_and_loses_nothing() -> None:
+    # 16 items x 1 MiB of activations do not fit next to the weights; 4 do
+    h = Harness(budget_mib=12, sizes={"embed": 4, "rerank": 3}, batch=16, act_bytes_per_item=MiB)
     h.engine.start()
-    first = h.engine.run("embed", ["a"])
-    second = h.engine.run("embed", ["b"])
+    h.engine.run("rerank", ["r"])  # resident and idle: the first thing to go on OOM
+    result = h.engine.run("embed", [str(i) for i in range(16)])
     h.engine.stop()
-    assert first.load_ms >= 0 and second.load_ms == 0.0
-    assert first.tokens == 1 and first.model == "embed"
+    assert result.outputs == [f"embed:{i}" for i in range(16)]
+    assert h.engine.stats.ooms >= 1
+    assert ("oom", "embed") in h.kinds() and ("evict", "rerank") in h.kinds()
+    assert sorted(int(i) for _, items in h.runs if _ == "embed" for i in items) == list(range(16))
+    assert h.device.peak <= 12 * MiB
+
+
+def test_measured_footprints_replace_the_first_guess_and_persist() -> None:
+    h = Harness(sizes={"embed": 2}, act_bytes_per_item=1000)
+    h.engine.start()
+    h.engine.run("embed", ["a", "b", "c"])
+    h.engine.stop()
+    profile = h.profiles.get("embed", "cpu", "auto")
+    assert profile is not None and profile.weights_bytes == 2 * MiB
+    assert profile.activation_reserve() == 3000
+    # a later engine plans with the measured bytes, not the configured guess
+    wrong_guess = {role: spec(role, 50) for role in ("embed",)}
+    later = Engine("fake", wrong_guess, lambda s, d: None, 100 * MiB, profiles=h.profiles)  # type: ignore[arg-type,return-value]
+    assert later._slots["embed"].vram_bytes == 2 * MiB
+
+
+def test_prewarm_overlaps_the_wake_with_other_work() -> None:
+    h = Harness(budget_mib=10, sizes={"embed": 4, "rerank": 3, "generate": 6}, run_s_per_item=0.1, wake_s=0.3)
+    h.engine.start()
+    h.engine.run("rerank", ["warm-up"])
+    h.engine.run("generate", ["push rerank to host"])  # rerank sleeps, generate stays
+    h.engine.run("embed", ["x"])
+    assert h.engine.tiers()["rerank"] == "host"
+    h.timeline.clear()
+    t0 = time.monotonic()
+    h.engine.prewarm("rerank")                                  # a query's rerank will follow its search
+    background = h.engine.submit("embed", [f"b{i}" for i in range(4)])  # 0.4 s of other device work
+    time.sleep(0.2)                                             # the search, on the CPU
+    rerank = h.engine.submit("rerank", ["q"], priority=URGENT)
+    result = rerank.result(5)
+    background.result(5)
+    h.engine.stop()
+    spans = {name: (start - t0, end - t0) for name, start, end in h.timeline}
+    wake, embed = spans["wake:rerank"], spans["run:embed"]
+    assert wake[0] < embed[1] and embed[0] < wake[1], f"wake {wake} does not overlap embed {embed}"
+    assert result.load_ms < 150  # the wake had finished, or nearly, when rerank was needed
+
+
+def test_cooldown_lets_the_resident_model_finish_before_a_swap() -> None:
+    clock = FakeClock()
+    h = Harness(budget_mib=10, sizes={"embed": 6, "generate": 6}, cooldown_s=1.0, clock=clock, real_time=False,
+                run_s_per_item=0.01, batch=1)
+    embeds = [h.engine.submit("embed", [f"e{i}"]) for i in range(5)]
+    gens = [h.engine.submit("generate", [f"g{i}"]) for i in range(5)]
+    while h.engine.pending_count():
+        h.engine.step()
+    assert all(f.done() for f in embeds + gens)
+    assert h.loads.count("embed") + h.loads.count("generate") <= 3

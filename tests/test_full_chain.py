@@ -80,5 +80,10 @@ def test_ask_runs_embed_search_rerank_generate_with_configured_models(tiny_env, 
                 "select indexdef from pg_indexes where tablename = 'chunks' and indexdef like '%tiny-qwen3-embed%'"
             )).scalar_one()
         assert "hnsw" in index and "vector(48)" in index and "vector_cosine_ops" in index
+        with client.db.connect() as conn:
+            profiles = dict(conn.execute(text(
+                "select model, weights_bytes from model_profiles where device_kind = 'cpu' and model like 'tiny-%'"
+            )).all())
+        assert profiles == loads  # the measured footprints were persisted for the next start
     finally:
         worker.stop()

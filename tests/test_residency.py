@@ -1,38 +1,98 @@
 import pytest
 
 from ragq.errors import BudgetExceeded
-from scheduler.residency import Resident, plan_admission
+from scheduler.residency import (
+    DISK, DROP_HOST, HOST, LOAD, SLEEP, UNLOAD, VRAM, WAKE, Deferred, ModelView, Move, ResidencyPolicy, admit, prewarm,
+)
 
 GiB = 2**30
+POLICY = ResidencyPolicy(budget_bytes=int(13.6 * GiB), host_budget_bytes=20 * GiB, cooldown_s=2.0)
 
 
-def resident(**models: tuple[float, float]) -> dict[str, Resident]:
-    return {name: Resident(name, int(size * GiB), used) for name, (size, used) in models.items()}
+def view(name: str, tier: str, gib: float, last_used: float = 0.0, since: float | None = None,
+         pending: int = 0) -> ModelView:
+    size = int(gib * GiB)
+    return ModelView(name, tier, size, size, last_used, since, pending)
 
 
-def test_fits_without_eviction() -> None:
-    assert plan_admission(resident(embed=(7.5, 1.0)), "rerank", int(1.1 * GiB), int(13.6 * GiB)) == []
+def models(*views: ModelView) -> dict[str, ModelView]:
+    return {v.name: v for v in views}
 
 
-def test_evicts_least_recently_used_first() -> None:
-    current = resident(embed=(7.5, 5.0), rerank=(1.1, 1.0))
-    # the generator (7.5) needs room: rerank was used longest ago, but evicting it is not enough; then embed
-    assert plan_admission(current, "generate", int(7.5 * GiB), int(13.6 * GiB)) == ["rerank", "embed"]
-    # with a bigger budget, evicting rerank alone would not do either; with 16 GiB, evicting rerank does
-    assert plan_admission(current, "generate", int(7.5 * GiB), int(16 * GiB)) == ["rerank"]
+def actions(moves: object) -> list[tuple[str, str]]:
+    assert isinstance(moves, list)
+    return [(m.model, m.action) for m in moves]
 
 
-def test_prefers_idle_models_over_busy_ones() -> None:
-    current = resident(embed=(7.5, 1.0), rerank=(1.1, 5.0))
-    assert plan_admission(current, "big", int(7 * GiB), int(13.6 * GiB), busy={"embed"}) == ["rerank", "embed"]
-    assert plan_admission(current, "mid", int(5.5 * GiB), int(13.6 * GiB), busy={"embed"}) == ["rerank"]
+def test_cold_model_that_fits_is_loaded() -> None:
+    state = models(view("embed", VRAM, 7.5, since=0), view("rerank", DISK, 1.1))
+    assert actions(admit(state, "rerank", POLICY, now=10)) == [("rerank", LOAD)]
 
 
-def test_model_larger_than_budget_is_refused() -> None:
-    with pytest.raises(BudgetExceeded, match="huge"):
-        plan_admission({}, "huge", 20 * GiB, 16 * GiB)
+def test_resident_model_needs_nothing() -> None:
+    assert admit(models(view("embed", VRAM, 7.5)), "embed", POLICY, now=10) == []
 
 
-def test_already_resident_incoming_is_not_counted_twice() -> None:
-    current = resident(embed=(7.5, 1.0))
-    assert plan_admission(current, "embed", int(7.5 * GiB), 8 * GiB) == []
+def test_sleeping_model_is_woken() -> None:
+    state = models(view("embed", VRAM, 7.5, since=0), view("rerank", HOST, 1.1))
+    assert actions(admit(state, "rerank", POLICY, now=10)) == [("rerank", WAKE)]
+
+
+def test_least_recently_used_idle_model_sleeps_to_make_room() -> None:
+    state = models(view("embed", VRAM, 7.5, last_used=5, since=0), view("rerank", VRAM, 1.1, last_used=1, since=0),
+                   view("generate", DISK, 7.5))
+    # evicting rerank (used longest ago) is not enough: embed must go too
+    assert actions(admit(state, "generate", POLICY, now=10)) == [("rerank", SLEEP), ("embed", SLEEP),
+                                                                 ("generate", LOAD)]
+    roomy = ResidencyPolicy(16 * GiB, 20 * GiB, 2.0)
+    assert actions(admit(state, "generate", roomy, now=10)) == [("rerank", SLEEP), ("generate", LOAD)]
+
+
+def test_models_needed_by_pending_work_go_last() -> None:
+    state = models(view("embed", VRAM, 7.5, last_used=1, since=0, pending=3), view("rerank", VRAM, 1.1, last_used=5, since=0),
+                   view("big", DISK, 5.5))
+    assert actions(admit(state, "big", POLICY, now=10)) == [("rerank", SLEEP), ("big", LOAD)]
+
+
+def test_evicted_models_unload_when_the_host_tier_is_too_small() -> None:
+    small_host = ResidencyPolicy(int(13.6 * GiB), 4 * GiB, 0.0)
+    state = models(view("embed", VRAM, 7.5, since=0), view("generate", DISK, 7.5))
+    assert actions(admit(state, "generate", small_host, now=1)) == [("embed", UNLOAD), ("generate", LOAD)]
+
+
+def test_full_host_tier_drops_its_oldest_sleeper() -> None:
+    host = ResidencyPolicy(int(13.6 * GiB), 9 * GiB, 0.0)
+    state = models(view("old", HOST, 2.0, last_used=1), view("embed", VRAM, 7.5, last_used=2, since=0),
+                   view("generate", DISK, 7.5))
+    assert actions(admit(state, "generate", host, now=5)) == [("old", DROP_HOST), ("embed", SLEEP), ("generate", LOAD)]
+
+
+def test_cooldown_defers_evicting_a_busy_model() -> None:
+    state = models(view("embed", VRAM, 7.5, since=9.0, pending=4), view("generate", DISK, 7.5, pending=1))
+    decision = admit(state, "generate", POLICY, now=10.0)
+    assert decision == Deferred(("embed",), until=11.0)
+    assert actions(admit(state, "generate", POLICY, now=11.5)) == [("embed", SLEEP), ("generate", LOAD)]
+    assert actions(admit(state, "generate", POLICY, now=10.0, urgent=True)) == [("embed", SLEEP), ("generate", LOAD)]
+
+
+def test_cooldown_is_a_minimum_residency_even_when_idle() -> None:
+    state = models(view("embed", VRAM, 7.5, since=9.5, pending=0), view("generate", DISK, 7.5, pending=1))
+    assert admit(state, "generate", POLICY, now=10.0) == Deferred(("embed",), until=11.5)
+    assert actions(admit(state, "generate", POLICY, now=11.5)) == [("embed", SLEEP), ("generate", LOAD)]
+
+
+def test_activation_headroom_counts() -> None:
+    state = models(view("embed", VRAM, 7.5, since=0), view("rerank", VRAM, 1.1, since=0, last_used=3))
+    assert actions(admit(state, "embed", POLICY, now=10, extra_bytes=6 * GiB)) == [("rerank", SLEEP)]
+    with pytest.raises(BudgetExceeded, match="embed"):
+        admit(state, "embed", POLICY, now=10, extra_bytes=7 * GiB)
+
+
+def test_prewarm_only_when_it_costs_nothing_busy() -> None:
+    idle = models(view("embed", VRAM, 7.5, since=0), view("rerank", HOST, 1.1))
+    assert prewarm(idle, "rerank", POLICY, now=10) == [Move("rerank", WAKE, "prewarm: needed by pending work")]
+    busy = models(view("embed", VRAM, 7.5, since=0, pending=2), view("generate", DISK, 7.5))
+    assert prewarm(busy, "generate", POLICY, now=10) == []
+    cooling = models(view("embed", VRAM, 7.5, since=9.5), view("generate", DISK, 7.5))
+    assert prewarm(cooling, "generate", POLICY, now=10) == []
+    assert prewarm(idle, "embed", POLICY, now=10) == []

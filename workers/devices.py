@@ -67,3 +67,12 @@ def parse_device(text: str) -> str:
     if value.isdigit():
         return f"cuda:{value}"
     raise BadInput("--device", f"{text!r} is not cpu, cuda:N or all")
+
+
+def device_kind(device: str) -> str:
+    """What a footprint was measured on: the GPU's name, or cpu."""
+    if not device.startswith("cuda"):
+        return "cpu"
+    import torch
+
+    return str(torch.cuda.get_device_name(int(device.split(":", 1)[1]) if ":" in device else 0))

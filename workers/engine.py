@@ -2,8 +2,9 @@
 
 It groups pending requests of the same role into micro-batches (one load serves many jobs), lets urgent work jump
 ahead at micro-batch boundaries, drops requests whose deadline passed before they cost device time, and keeps
-models resident within the budget. Decisions come from scheduler/ (pure); loading and running are injected, so the
-same engine runs in tests with fakes or tiny models and on a GPU unchanged.
+models in three tiers (VRAM, pinned host RAM, disk) within the budgets. Decisions come from scheduler/ (pure);
+loading, moving and running models are the backend's, injected through the loader, so the same engine runs in
+tests with fakes or tiny models and on a GPU unchanged.
 """
 
 from __future__ import annotations
@@ -13,15 +14,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from ragq.errors import BackendUnavailable, BudgetExceeded, RagqError, RequestExpired
+from ragq.errors import BackendUnavailable, BudgetExceeded, DeviceOutOfMemory, RagqError, RequestExpired
 from scheduler.batching import BACKGROUND, URGENT, Pending, expired, next_batch
-from scheduler.residency import Resident, plan_admission
+from scheduler.residency import (
+    DISK, DROP_HOST, HOST, LOAD, SLEEP, UNLOAD, VRAM, WAKE, Deferred, ModelView, Move, ResidencyPolicy, admit,
+    evict_moves, prewarm,
+)
 from workers.backends import LoadedModel
 from workers.models import ModelSpec
+from workers.profiles import MemoryProfileStore, ModelProfile, ProfileStore
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +72,29 @@ class _Request:
 
 
 @dataclass
-class _Loaded:
-    model: LoadedModel
-    last_used: float
+class _Slot:
+    """Everything the engine knows about one model."""
+
+    spec: ModelSpec
+    model: LoadedModel | None = None
+    tier: str = DISK
+    vram_bytes: int = 0
+    host_bytes: int = 0
+    last_used: float = 0.0
+    resident_since: float | None = None
+    ready: Any = None                        # a pending asynchronous wake (has .wait())
+    loading: Future[LoadedModel] | None = None  # a background load (prewarm of a cold model)
+    loading_since: float = 0.0
+
+
+@dataclass
+class EngineStats:
+    loads: int = 0
+    wakes: int = 0
+    sleeps: int = 0
+    unloads: int = 0
+    ooms: int = 0
+    load_ms: float = 0.0
 
 
 class Engine:
@@ -80,24 +105,42 @@ class Engine:
         loader: Loader,
         budget_bytes: int,
         *,
+        host_budget_bytes: int = 0,
+        cooldown_s: float = 0.0,
         on_model_event: EventSink | None = None,
+        profiles: ProfileStore | None = None,
+        device_kind: str = "cpu",
         clock: Callable[[], float] = time.monotonic,
+        waiter: Callable[[float], None] | None = None,
         max_pending: int = 100_000,
     ) -> None:
         self.device = device
         self.specs = specs
         self.loader = loader
-        self.budget_bytes = budget_bytes
+        self.policy = ResidencyPolicy(budget_bytes, host_budget_bytes, cooldown_s)
         self.on_model_event = on_model_event
+        self.profiles = profiles or MemoryProfileStore()
+        self.device_kind = device_kind
         self.clock = clock
+        self.waiter = waiter
         self.max_pending = max_pending
+        self.stats = EngineStats()
         self._pending: dict[int, _Request] = {}
-        self._resident: dict[str, _Loaded] = {}
-        self._measured_bytes: dict[str, int] = {}
+        self._slots: dict[str, _Slot] = {}
+        for spec in specs.values():
+            profile = self.profiles.get(spec.name, device_kind, spec.dtype)
+            guess = profile.weights_bytes if profile else (spec.estimate_bytes or 0)
+            self._slots[spec.name] = _Slot(spec, vram_bytes=guess, host_bytes=guess)
+        self._prewarm_hints: list[str] = []
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._background = ThreadPoolExecutor(1, thread_name_prefix=f"ragq-load-{device}")
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.policy.budget_bytes
 
     # -- public API (any thread) ---------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -113,8 +156,12 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
-        for name in list(self._resident):
-            self._unload(name, "shutdown")
+        for slot in self._slots.values():
+            if slot.loading is not None:
+                self._finish_loading(slot)
+            if slot.model is not None:
+                self._unload(slot, "shutdown")
+        self._background.shutdown(wait=True)
 
     def has_role(self, role: str) -> bool:
         return role in self.specs
@@ -154,69 +201,152 @@ class Engine:
     def run(self, role: str, items: list[Any], **kwargs: Any) -> EngineResult:
         return self.submit(role, items, **kwargs).result()
 
+    def prewarm(self, role: str) -> None:
+        """A hint that `role` comes next (a query's rerank after its search): wake its model early if that evicts
+        nothing busy, overlapping the copy with whatever runs meanwhile."""
+        if role in self.specs:
+            with self._cond:
+                self._prewarm_hints.append(self.specs[role].name)
+                self._cond.notify_all()
+
     def resident_models(self) -> dict[str, int]:
+        """Models in VRAM (or being brought there) and their bytes."""
         with self._cond:
-            return {name: entry.model.nbytes for name, entry in self._resident.items()}
+            return {n: s.vram_bytes for n, s in self._slots.items() if s.tier == VRAM}
+
+    def tiers(self) -> dict[str, str]:
+        with self._cond:
+            return {n: s.tier for n, s in self._slots.items()}
 
     def pending_count(self) -> int:
         with self._cond:
             return len(self._pending)
 
     # -- the scheduler loop (one thread) ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while self.step(block=True) is not None:
+            pass
+
+    def step(self, block: bool = False) -> bool | None:
+        """One scheduling decision: prewarm hints, then one micro-batch. Returns True if a batch ran, False if
+        there was nothing runnable, None once stopping with nothing pending. Tests call it directly."""
+        with self._cond:
+            while block and not self._pending and not self._prewarm_hints and not self._stopping:
+                self._cond.wait(0.5)
+            if self._stopping and not self._pending:
+                return None
+            hints, self._prewarm_hints = self._prewarm_hints, []
+            now = self.clock()
+            for key in expired(self._snapshot(), now):
+                request = self._pending.pop(key)
+                request.future.set_exception(RequestExpired(
+                    f"{request.role} request expired {now - (request.deadline or now):.3f}s ago before it ran"
+                ))
+            snapshot = self._snapshot()
+        for name in hints:
+            self._do_prewarm(name)
+        if not snapshot:
+            return False
+        choice = self._choose(snapshot)
+        if isinstance(choice, Deferred):
+            wait_s = max(0.0, choice.until - self.clock())
+            if self.waiter is not None:
+                self.waiter(wait_s)
+            else:
+                with self._cond:
+                    self._cond.wait(min(wait_s, 0.5))
+            return False
+        role, moves = choice
+        with self._cond:
+            plan = next_batch([p for p in self._snapshot() if p.role == role], self.specs[role].batch_size)
+            batch = [(self._pending[key], take) for key, take in plan if key in self._pending]
+        if batch:
+            self._run_batch(role, batch, moves)
+        return True
+
     def _snapshot(self) -> list[Pending]:
         return [
             Pending(r.key, r.role, r.group, r.priority, r.enqueued, r.remaining, r.deadline)
             for r in self._pending.values()
         ]
 
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending and not self._stopping:
-                    self._cond.wait(0.5)
-                if self._stopping and not self._pending:
-                    return
-                now = self.clock()
-                for key in expired(self._snapshot(), now):
-                    request = self._pending.pop(key)
-                    request.future.set_exception(RequestExpired(
-                        f"{request.role} request expired {now - (request.deadline or now):.3f}s ago before it ran"
-                    ))
-                snapshot = self._snapshot()
-                if not snapshot:
-                    continue
-                head_role = min(snapshot, key=lambda p: (p.priority, p.enqueued, p.key)).role
-                plan = next_batch(snapshot, self.specs[head_role].batch_size)
-                batch = [(self._pending[key], take) for key, take in plan]
-            self._run_batch(head_role, batch)
+    def _views(self, snapshot: list[Pending]) -> dict[str, ModelView]:
+        pending: dict[str, int] = {}
+        for p in snapshot:
+            name = self.specs[p.role].name
+            pending[name] = pending.get(name, 0) + 1
+        return {
+            name: ModelView(name, s.tier, s.vram_bytes, s.host_bytes, s.last_used, s.resident_since,
+                            pending.get(name, 0))
+            for name, s in self._slots.items()
+        }
 
-    def _run_batch(self, role: str, batch: list[tuple[_Request, int]]) -> None:
+    def _activation_reserve(self, name: str) -> int:
+        profile = self.profiles.get(name, self.device_kind, self._slots[name].spec.dtype)
+        return profile.activation_reserve() if profile else 0
+
+    def _choose(self, snapshot: list[Pending]) -> tuple[str, list[Move]] | Deferred:
+        """The role of the most urgent, oldest request whose model can be made resident now; roles whose model
+        would evict a busy model inside its cooldown wait (urgent work overrides the cooldown)."""
+        order = sorted(snapshot, key=lambda p: (p.priority, p.enqueued, p.key))
+        views = self._views(snapshot)
+        deferred: list[Deferred] = []
+        seen: set[str] = set()
+        for head in order:
+            if head.role in seen:
+                continue
+            seen.add(head.role)
+            name = self.specs[head.role].name
+            try:
+                plan = admit(views, name, self.policy, self.clock(), urgent=head.priority == URGENT,
+                             extra_bytes=self._activation_reserve(name))
+            except BudgetExceeded as exc:
+                self._fail_role(head.role, exc)
+                return Deferred((), self.clock())
+            if isinstance(plan, Deferred):
+                deferred.append(plan)
+                continue
+            return head.role, plan
+        return min(deferred, key=lambda d: d.until)
+
+    def _fail_role(self, role: str, exc: Exception) -> None:
+        with self._cond:
+            for key in [k for k, r in self._pending.items() if r.role == role]:
+                self._pending.pop(key).future.set_exception(exc)
+
+    def _run_batch(self, role: str, batch: list[tuple[_Request, int]], moves: list[Move]) -> None:
         spec = self.specs[role]
+        slot = self._slots[spec.name]
         start = self.clock()
         for request, _ in batch:
             if request.started is None:
                 request.started = start
+        items: list[Any] = []
+        for request, take in batch:
+            offset = len(request.outputs)
+            items.extend(request.items[offset:offset + take])
+        params = batch[0][0].params
         try:
-            model, load_ms = self._ensure_resident(spec)
-            items: list[Any] = []
-            for request, take in batch:
-                offset = len(request.outputs)
-                items.extend(request.items[offset:offset + take])
-            params = batch[0][0].params
             t0 = self.clock()
-            outputs = model.run(items, params)
+            self._apply(moves)
+            model = self._ready(slot)
+            load_ms = (self.clock() - t0) * 1000.0
+            t0 = self.clock()
+            outputs = self._run_with_recovery(slot, model, items, params)
             compute_ms = (self.clock() - t0) * 1000.0
             tokens = model.count_tokens(items) if role != "generate" else [0] * len(items)
             if len(outputs) != len(items):
                 raise RagqError(f"model {spec.name} returned {len(outputs)} outputs for {len(items)} inputs")
         except Exception as exc:  # a failed batch fails its requests, never the loop
-            log.exception("%s batch of %d on %s failed", role, sum(t for _, t in batch), self.device)
+            log.error("%s batch of %d on %s failed: %s", role, len(items), self.device, exc,
+                      exc_info=not isinstance(exc, RagqError))
             with self._cond:
                 for request, _ in batch:
                     if self._pending.pop(request.key, None) is not None:
                         request.future.set_exception(exc)
             return
-        self._resident[spec.name].last_used = self.clock()
+        slot.last_used = self.clock()
+        self._record_activation(slot, model, len(items), max(tokens) if tokens else 0)
         position = 0
         finished: list[_Request] = []
         with self._cond:
@@ -237,41 +367,207 @@ class Engine:
                 request.tokens,
             ))
 
-    # -- residency ------------------------------------------------------------------------------------------------
-    def _ensure_resident(self, spec: ModelSpec) -> tuple[LoadedModel, float]:
-        entry = self._resident.get(spec.name)
-        if entry is not None:
-            return entry.model, 0.0
-        needed = self._measured_bytes.get(spec.name, spec.estimate_bytes or 0)
-        with self._cond:
-            busy = {self.specs[r.role].name for r in self._pending.values()}
-        snapshot = {n: Resident(n, e.model.nbytes, e.last_used) for n, e in self._resident.items()}
-        for name in plan_admission(snapshot, spec.name, needed, self.budget_bytes, busy):
-            self._unload(name, f"evicted (LRU) to fit {spec.name}")
-        t0 = self.clock()
-        model = self.loader(spec, self.device)
-        load_ms = (self.clock() - t0) * 1000.0
-        self._measured_bytes[spec.name] = model.nbytes
-        if model.nbytes > self.budget_bytes:
-            model.unload()
-            raise BudgetExceeded(
-                f"model {spec.name} measured {model.nbytes} bytes, more than the budget of {self.budget_bytes}"
-            )
-        self._resident[spec.name] = _Loaded(model, self.clock())
-        self._event(spec.name, "load", model.nbytes, load_ms, "needed by pending work")
-        # the estimate may have been low: evict others until what is resident fits
-        snapshot = {n: Resident(n, e.model.nbytes, e.last_used) for n, e in self._resident.items()}
-        for name in plan_admission(snapshot, spec.name, model.nbytes, self.budget_bytes, busy):
-            self._unload(name, f"evicted (LRU): {spec.name} measured larger than its estimate")
-        return model, load_ms
+    def _run_with_recovery(self, slot: _Slot, model: LoadedModel, items: list[Any], params: dict[str, Any]) -> list[Any]:
+        """Run a batch; on device OOM evict idle models, split the batch and retry, down to single items."""
+        try:
+            return list(model.run(items, params))
+        except DeviceOutOfMemory as exc:
+            self.stats.ooms += 1
+            self._event(slot.spec.name, "oom", 0, 0.0, f"batch of {len(items)}: {exc}"[:500])
+            freed = self._evict_idle(keep=slot.spec.name)
+            if len(items) == 1:
+                # one item must progress: models with pending work go too (they come back by a wake)
+                if not (freed or self._evict_idle(keep=slot.spec.name, everything=True)):
+                    raise
+                return list(model.run(items, params))
+            middle = len(items) // 2
+            return (self._run_with_recovery(slot, model, items[:middle], params)
+                    + self._run_with_recovery(slot, model, items[middle:], params))
 
-    def _unload(self, name: str, reason: str) -> None:
-        entry = self._resident.pop(name, None)
-        if entry is None:
+    def _evict_idle(self, keep: str, everything: bool = False) -> bool:
+        """Evict models no pending work needs (or, with `everything`, all but `keep`); True if any went."""
+        with self._cond:
+            views = self._views(self._snapshot())
+        idle = [v for v in views.values()
+                if v.tier == VRAM and v.name != keep and (everything or v.pending == 0)]
+        if not idle:
+            return False
+        self._apply(evict_moves(sorted(idle, key=lambda v: v.last_used), views, self.policy,
+                                "evicted after an out-of-memory error", keep=keep))
+        return True
+
+    # -- residency moves ---------------------------------------------------------------------------------------------
+    def _apply(self, moves: list[Move]) -> None:
+        for move in moves:
+            slot = self._slots[move.model]
+            if move.action in (SLEEP, UNLOAD):
+                self._event(move.model, "evict", slot.vram_bytes, 0.0, move.reason)
+            if move.action == SLEEP:
+                self._sleep(slot, move.reason)
+            elif move.action == UNLOAD:
+                self._unload(slot, move.reason)
+            elif move.action == DROP_HOST:
+                self._unload(slot, move.reason)
+            elif move.action == WAKE:
+                self._wake(slot, move.reason, asynchronous=move.reason.startswith("prewarm"))
+            elif move.action == LOAD:
+                self._load(slot, move.reason, background=move.reason.startswith("prewarm"))
+
+    def _do_prewarm(self, name: str) -> None:
+        with self._cond:
+            views = self._views(self._snapshot())
+        try:
+            self._apply(prewarm(views, name, self.policy, self.clock()))
+        except Exception:
+            log.exception("prewarm of %s failed", name)
+
+    def _ready(self, slot: _Slot) -> LoadedModel:
+        """The slot's model, active on the device: finishing a background load or an asynchronous wake."""
+        if slot.loading is not None:
+            self._finish_loading(slot)
+        if slot.tier == HOST:
+            self._wake(slot, "needed by pending work", asynchronous=False)
+        elif slot.tier == DISK or slot.model is None:
+            self._load(slot, "needed by pending work", background=False)
+        if slot.ready is not None:
+            slot.ready.wait()
+            slot.ready = None
+        assert slot.model is not None
+        return slot.model
+
+    def _load(self, slot: _Slot, reason: str, background: bool) -> None:
+        if background:
+            slot.tier = VRAM  # its bytes count against the budget from now on
+            slot.resident_since = self.clock()
+            slot.loading = self._background.submit(self.loader, slot.spec, self.device)
+            slot.loading_since = self.clock()
             return
         t0 = self.clock()
-        entry.model.unload()
-        self._event(name, "unload", entry.model.nbytes, (self.clock() - t0) * 1000.0, reason)
+        try:
+            model = self.loader(slot.spec, self.device)
+        except DeviceOutOfMemory as exc:  # the first guess of its size was low: make room, try once more
+            self.stats.ooms += 1
+            self._event(slot.spec.name, "oom", slot.vram_bytes, 0.0, f"loading: {exc}"[:500])
+            if not self._evict_idle(keep=slot.spec.name, everything=True):
+                raise
+            model = self.loader(slot.spec, self.device)
+        slot.tier = VRAM
+        slot.resident_since = self.clock()
+        self._loaded(slot, model, (self.clock() - t0) * 1000.0, reason)
+
+    def _finish_loading(self, slot: _Slot) -> None:
+        future, slot.loading = slot.loading, None
+        assert future is not None
+        try:
+            model = future.result()
+        except Exception:
+            slot.tier, slot.resident_since = DISK, None
+            raise
+        self._loaded(slot, model, (self.clock() - slot.loading_since) * 1000.0, "prewarm: loaded in the background")
+
+    def _loaded(self, slot: _Slot, model: LoadedModel, ms: float, reason: str) -> None:
+        slot.model = model
+        slot.vram_bytes = slot.host_bytes = model.nbytes
+        slot.last_used = self.clock()
+        self.stats.loads += 1
+        self.stats.load_ms += ms
+        self._event(slot.spec.name, "load", model.nbytes, ms, reason)
+        self._save_profile(slot, weights_bytes=model.nbytes)
+        if model.nbytes > self.policy.budget_bytes:
+            self._unload(slot, "larger than the budget")
+            raise BudgetExceeded(
+                f"model {slot.spec.name} measured {model.nbytes} bytes, more than the budget of "
+                f"{self.policy.budget_bytes}"
+            )
+        # the first guess may have been low: put back within the budget what no pending work needs
+        with self._cond:
+            views = self._views(self._snapshot())
+        over = sum(v.vram_bytes for v in views.values() if v.tier == VRAM) - self.policy.budget_bytes
+        if over > 0:
+            idle = sorted((v for v in views.values() if v.tier == VRAM and v.name != slot.spec.name),
+                          key=lambda v: (v.pending > 0, v.last_used))
+            victims = []
+            for victim in idle:
+                if over <= 0:
+                    break
+                victims.append(victim)
+                over -= victim.vram_bytes
+            self._apply(evict_moves(victims, views, self.policy,
+                                    f"{slot.spec.name} measured larger than its first guess", keep=slot.spec.name))
+
+    def _wake(self, slot: _Slot, reason: str, asynchronous: bool) -> None:
+        if slot.model is None:  # its host copy was dropped meanwhile: load it instead
+            self._load(slot, reason, background=asynchronous)
+            return
+        t0 = self.clock()
+        slot.ready = slot.model.wake(asynchronous=asynchronous)
+        if not asynchronous and slot.ready is not None:
+            slot.ready.wait()
+            slot.ready = None
+        slot.tier = VRAM
+        slot.resident_since = self.clock()
+        ms = (self.clock() - t0) * 1000.0
+        self.stats.wakes += 1
+        self._event(slot.spec.name, "wake", slot.vram_bytes, ms, reason)
+
+    def _sleep(self, slot: _Slot, reason: str) -> None:
+        if slot.loading is not None:
+            self._finish_loading(slot)
+        if slot.ready is not None:
+            slot.ready.wait()
+            slot.ready = None
+        assert slot.model is not None
+        t0 = self.clock()
+        slot.model.sleep()
+        slot.tier = HOST
+        slot.resident_since = None
+        self.stats.sleeps += 1
+        self._event(slot.spec.name, "sleep", slot.host_bytes, (self.clock() - t0) * 1000.0, reason)
+
+    def _unload(self, slot: _Slot, reason: str) -> None:
+        if slot.loading is not None:
+            try:
+                self._finish_loading(slot)
+            except Exception:
+                return
+        if slot.model is None:
+            slot.tier = DISK
+            return
+        t0 = self.clock()
+        if slot.ready is not None:
+            slot.ready.wait()
+            slot.ready = None
+        slot.model.unload()
+        slot.model = None
+        nbytes = slot.vram_bytes
+        slot.tier = DISK
+        slot.resident_since = None
+        self.stats.unloads += 1
+        self._event(slot.spec.name, "unload", nbytes, (self.clock() - t0) * 1000.0, reason)
+
+    # -- footprints ----------------------------------------------------------------------------------------------
+    def _record_activation(self, slot: _Slot, model: LoadedModel, batch_size: int, max_tokens: int) -> None:
+        peak = getattr(model, "last_peak_bytes", None)
+        if peak is None:
+            return
+        self._save_profile(slot, activation=(batch_size, max_tokens, int(peak)))
+
+    def _save_profile(self, slot: _Slot, weights_bytes: int | None = None,
+                      activation: tuple[int, int, int] | None = None) -> None:
+        spec = slot.spec
+        profile = self.profiles.get(spec.name, self.device_kind, spec.dtype) or ModelProfile(
+            spec.name, self.device_kind, spec.dtype, weights_bytes or slot.vram_bytes)
+        changed = False
+        if weights_bytes is not None and weights_bytes != profile.weights_bytes:
+            profile.weights_bytes = weights_bytes
+            changed = True
+        if activation is not None:
+            changed = profile.observe(*activation) or changed
+        if changed or weights_bytes is not None:
+            try:
+                self.profiles.put(profile)
+            except Exception:
+                log.exception("could not persist the profile of %s", spec.name)
 
     def _event(self, model: str, event: str, nbytes: int, ms: float, reason: str) -> None:
         log.info("model %s %s on %s: %.1f MiB in %.0f ms (%s)", model, event, self.device, nbytes / 2**20, ms, reason)

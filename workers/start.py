@@ -16,7 +16,7 @@ from ragq.db import ensure_schema
 from ragq.services import ensure_services
 from ragq.settings import Settings
 from scheduler.budget import device_budget, format_size, parse_size
-from workers.devices import device_memory, gpu_count
+from workers.devices import device_kind, device_memory, gpu_count
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,22 @@ def budget_for(settings: Settings, device: str) -> int:
     return budget
 
 
+def host_budget_for(settings: Settings, device: str) -> int:
+    if settings.host_budget:
+        return parse_size(settings.host_budget)
+    if device == "cpu":
+        return parse_size(settings.cpu_budget)  # on the CPU, sleeping keeps the model where it is
+    import psutil
+
+    return int(psutil.virtual_memory().total * 0.25)
+
+
 def build_runtime(settings: Settings, device: str, name: str | None = None):  # type: ignore[no-untyped-def]
     from workers.backends import load_model
     from workers.engine import Engine
     from workers.models import load_model_specs
     from workers.runtime import WorkerRuntime
+    from workers.profiles import PostgresProfileStore
     from workers.timing import PostgresSink
 
     endpoints = ensure_services(settings)
@@ -53,8 +64,13 @@ def build_runtime(settings: Settings, device: str, name: str | None = None):  # 
     name = worker_name(device, name)
     sink = PostgresSink(endpoints.database_url, worker=name)
     budget = budget_for(settings, device)
-    engine = Engine(device, specs, load_model, budget, on_model_event=sink.record_model_event).start()
-    log.info("worker %s: budget %s, models %s", name, format_size(budget),
+    host_budget = host_budget_for(settings, device)
+    engine = Engine(
+        device, specs, load_model, budget, host_budget_bytes=host_budget, cooldown_s=settings.cooldown_s,
+        on_model_event=sink.record_model_event, profiles=PostgresProfileStore(endpoints.database_url),
+        device_kind=device_kind(device),
+    ).start()
+    log.info("worker %s: budget %s, host tier %s, models %s", name, format_size(budget), format_size(host_budget),
              ", ".join(f"{role}={spec.name}" for role, spec in specs.items()))
     return WorkerRuntime(settings, endpoints, engine, sink, name, device, specs)
 

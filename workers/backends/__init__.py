@@ -16,6 +16,12 @@ class LoadedModel(Protocol):
 
     def count_tokens(self, items: list[Any]) -> list[int]: ...
 
+    def sleep(self) -> None:
+        """Device -> pinned host RAM (a no-op where the device is the host)."""
+
+    def wake(self, asynchronous: bool = False) -> Any:
+        """Host -> device; returns None when done, or a handle whose wait() orders later work after the copy."""
+
     def unload(self) -> None: ...
 
 

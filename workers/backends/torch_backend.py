@@ -10,12 +10,13 @@ mixed lengths gives what each input gives alone.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from ragq.errors import ModelLoadFailed
+from ragq.errors import DeviceOutOfMemory, ModelLoadFailed
 from workers.models import ModelSpec
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -64,7 +65,20 @@ def _left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.clamp(min=0)
 
 
+class _CudaReady:
+    """An asynchronous wake in flight: `wait` makes the device's current stream wait for it (no CPU stall)."""
+
+    def __init__(self, event: torch.cuda.Event, device: torch.device) -> None:
+        self.event = event
+        self.device = device
+
+    def wait(self) -> None:
+        torch.cuda.current_stream(self.device).wait_event(self.event)
+
+
 class _TorchModel:
+    """Weights on the device; `sleep` keeps them in pinned host memory, `wake` copies them back."""
+
     def __init__(self, spec: ModelSpec, device: str, model: torch.nn.Module, tokenizer: Any) -> None:
         self.spec = spec
         self.name = spec.name
@@ -72,6 +86,77 @@ class _TorchModel:
         self.model = model
         self.tokenizer = tokenizer
         self.nbytes = module_bytes(model)
+        self.last_peak_bytes: int | None = None
+        self._host: dict[int, torch.Tensor] | None = None
+        self._side_stream: torch.cuda.Stream | None = None
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def _tensors(self) -> list[torch.Tensor]:
+        seen: dict[int, torch.Tensor] = {}
+        for tensor in itertools.chain(self.model.parameters(), self.model.buffers()):
+            seen.setdefault(id(tensor), tensor)
+        return list(seen.values())
+
+    def run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
+        if not self.is_cuda:
+            return self._run(items, params)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        try:
+            outputs = self._run(items, params)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise DeviceOutOfMemory(f"{self.name}: batch of {len(items)}: {str(exc).splitlines()[0]}") from None
+        self.last_peak_bytes = int(torch.cuda.max_memory_allocated(self.device) - before)
+        return outputs
+
+    def _run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def sleep(self) -> None:
+        """Device -> pinned host RAM. The host copy is made once and kept: weights never change here."""
+        if not self.is_cuda:
+            return
+        torch.cuda.current_stream(self.device).synchronize()
+        tensors = self._tensors()
+        if self._host is None:
+            host = {}
+            for tensor in tensors:
+                copy = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                copy.copy_(tensor.data)
+                host[id(tensor)] = copy
+            self._host = host
+        for tensor in tensors:
+            tensor.data = self._host[id(tensor)]
+
+    def wake(self, asynchronous: bool = False) -> _CudaReady | None:
+        """Pinned host RAM -> device: one copy per tensor, on a side stream when asynchronous."""
+        if not self.is_cuda or self._host is None:
+            return None
+        tensors = self._tensors()
+        if asynchronous:
+            if self._side_stream is None:
+                self._side_stream = torch.cuda.Stream(self.device)
+            stream = self._side_stream
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for tensor in tensors:
+                    tensor.data = self._host[id(tensor)].to(self.device, non_blocking=True)
+            for tensor in tensors:  # the default stream uses them: don't recycle their memory before it is done
+                tensor.data.record_stream(torch.cuda.current_stream(self.device))
+            event = torch.cuda.Event()
+            event.record(stream)
+            return _CudaReady(event, self.device)
+        for tensor in tensors:
+            tensor.data = self._host[id(tensor)].to(self.device, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return None
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self._host or {}).values())
 
     def count_tokens(self, items: list[Any]) -> list[int]:
         texts = [item if isinstance(item, str) else " ".join(item) for item in items]
@@ -82,13 +167,14 @@ class _TorchModel:
         import gc
 
         self.model = None  # type: ignore[assignment]
+        self._host = None
         gc.collect()
-        if self.device.type == "cuda":
+        if self.is_cuda:
             torch.cuda.empty_cache()
 
 
 class TorchEmbedder(_TorchModel):
-    def run(self, items: list[str], params: dict[str, Any]) -> list[list[float]]:
+    def _run(self, items: list[str], params: dict[str, Any]) -> list[list[float]]:
         prefix = self.spec.query_prefix if params.get("kind") == "query" else self.spec.document_prefix
         texts = [prefix + text for text in items]
         batch = self.tokenizer(
@@ -142,7 +228,7 @@ class TorchQwen3Reranker(_TorchModel):
         batch = self.tokenizer.pad(rows, padding=True, return_tensors="pt", padding_side="left")
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def run(self, items: list[Any], params: dict[str, Any]) -> list[float]:
+    def _run(self, items: list[Any], params: dict[str, Any]) -> list[float]:
         batch = self._encode([tuple(item) for item in items], params.get("instruction") or self.spec.instruction)
         with torch.inference_mode():
             out = self.model(
@@ -160,7 +246,7 @@ class TorchQwen3Reranker(_TorchModel):
 
 
 class TorchCrossEncoder(_TorchModel):
-    def run(self, items: list[Any], params: dict[str, Any]) -> list[float]:
+    def _run(self, items: list[Any], params: dict[str, Any]) -> list[float]:
         queries = [q for q, _ in items]
         docs = [d for _, d in items]
         batch = self.tokenizer(
@@ -182,7 +268,7 @@ class TorchGenerator(_TorchModel):
             [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True,
         ))
 
-    def run(self, items: list[str], params: dict[str, Any]) -> list[str]:
+    def _run(self, items: list[str], params: dict[str, Any]) -> list[str]:
         max_new = int(params.get("max_new_tokens") or self.spec.max_new_tokens)
         stops = list(params.get("stop") or self.spec.stop)
         prompts = [self._prompt(text, bool(params.get("templated"))) for text in items]
@@ -267,8 +353,15 @@ def load_torch_model(spec: ModelSpec, device: str) -> _TorchModel:
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
             cls = TorchGenerator
+    except torch.cuda.OutOfMemoryError as exc:
+        raise DeviceOutOfMemory(f"loading {spec.name}: {str(exc).splitlines()[0]}") from None
     except Exception as exc:  # transformers/safetensors raise many types for a bad directory
         raise ModelLoadFailed(f"model {spec.name}: cannot load {path}: {exc}") from exc
     model.eval()
-    model.to(device)
+    try:
+        model.to(device)
+    except torch.cuda.OutOfMemoryError as exc:
+        del model
+        torch.cuda.empty_cache()
+        raise DeviceOutOfMemory(f"loading {spec.name}: {str(exc).splitlines()[0]}") from None
     return cls(spec, device, model, tokenizer)

@@ -1,0 +1,32 @@
+"""Memory probes on a machine with no NVIDIA driver: NVML raises NVMLError_LibraryNotFound, ragq falls back."""
+
+import pynvml
+import pytest
+
+from ragq.errors import BadInput
+from workers.devices import device_kind, device_memory, gpu_count, parse_device
+
+
+def test_nvml_is_really_absent_here_and_probes_fall_back() -> None:
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        assert isinstance(exc, pynvml.NVMLError_LibraryNotFound) or "NVML" in type(exc).__name__
+    else:  # a machine with a driver: the probes must agree with NVML
+        count = pynvml.nvmlDeviceGetCount()
+        pynvml.nvmlShutdown()
+        assert gpu_count() == count
+        return
+    assert gpu_count() == 0
+    assert device_memory("cpu").source == "none"
+    assert device_kind("cpu") == "cpu"
+
+
+@pytest.mark.parametrize(("text", "device"), [("cpu", "cpu"), ("all", "all"), ("cuda:1", "cuda:1"), ("0", "cuda:0")])
+def test_parse_device(text: str, device: str) -> None:
+    assert parse_device(text) == device
+
+
+def test_parse_device_rejects_nonsense() -> None:
+    with pytest.raises(BadInput, match="--device"):
+        parse_device("gpu-please")

@@ -1,0 +1,126 @@
+"""Measured model footprints: weights bytes at load and activation peaks per (batch size, padded tokens).
+
+The engine plans with these instead of configured guesses; the Postgres store persists them (model_profiles) so
+the next start plans with what the last one measured. Writes go through a background thread: a database outage
+delays them and never blocks the device loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+
+def token_bucket(tokens: int) -> int:
+    """Round padded lengths up to a power of two (at least 16) so profiles stay small."""
+    bucket = 16
+    while bucket < tokens:
+        bucket *= 2
+    return bucket
+
+
+@dataclass
+class ModelProfile:
+    model: str
+    device_kind: str
+    dtype: str
+    weights_bytes: int
+    activations: dict[str, int] = field(default_factory=dict)   # "batch:token_bucket" -> peak bytes
+
+    def observe(self, batch_size: int, tokens: int, peak_bytes: int) -> bool:
+        key = f"{batch_size}:{token_bucket(tokens)}"
+        if peak_bytes > self.activations.get(key, -1):
+            self.activations[key] = peak_bytes
+            return True
+        return False
+
+    def activation_reserve(self) -> int:
+        """Headroom to keep next to the weights: the largest activation peak measured so far."""
+        return max(self.activations.values(), default=0)
+
+    def activation_for(self, batch_size: int, tokens: int) -> int | None:
+        """Estimated peak for a batch: the highest measured bytes per (item x token) times this batch's size."""
+        rates = []
+        for key, peak in self.activations.items():
+            b, t = (int(x) for x in key.split(":"))
+            rates.append(peak / max(1, b * t))
+        if not rates:
+            return None
+        return int(max(rates) * batch_size * token_bucket(tokens))
+
+
+class ProfileStore(Protocol):
+    def get(self, model: str, device_kind: str, dtype: str) -> ModelProfile | None: ...
+
+    def put(self, profile: ModelProfile) -> None: ...
+
+
+class MemoryProfileStore:
+    def __init__(self) -> None:
+        self._profiles: dict[tuple[str, str, str], ModelProfile] = {}
+        self._lock = threading.Lock()
+
+    def get(self, model: str, device_kind: str, dtype: str) -> ModelProfile | None:
+        with self._lock:
+            return self._profiles.get((model, device_kind, dtype))
+
+    def put(self, profile: ModelProfile) -> None:
+        with self._lock:
+            self._profiles[(profile.model, profile.device_kind, profile.dtype)] = profile
+
+
+class PostgresProfileStore(MemoryProfileStore):
+    """Reads every profile once at start; writes each change with an upsert from a background thread."""
+
+    def __init__(self, database_url: str) -> None:
+        super().__init__()
+        self.database_url = database_url
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="ragq-profiles")
+        self._load_all()
+
+    def _load_all(self) -> None:
+        from sqlalchemy import select
+
+        from ragq.db import ModelProfileRow, get_engine
+
+        try:
+            with get_engine(self.database_url).connect() as conn:
+                for row in conn.execute(select(ModelProfileRow.__table__)).mappings():
+                    super().put(ModelProfile(row["model"], row["device_kind"], row["dtype"], row["weights_bytes"],
+                                             dict(row["activations"] or {})))
+        except Exception as exc:
+            log.warning("could not read model profiles (planning with configured estimates): %s", exc)
+
+    def put(self, profile: ModelProfile) -> None:
+        snapshot = ModelProfile(profile.model, profile.device_kind, profile.dtype, profile.weights_bytes,
+                                dict(profile.activations))
+        super().put(snapshot)
+        self._writer.submit(self._write, snapshot)
+
+    def _write(self, profile: ModelProfile) -> None:
+        from sqlalchemy import func
+        from sqlalchemy.dialects.postgresql import insert
+
+        from ragq.db import ModelProfileRow, get_engine
+
+        values = {"model": profile.model, "device_kind": profile.device_kind, "dtype": profile.dtype,
+                  "weights_bytes": profile.weights_bytes, "activations": profile.activations}
+        statement = insert(ModelProfileRow).values(**values)
+        statement = statement.on_conflict_do_update(
+            index_elements=["model", "device_kind", "dtype"],
+            set_={"weights_bytes": statement.excluded.weights_bytes, "activations": statement.excluded.activations,
+                  "updated_at": func.now()},
+        )
+        try:
+            with get_engine(self.database_url).begin() as conn:
+                conn.execute(statement)
+        except Exception as exc:
+            log.warning("could not persist the profile of %s: %s", profile.model, exc)
+
+    def flush(self) -> None:
+        self._writer.submit(lambda: None).result(30)
