@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.models import build_all  # noqa: E402
+from ragq.errors import DeviceOutOfMemory  # noqa: E402
 from scheduler.batching import BACKGROUND, URGENT  # noqa: E402
 from scheduler.budget import parse_size  # noqa: E402
 from workers.backends.torch_backend import load_torch_model  # noqa: E402
@@ -156,6 +157,7 @@ def run_keepalive(specs: dict[str, ModelSpec], jobs: list[Any], device: str, bud
     loaded: dict[str, Any] = {}
     used: dict[str, float] = {}
     size = {role: spec.estimate_bytes or 0 for role, spec in specs.items()}
+    ooms = failed = 0
     for _, stages in jobs:
         for role, items, params in stages:
             if role not in loaded:
@@ -167,10 +169,21 @@ def run_keepalive(specs: dict[str, ModelSpec], jobs: list[Any], device: str, bud
                 size[role] = loaded[role].nbytes
             used[role] = time.perf_counter()
             for i in range(0, len(items), specs[role].batch_size):
-                loaded[role].run(items[i:i + specs[role].batch_size], params)
+                batch = items[i:i + specs[role].batch_size]
+                try:
+                    loaded[role].run(batch, params)
+                except DeviceOutOfMemory:  # the weights fit, their activations did not: drop the LRU other, retry
+                    ooms += 1
+                    others = [r for r in loaded if r != role]
+                    if not others:
+                        failed += 1
+                        continue
+                    loaded.pop(min(others, key=lambda r: used[r])).unload()
+                    loaded[role].run(batch, params)
     for model in loaded.values():
         model.unload()
-    return {"loads": counter.loads, "load_s": counter.load_s, "wakes": 0, "wake_s": 0.0, "ooms": 0, "failed": 0}
+    return {"loads": counter.loads, "load_s": counter.load_s, "wakes": 0, "wake_s": 0.0, "ooms": ooms,
+            "failed": failed}
 
 
 def run_ragq(specs: dict[str, ModelSpec], jobs: list[Any], device: str, budget: int, host_budget: int,

@@ -83,8 +83,7 @@ class _Slot:
     last_used: float = 0.0
     resident_since: float | None = None
     ready: Any = None                        # a pending asynchronous wake (has .wait())
-    loading: Future[LoadedModel] | None = None  # a background load (prewarm of a cold model)
-    loading_since: float = 0.0
+    loading: Future[tuple[LoadedModel, float]] | None = None  # a background load (prewarm of a cold model)
 
 
 @dataclass
@@ -439,8 +438,7 @@ class Engine:
         if background:
             slot.tier = VRAM  # its bytes count against the budget from now on
             slot.resident_since = self.clock()
-            slot.loading = self._background.submit(self.loader, slot.spec, self.device)
-            slot.loading_since = self.clock()
+            slot.loading = self._background.submit(self._timed_load, slot.spec)
             return
         t0 = self.clock()
         try:
@@ -455,15 +453,20 @@ class Engine:
         slot.resident_since = self.clock()
         self._loaded(slot, model, (self.clock() - t0) * 1000.0, reason)
 
+    def _timed_load(self, spec: ModelSpec) -> tuple[LoadedModel, float]:
+        t0 = self.clock()
+        model = self.loader(spec, self.device)
+        return model, (self.clock() - t0) * 1000.0
+
     def _finish_loading(self, slot: _Slot) -> None:
         future, slot.loading = slot.loading, None
         assert future is not None
         try:
-            model = future.result()
+            model, ms = future.result()
         except Exception:
             slot.tier, slot.resident_since = DISK, None
             raise
-        self._loaded(slot, model, (self.clock() - slot.loading_since) * 1000.0, "prewarm: loaded in the background")
+        self._loaded(slot, model, ms, "prewarm: loaded in the background")
 
     def _loaded(self, slot: _Slot, model: LoadedModel, ms: float, reason: str) -> None:
         slot.model = model

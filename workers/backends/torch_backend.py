@@ -119,7 +119,8 @@ class _TorchModel:
         """Device -> pinned host RAM. The host copy is made once and kept: weights never change here."""
         if not self.is_cuda:
             return
-        torch.cuda.current_stream(self.device).synchronize()
+        # no synchronisation needed: the copy is ordered on the stream, and freed device blocks are reused only
+        # by work queued after the kernels still reading them
         tensors = self._tensors()
         if self._host is None:
             host = {}
