@@ -27,6 +27,7 @@ from ragq.settings import Settings, load_settings
 
 Source = str | Path | DoclingDocument
 MAX_QUESTION_CHARS = 8000
+CHARS_PER_TOKEN = 4  # a rough size estimate: the client does not tokenise
 FINISHED = ("completed", "completed_with_errors", "failed")
 
 
@@ -97,7 +98,8 @@ class Client:
                     "item_id": item_id, "path": doc.source, "format": doc.format, "document_id": doc.document_id,
                     "document": doc.document.export_to_dict(),
                 })
-            messages = [items[i:i + batch] for i in range(0, len(items), batch)]
+            messages = pack_messages(items, [doc.text_chars for doc in loaded], batch,
+                                     self.settings.ingest_task_tokens * CHARS_PER_TOKEN)
         for message in messages:  # after commit, so a fast worker finds its rows
             ingest_documents.apply_async((job_id, message), queue="background")
         return IngestSubmission(job_id=job_id, documents=len(loaded), failed=failures)
@@ -168,6 +170,24 @@ class Client:
             ) from None
         reply["total_ms"] = round((time.time() - started) * 1000.0, 2)
         return _public_reply(reply)
+
+
+def pack_messages(items: list[dict[str, Any]], sizes: list[int], max_docs: int, max_chars: int,
+                  ) -> list[list[dict[str, Any]]]:
+    """Group documents into task messages of at most `max_docs` documents and about `max_chars` of text; a
+    document larger than that travels alone."""
+    messages: list[list[dict[str, Any]]] = []
+    current: list[dict[str, Any]] = []
+    chars = 0
+    for item, size in zip(items, sizes):
+        if current and (len(current) >= max_docs or chars + size > max_chars):
+            messages.append(current)
+            current, chars = [], 0
+        current.append(item)
+        chars += size
+    if current:
+        messages.append(current)
+    return messages
 
 
 def _public_reply(state: dict[str, Any]) -> dict[str, Any]:

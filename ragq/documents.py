@@ -29,6 +29,7 @@ class LoadedDocument:
     format: str
     document: DoclingDocument
     document_id: str
+    text_chars: int = 0
 
     @property
     def name(self) -> str:
@@ -117,9 +118,10 @@ def load_document(path: Path) -> LoadedDocument:
 
 
 def from_docling(doc: DoclingDocument, *, source: str, fmt: str = "docling") -> LoadedDocument:
-    if not doc.export_to_markdown().strip():
+    text = doc.export_to_markdown().strip()
+    if not text:
         raise BadInput(source, "document contains no text to index")
-    return LoadedDocument(source=source, format=fmt, document=doc, document_id=document_id(doc))
+    return LoadedDocument(source=source, format=fmt, document=doc, document_id=document_id(doc), text_chars=len(text))
 
 
 def parse_docling_json(text: str, source: str) -> DoclingDocument:

@@ -33,9 +33,12 @@ class Settings(BaseSettings):
     cpu_budget: str = Field("4GiB", description="budget for models on the cpu device")
     host_budget: str | None = Field(None, description="pinned host RAM for sleeping models; unset = 25% of RAM")
     cooldown_s: float = Field(2.0, ge=0.0, description="minimum residency before a busy model may be evicted")
-    worker_concurrency: int = Field(4, ge=1, le=256)
+    worker_concurrency: int = Field(8, ge=1, le=256, description="task threads per worker process")
     visibility_timeout_s: int = Field(3600, ge=60)
-    ingest_batch_docs: int = Field(8, ge=1, description="documents per background ingest task")
+    ingest_batch_docs: int = Field(8, ge=1, description="at most this many documents per background ingest task")
+    ingest_task_tokens: int = Field(
+        8192, ge=256, description="about this many tokens of text per ingest task, so one task is about one "
+        "micro-batch of engine work and a task thread frees up for an urgent question every micro-batch")
     ask_timeout_s: float = Field(60.0, gt=0)
     top_k: int = Field(5, ge=1, le=100)
     rerank_candidates: int = Field(20, ge=1, le=1000, description="passages the reranker sees per question")

@@ -1,10 +1,18 @@
-"""What runs next (first version): urgent before background, oldest first, one role per micro-batch."""
+"""What goes into the next micro-batch, and how large micro-batches should be.
+
+- `form_batch`: token-aware batch forming. Urgent requests go in small, immediate batches of urgent items only;
+  background batches are large and group items of similar length (as text-embeddings-inference does) around the
+  oldest pending item, capped by a count and by padded tokens (items x the longest item).
+- `BatchTuner`: the adaptive size of one model's background batches — start small, ramp up while throughput
+  improves and the p95 batch time holds under its target, shrink on OOM or when the p95 passes the target.
+- `should_wait_for_fuller_batch`: the optional max_queue_delay of Triton's dynamic batcher.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Hashable
+from collections import deque
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
 
 URGENT = 0
 BACKGROUND = 1
@@ -20,29 +28,156 @@ class Pending:
     group: Hashable         # requests with equal (role, group) may share a micro-batch
     priority: int
     enqueued: float
-    remaining: int          # items not yet run
+    items: tuple[tuple[int, int], ...]   # (index, tokens) of the items not yet scheduled, in order
     deadline: float | None = None
+
+    @property
+    def remaining(self) -> int:
+        return len(self.items)
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    max_items: int          # background batch size (the tuner's current size, capped by memory headroom)
+    max_tokens: int         # padded tokens per batch
+    urgent_items: int       # urgent batch size
 
 
 def expired(pending: Sequence[Pending], now: float) -> list[int]:
     return [p.key for p in pending if p.deadline is not None and p.deadline <= now]
 
 
-def next_batch(pending: Sequence[Pending], max_items: int) -> list[tuple[int, int]]:
-    """[(request key, items to take)] for the next micro-batch: the head is the most urgent, oldest request; others
-    of the same role and group join in priority then age order until `max_items`."""
-    if not pending:
+def padded_tokens(lengths: Sequence[int]) -> int:
+    return len(lengths) * max(lengths, default=0)
+
+
+def _fits(lengths: list[int], length: int, limits_items: int, max_tokens: int) -> bool:
+    return len(lengths) < limits_items and (len(lengths) + 1) * max(max(lengths, default=0), length) <= max_tokens
+
+
+def form_batch(pending: Sequence[Pending], role: str, limits: BatchLimits) -> list[tuple[int, list[int]]]:
+    """[(request key, item indices)] for the next micro-batch of `role`. The most urgent, oldest request's first
+    item is always in it, so every request progresses; a single item longer than the token cap runs alone."""
+    candidates = sorted((p for p in pending if p.role == role and p.items),
+                        key=lambda p: (p.priority, p.enqueued, p.key))
+    if not candidates:
         return []
-    order = sorted(pending, key=lambda p: (p.priority, p.enqueued, p.key))
-    head = order[0]
-    plan: list[tuple[int, int]] = []
-    room = max_items
-    for p in order:
-        if room <= 0:
+    head = candidates[0]
+    same = [p for p in candidates if p.group == head.group]
+    if head.priority == URGENT:
+        plan: dict[int, list[int]] = {}
+        lengths: list[int] = []
+        for p in same:
+            if p.priority != URGENT:
+                break
+            for index, tokens in p.items:
+                if lengths and not _fits(lengths, tokens, limits.urgent_items, limits.max_tokens):
+                    return [(k, v) for k, v in plan.items()]
+                plan.setdefault(p.key, []).append(index)
+                lengths.append(tokens)
+        return [(k, v) for k, v in plan.items()]
+    # background: look ahead over the oldest items and group those closest in length to the oldest one
+    lookahead: list[tuple[int, int, int, int]] = []   # (order, key, index, tokens)
+    for p in same:
+        for index, tokens in p.items:
+            lookahead.append((len(lookahead), p.key, index, tokens))
+            if len(lookahead) >= 4 * limits.max_items:
+                break
+        if len(lookahead) >= 4 * limits.max_items:
             break
-        if p.role != head.role or p.group != head.group or p.remaining <= 0:
+    anchor = lookahead[0]
+    chosen = [anchor]
+    lengths = [anchor[3]]
+    for entry in sorted(lookahead[1:], key=lambda e: (abs(e[3] - anchor[3]), e[0])):
+        if not _fits(lengths, entry[3], limits.max_items, limits.max_tokens):
+            if len(lengths) >= limits.max_items:
+                break
             continue
-        take = min(room, p.remaining)
-        plan.append((p.key, take))
-        room -= take
-    return plan
+        chosen.append(entry)
+        lengths.append(entry[3])
+    chosen.sort()
+    plan = {}
+    for _, key, index, _ in chosen:
+        plan.setdefault(key, []).append(index)
+    return list(plan.items())
+
+
+def should_wait_for_fuller_batch(pending: Sequence[Pending], role: str, target_items: int, now: float,
+                                 max_queue_delay_s: float) -> float:
+    """Seconds to wait before running a background batch of `role` that is not full yet (0 = run now)."""
+    if max_queue_delay_s <= 0:
+        return 0.0
+    mine = [p for p in pending if p.role == role and p.items]
+    if not mine or any(p.priority == URGENT for p in mine):
+        return 0.0
+    if sum(p.remaining for p in mine) >= target_items:
+        return 0.0
+    oldest = min(p.enqueued for p in mine)
+    return max(0.0, oldest + max_queue_delay_s - now)
+
+
+@dataclass
+class BatchTuner:
+    """Adaptive background batch size for one model. Feed it every full batch's size and time (and OOMs)."""
+
+    size: int
+    maximum: int
+    latency_target_ms: float
+    minimum: int = 1
+    window: int = 6
+    ceiling: int = 0
+    _times: deque[float] = field(default_factory=lambda: deque(maxlen=32))
+    _throughput: dict[int, float] = field(default_factory=dict)   # size -> items/s at that size
+    _full_batches: int = 0
+    changes: list[tuple[int, int, str]] = field(default_factory=list)  # (from, to, why)
+
+    def __post_init__(self) -> None:
+        self.size = max(self.minimum, min(self.size, self.maximum))
+        self.ceiling = self.ceiling or self.maximum
+
+    def p95_ms(self) -> float:
+        if not self._times:
+            return 0.0
+        ordered = sorted(self._times)
+        return ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
+
+    def _set(self, size: int, why: str) -> None:
+        size = max(self.minimum, min(size, self.maximum, self.ceiling))
+        if size != self.size:
+            self.changes.append((self.size, size, why))
+            self.size = size
+            self._times.clear()
+            self._full_batches = 0
+
+    def observe(self, items: int, ms: float) -> None:
+        """A batch of `items` ran in `ms`. Only batches at least 80% full say something about the size."""
+        if items < max(1, int(0.8 * self.size)):
+            return
+        self._times.append(ms)
+        self._full_batches += 1
+        rate = items / max(ms, 1e-3) * 1000.0
+        previous = self._throughput.get(self.size)
+        self._throughput[self.size] = rate if previous is None else 0.7 * previous + 0.3 * rate
+        if self._full_batches < self.window:
+            return
+        p95 = self.p95_ms()
+        if p95 > self.latency_target_ms:
+            too_big = self.size
+            self._set(int(self.size * 0.75), f"p95 {p95:.0f}ms over the {self.latency_target_ms:.0f}ms target")
+            self.ceiling = max(self.minimum, too_big - 1)  # never ramp back to a size that broke the target
+            return
+        smaller = self._throughput.get(self.size // 2)
+        here = self._throughput[self.size]
+        if smaller is not None and here < 1.05 * smaller:
+            self.ceiling = self.size   # doubling stopped paying: stay here
+            self._full_batches = 0
+            return
+        if self.size < min(self.maximum, self.ceiling):
+            self._set(self.size * 2, f"throughput {here:.0f}/s with p95 {p95:.0f}ms under target: ramp")
+        else:
+            self._full_batches = 0
+
+    def out_of_memory(self, items: int) -> None:
+        new = max(self.minimum, items // 2)
+        self.ceiling = max(self.minimum, new)
+        self._set(new, f"out of memory at {items} items")

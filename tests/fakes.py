@@ -132,4 +132,5 @@ class FakeModel:
 
 
 def spec(role: str, mib: float, batch: int = 8) -> ModelSpec:
-    return ModelSpec(role=role, path=Path("/nonexistent"), name=role, batch_size=batch, estimate_bytes=int(mib * MiB))
+    return ModelSpec(role=role, path=Path("/nonexistent"), name=role, batch_size=batch, initial_batch=batch,
+                     urgent_batch=batch, estimate_bytes=int(mib * MiB))

@@ -1,25 +1,127 @@
-from scheduler.batching import BACKGROUND, URGENT, Pending, expired, next_batch
+"""Batch forming and the adaptive batch size: pure functions and a small state machine, no engine."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from scheduler.batching import (
+    BACKGROUND, URGENT, BatchLimits, BatchTuner, Pending, expired, form_batch, padded_tokens,
+    should_wait_for_fuller_batch,
+)
+
+LIMITS = BatchLimits(max_items=8, max_tokens=4096, urgent_items=4)
 
 
-def p(key: int, role: str = "embed", priority: int = BACKGROUND, enqueued: float = 0.0, remaining: int = 4,
+def p(key: int, lengths: list[int], role: str = "embed", priority: int = BACKGROUND, enqueued: float = 0.0,
       group: object = (), deadline: float | None = None) -> Pending:
-    return Pending(key, role, group, priority, enqueued, remaining, deadline)
+    return Pending(key, role, group, priority, enqueued, tuple(enumerate(lengths)), deadline)
 
 
-def test_urgent_heads_the_batch_even_when_younger() -> None:
-    plan = next_batch([p(1, enqueued=0.0), p(2, priority=URGENT, enqueued=5.0)], max_items=100)
-    assert plan[0] == (2, 4)
+def test_urgent_batch_is_small_and_holds_only_urgent_items() -> None:
+    pending = [p(1, [10] * 20, enqueued=0.0), p(2, [10] * 6, priority=URGENT, enqueued=5.0),
+               p(3, [10], priority=URGENT, enqueued=6.0)]
+    assert form_batch(pending, "embed", LIMITS) == [(2, [0, 1, 2, 3])]
 
 
-def test_same_role_requests_share_a_batch_up_to_the_cap() -> None:
-    plan = next_batch([p(1, remaining=5), p(2, remaining=5, enqueued=1), p(3, remaining=5, enqueued=2)], max_items=12)
-    assert plan == [(1, 5), (2, 5), (3, 2)]
+def test_urgent_requests_share_a_batch() -> None:
+    pending = [p(2, [10, 10], priority=URGENT, enqueued=5.0), p(3, [10], priority=URGENT, enqueued=6.0)]
+    assert form_batch(pending, "embed", LIMITS) == [(2, [0, 1]), (3, [0])]
+
+
+def test_background_batches_fill_across_requests_up_to_the_count() -> None:
+    pending = [p(1, [10] * 5), p(2, [10] * 5, enqueued=1), p(3, [10] * 5, enqueued=2)]
+    plan = form_batch(pending, "embed", LIMITS)
+    assert sum(len(i) for _, i in plan) == 8 and plan[0] == (1, [0, 1, 2, 3, 4])
+
+
+def test_background_groups_similar_lengths_around_the_oldest_item() -> None:
+    lengths = [100, 10, 500, 110, 12, 95, 480, 105]
+    plan = form_batch([p(1, lengths)], "embed", BatchLimits(max_items=4, max_tokens=100_000, urgent_items=4))
+    chosen = sorted(lengths[i] for i in plan[0][1])
+    assert chosen == [95, 100, 105, 110]
+
+
+def test_padded_token_cap_is_respected_and_a_long_item_runs_alone() -> None:
+    limits = BatchLimits(max_items=64, max_tokens=1000, urgent_items=8)
+    plan = form_batch([p(1, [200] * 10)], "embed", limits)
+    assert padded_tokens([200] * len(plan[0][1])) <= 1000 and len(plan[0][1]) == 5
+    assert form_batch([p(1, [5000, 10])], "embed", limits) == [(1, [0])]
 
 
 def test_other_roles_and_groups_wait() -> None:
-    pending = [p(1, role="rerank"), p(2, role="embed", enqueued=1), p(3, role="rerank", group=("x",), enqueued=2)]
-    assert next_batch(pending, max_items=100) == [(1, 4)]
+    pending = [p(1, [10], role="rerank"), p(2, [10], enqueued=1), p(3, [10], role="rerank", group=("x",), enqueued=2)]
+    assert form_batch(pending, "rerank", LIMITS) == [(1, [0])]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.integers(1, 600), min_size=1, max_size=12), st.sampled_from([URGENT, BACKGROUND])),
+                min_size=1, max_size=8),
+       st.integers(1, 32), st.integers(600, 8000), st.integers(1, 8))
+def test_batches_respect_caps_and_always_include_the_head(requests, max_items, max_tokens, urgent_items) -> None:  # type: ignore[no-untyped-def]
+    pending = [p(k, lengths, priority=prio, enqueued=float(k)) for k, (lengths, prio) in enumerate(requests)]
+    limits = BatchLimits(max_items, max_tokens, urgent_items)
+    plan = form_batch(pending, "embed", limits)
+    by_key = {q.key: q for q in pending}
+    chosen = [dict(by_key[k].items)[i] for k, indices in plan for i in indices]
+    head = min(pending, key=lambda q: (q.priority, q.enqueued, q.key))
+    assert plan and plan[0][0] == head.key and 0 in plan[0][1]  # the oldest, most urgent item always goes
+    cap = urgent_items if head.priority == URGENT else max_items
+    assert len(chosen) <= cap
+    assert len(chosen) == 1 or padded_tokens(chosen) <= max_tokens
+    if head.priority == URGENT:  # nothing but urgent work rides along
+        assert all(by_key[k].priority == URGENT for k, _ in plan)
 
 
 def test_expired() -> None:
-    assert expired([p(1, deadline=1.0), p(2, deadline=3.0), p(3)], now=2.0) == [1]
+    assert expired([p(1, [1], deadline=1.0), p(2, [1], deadline=3.0), p(3, [1])], now=2.0) == [1]
+
+
+def test_max_queue_delay_waits_for_a_fuller_background_batch() -> None:
+    pending = [p(1, [10] * 3, enqueued=10.0)]
+    assert should_wait_for_fuller_batch(pending, "embed", 8, now=10.002, max_queue_delay_s=0.005) > 0
+    assert should_wait_for_fuller_batch(pending, "embed", 8, now=10.006, max_queue_delay_s=0.005) == 0
+    assert should_wait_for_fuller_batch(pending, "embed", 3, now=10.002, max_queue_delay_s=0.005) == 0
+    urgent = [p(2, [10], priority=URGENT, enqueued=10.0)]
+    assert should_wait_for_fuller_batch(urgent, "embed", 8, now=10.0, max_queue_delay_s=0.005) == 0
+    assert should_wait_for_fuller_batch(pending, "embed", 8, now=10.0, max_queue_delay_s=0) == 0
+
+
+def feed(tuner: BatchTuner, ms_per_item: float, fixed_ms: float, batches: int) -> None:
+    for _ in range(batches):
+        tuner.observe(tuner.size, fixed_ms + ms_per_item * tuner.size)
+
+
+def test_tuner_ramps_while_throughput_improves_and_latency_holds() -> None:
+    tuner = BatchTuner(size=8, maximum=256, latency_target_ms=500)
+    feed(tuner, ms_per_item=1.0, fixed_ms=20.0, batches=60)  # a fixed cost per batch: bigger is better
+    assert tuner.size >= 64
+    assert all(b > a for a, b, _ in tuner.changes)
+
+
+def test_tuner_stops_ramping_when_larger_batches_stop_paying() -> None:
+    tuner = BatchTuner(size=8, maximum=256, latency_target_ms=10_000)
+    feed(tuner, ms_per_item=2.0, fixed_ms=0.0, batches=60)  # no fixed cost: throughput flat in batch size
+    assert tuner.size <= 16
+
+
+def test_tuner_shrinks_when_latency_passes_its_target() -> None:
+    tuner = BatchTuner(size=64, maximum=256, latency_target_ms=100)
+    feed(tuner, ms_per_item=3.0, fixed_ms=0.0, batches=30)  # 64 items take 192 ms
+    assert tuner.size <= 33
+    assert any("over the 100ms target" in why for _, _, why in tuner.changes)
+
+
+def test_tuner_halves_on_oom_and_does_not_ramp_past_it() -> None:
+    tuner = BatchTuner(size=64, maximum=256, latency_target_ms=1000)
+    tuner.out_of_memory(64)
+    assert tuner.size == 32 and tuner.ceiling == 32
+    feed(tuner, ms_per_item=0.1, fixed_ms=50.0, batches=40)
+    assert tuner.size == 32
+
+
+def test_underfull_batches_do_not_move_the_size() -> None:
+    tuner = BatchTuner(size=32, maximum=256, latency_target_ms=10)
+    for _ in range(50):
+        tuner.observe(3, 500.0)
+    assert tuner.size == 32

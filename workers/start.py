@@ -52,6 +52,7 @@ def host_budget_for(settings: Settings, device: str) -> int:
 
 def build_runtime(settings: Settings, device: str, name: str | None = None):  # type: ignore[no-untyped-def]
     from workers.backends import load_model
+    from workers.backends.tokens import count_tokens
     from workers.engine import Engine
     from workers.models import load_model_specs
     from workers.runtime import WorkerRuntime
@@ -68,7 +69,7 @@ def build_runtime(settings: Settings, device: str, name: str | None = None):  # 
     engine = Engine(
         device, specs, load_model, budget, host_budget_bytes=host_budget, cooldown_s=settings.cooldown_s,
         on_model_event=sink.record_model_event, profiles=PostgresProfileStore(endpoints.database_url),
-        device_kind=device_kind(device),
+        device_kind=device_kind(device), token_counter=count_tokens,
     ).start()
     log.info("worker %s: budget %s, host tier %s, models %s", name, format_size(budget), format_size(host_budget),
              ", ".join(f"{role}={spec.name}" for role, spec in specs.items()))
