@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     cooldown_s: float = Field(2.0, ge=0.0, description="minimum residency before a busy model may be evicted")
     worker_concurrency: int = Field(8, ge=1, le=256, description="task threads per worker process")
     visibility_timeout_s: int = Field(3600, ge=60)
+    chunk_processes: int | None = Field(
+        None, ge=0, le=64, description="processes chunking documents off the GIL; unset = 0 on cpu, cores/4 on a GPU")
     ingest_batch_docs: int = Field(8, ge=1, description="at most this many documents per background ingest task")
     ingest_task_tokens: int = Field(
         8192, ge=256, description="about this many tokens of text per ingest task, so one task is about one "
@@ -43,6 +45,8 @@ class Settings(BaseSettings):
     top_k: int = Field(5, ge=1, le=100)
     rerank_candidates: int = Field(20, ge=1, le=1000, description="passages the reranker sees per question")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    celery_profile: Literal["ragq", "celery-defaults"] = Field(
+        "ragq", description="celery-defaults = round-robin queues, prefetch 4, early acks: the benchmarks' baseline")
 
     @field_validator("vram_budget", "cpu_budget", "host_budget")
     @classmethod

@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from celery import Task
 from sqlalchemy import select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import OperationalError
 
-from ragq.chunking import ChunkText, chunk_document
+from ragq.chunking import ChunkText
 from ragq.db import Chunk, Document, JobItem, ensure_vector_index
 from ragq.errors import BadInput
 from scheduler.batching import BACKGROUND
@@ -81,13 +82,26 @@ def _store_document(rt: WorkerRuntime, job_id: str, item: dict[str, Any], chunks
     return added
 
 
+class IngestTask(Task):  # type: ignore[misc]
+    """When an ingest task fails for good (an unexpected error, or retries exhausted), its documents still
+    queued are marked failed with the error, so the job finishes and says why instead of waiting forever."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        try:
+            job_id, items = (list(args) + [kwargs.get("job_id"), kwargs.get("items")])[:2]
+            db = self.app.require_runtime().db
+            for item in items or []:
+                record_item_failure(db, job_id, item["item_id"],
+                                    f"{item['path']}: ingestion failed: {type(exc).__name__}: {exc}")
+        except Exception:
+            log.exception("could not record the failure of ingest task %s", task_id)
+
+
 @app.task(
-    name="ragq.ingest_documents", bind=True, acks_late=True, autoretry_for=(OperationalError,),
+    name="ragq.ingest_documents", bind=True, base=IngestTask, autoretry_for=(OperationalError,),
     retry_backoff=True, retry_backoff_max=60, max_retries=8,
 )
 def ingest_documents(self: Any, job_id: str, items: list[dict[str, Any]]) -> dict[str, Any]:
-    from docling_core.types.doc import DoclingDocument
-
     rt = self.app.require_runtime()
     spec = rt.specs["embed"]
     published = sent_at(self.request)
@@ -99,19 +113,17 @@ def ingest_documents(self: Any, job_id: str, items: list[dict[str, Any]]) -> dic
     prepared: list[tuple[dict[str, Any], list[ChunkText]]] = []
     failed = 0
     with rt.stage("chunk", sent_at=published, **context) as clock:
-        chunker = rt.chunker
-        for item in items:
-            try:
-                doc = DoclingDocument.model_validate(item["document"])
-                chunks = chunk_document(doc, chunker, spec.name, item["document_id"])
-                if not chunks:
-                    raise BadInput(item["path"], "document produced no chunks (no text)")
-                prepared.append((item, chunks))
-                clock.items += len(chunks)
-            except Exception as exc:
+        for item, chunks in zip(items, rt.chunk_pool.chunk_many(items)):
+            if isinstance(chunks, list) and not chunks:
+                chunks = BadInput(item["path"], "document produced no chunks (no text)")
+            if isinstance(chunks, BaseException):
                 failed += 1
-                error = str(exc) if isinstance(exc, BadInput) else f"{item['path']}: {type(exc).__name__}: {exc}"
+                error = str(chunks) if isinstance(chunks, BadInput) else \
+                    f"{item['path']}: {type(chunks).__name__}: {chunks}"
                 record_item_failure(rt.db, job_id, item["item_id"], error)
+                continue
+            prepared.append((item, chunks))
+            clock.items += len(chunks)
 
     all_ids = [c.id for _, chunks in prepared for c in chunks]
     with rt.db.connect() as conn:

@@ -72,13 +72,28 @@ def celery_config(settings: Settings, endpoints: Endpoints) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "worker_hijack_root_logger": False,
+        # ragq logs through its own handler on stderr; Celery's stdout redirection would swallow those lines
+        "worker_redirect_stdouts": False,
         "timezone": "UTC",
         "enable_utc": True,
     }
 
 
+def celery_defaults_config(settings: Settings, endpoints: Endpoints) -> dict[str, Any]:
+    """Celery's own defaults for queue order, prefetch and acks (the baseline the benchmarks compare with)."""
+    config = celery_config(settings, endpoints)
+    config.update(
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        task_acks_late=False, task_reject_on_worker_lost=False, worker_prefetch_multiplier=4,
+    )
+    return config
+
+
 def configure_app(settings: Settings, endpoints: Endpoints) -> RagqCelery:
-    app.conf.update(celery_config(settings, endpoints))
+    if settings.celery_profile == "celery-defaults":
+        app.conf.update(celery_defaults_config(settings, endpoints))
+    else:
+        app.conf.update(celery_config(settings, endpoints))
     return app
 
 

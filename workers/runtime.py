@@ -65,16 +65,16 @@ class WorkerRuntime:
         return get_engine(self.endpoints.database_url)
 
     @cached_property
-    def embed_tokenizer(self):  # type: ignore[no-untyped-def]
-        from transformers import AutoTokenizer
+    def chunk_pool(self):  # type: ignore[no-untyped-def]
+        from workers.chunk_pool import ChunkPool
 
-        return AutoTokenizer.from_pretrained(self.specs["embed"].path, local_files_only=True)
+        processes = self.settings.chunk_processes
+        if processes is None:
+            import os
 
-    @cached_property
-    def chunker(self):  # type: ignore[no-untyped-def]
-        from ragq.chunking import make_chunker
-
-        return make_chunker(self.embed_tokenizer, self.specs["embed"].chunk_tokens)
+            processes = 0 if self.device == "cpu" else max(1, min(8, (os.cpu_count() or 2) // 4))
+        spec = self.specs["embed"]
+        return ChunkPool(spec.path, spec.chunk_tokens, spec.name, processes)
 
     @contextmanager
     def stage(

@@ -51,6 +51,9 @@ def host_budget_for(settings: Settings, device: str) -> int:
 
 
 def build_runtime(settings: Settings, device: str, name: str | None = None):  # type: ignore[no-untyped-def]
+    import transformers
+
+    transformers.AutoTokenizer  # noqa: B018 - resolve the lazy import here, before task threads race for it
     from workers.backends import load_model
     from workers.backends.tokens import count_tokens
     from workers.engine import Engine
@@ -71,9 +74,11 @@ def build_runtime(settings: Settings, device: str, name: str | None = None):  # 
         on_model_event=sink.record_model_event, profiles=PostgresProfileStore(endpoints.database_url),
         device_kind=device_kind(device), token_counter=count_tokens,
     ).start()
+    runtime = WorkerRuntime(settings, endpoints, engine, sink, name, device, specs)
+    runtime.chunk_pool  # noqa: B018 - start chunking processes before the first task, not during it
     log.info("worker %s: budget %s, host tier %s, models %s", name, format_size(budget), format_size(host_budget),
              ", ".join(f"{role}={spec.name}" for role, spec in specs.items()))
-    return WorkerRuntime(settings, endpoints, engine, sink, name, device, specs)
+    return runtime
 
 
 def run_worker(
@@ -95,6 +100,8 @@ def run_worker(
     finally:
         runtime.engine.stop()
         runtime.sink.close()
+        if "chunk_pool" in runtime.__dict__:
+            runtime.chunk_pool.close()
     return 0
 
 

@@ -1,0 +1,186 @@
+"""The whole stack on a GPU (issue [3 of 8]): real embedded Redis and Postgres+pgvector, a real `ragq worker
+--device cuda:0` with full-size random-weight Qwen3 models under a 16 GiB budget, driven through the client API.
+
+Measures, for ragq's configuration and for a naive one (Celery's default settings, one document per task):
+  1. ingestion throughput through the stack (enqueue -> chunk -> embed -> vectors stored), against the raw
+     embedding forward pass at its best batch size on the same card and the same chunks;
+  2. urgent `ask` p50/p95 while idle and while a large ingestion saturates the worker.
+
+    python3 bench/stack_gpu.py --models /tmp/ragq-models --out $OUT
+    python bench/stack_gpu.py --tiny --device cpu --docs 20 --questions 4 --out /tmp/out   # dry run of the logic
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.models import build_all  # noqa: E402
+from bench.urgent_cpu import ask_many, make_corpus, percentile  # noqa: E402
+
+
+def models_toml(paths: dict[str, Path], tiny: bool) -> str:
+    guess = (lambda s: "") if tiny else (lambda s: f'estimate = "{s}"\n')
+    return (
+        f'[embed]\npath = "{paths["embed"]}"\nname = "qwen3-embedding-4b"\npooling = "last"\ndim = {48 if tiny else 1024}\n'
+        f'chunk_tokens = 256\nmax_length = 512\nbatch_size = 256\n{guess("7.5GiB")}'
+        f'[rerank]\npath = "{paths["rerank"]}"\nname = "qwen3-reranker-0.6b"\nkind = "qwen3"\nmax_length = 512\n'
+        f'{guess("1.1GiB")}'
+        f'[generate]\npath = "{paths["generate"]}"\nname = "qwen3-4b"\nmax_new_tokens = 16\nmax_length = 1024\n'
+        f'{guess("7.5GiB")}'
+    )
+
+
+def raw_forward(paths: dict[str, Path], corpus: list[Path], device: str, tiny: bool) -> dict[str, Any]:
+    """The embedder alone on the same chunks: length-sorted batches, best batch size wins."""
+    import torch
+
+    from ragq.chunking import chunk_document, make_chunker
+    from ragq.documents import load_document
+    from workers.backends.torch_backend import load_torch_model
+    from workers.models import load_model_specs
+
+    specs = load_model_specs(Path(os.environ["RAGQ_MODELS"]))
+    spec = specs["embed"]
+    from transformers import AutoTokenizer
+
+    chunker = make_chunker(AutoTokenizer.from_pretrained(spec.path), spec.chunk_tokens)
+    texts = []
+    for path in corpus:
+        doc = load_document(path)
+        texts += [c.embed_text for c in chunk_document(doc.document, chunker, spec.name, doc.document_id)]
+    model = load_torch_model(spec, device)
+    lengths = model.count_tokens(texts)
+    ordered = [t for _, t in sorted(zip(lengths, texts))]
+    results = {}
+    for batch in (16, 32, 64, 128, 256):
+        model.run(ordered[:batch], {})  # warm-up at this shape
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(0, len(ordered), batch):
+            model.run(ordered[i:i + batch], {})
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        results[batch] = len(ordered) / (time.perf_counter() - t0)
+        print(f"raw forward batch {batch}: {results[batch]:.1f} chunks/s", flush=True)
+    model.unload()
+    best = max(results, key=results.get)  # type: ignore[arg-type]
+    return {"chunks": len(texts), "mean_tokens": sum(lengths) / len(lengths), "by_batch": results,
+            "best_batch": best, "best_chunks_per_s": results[best]}
+
+
+def run_variant(name: str, home: Path, device: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    from ragq.client import Client
+    from ragq.demo import QUESTIONS, sample_paths, stop_worker, wait_until_consuming
+    from ragq.settings import Settings
+    from workers.celery_app import app
+
+    naive = name == "naive"
+    settings = Settings(home=home, celery_profile="celery-defaults" if naive else "ragq",
+                        **({"ingest_batch_docs": 1} if naive else {}))
+    client = Client(settings)
+    app.control.purge()
+    log = home / f"worker-{name}.log"
+    env = dict(os.environ, RAGQ_HOME=str(home), RAGQ_CELERY_PROFILE=settings.celery_profile)
+    worker = subprocess.Popen([sys.executable, "-m", "ragq.cli", "worker", "--device", device, "--name", name],
+                              env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    try:
+        wait_until_consuming(worker, log, timeout_s=600)
+        print(f"{name}: worker consuming", flush=True)
+        client.wait_for_job(client.submit_ingest(sample_paths()).job_id, timeout_s=600)
+        client.ask(QUESTIONS[0], timeout_s=120)  # every model loaded once
+        corpus_a = make_corpus(home / f"a-{name}", args.docs, seed)
+        t0 = time.perf_counter()
+        status = client.wait_for_job(client.submit_ingest(corpus_a).job_id, timeout_s=1200)
+        ingest_s = time.perf_counter() - t0
+        print(f"{name}: ingested {status['chunks_total']} chunks in {ingest_s:.1f}s", flush=True)
+        idle, idle_timeouts = ask_many(client, args.questions, 60.0)
+        print(f"{name}: idle questions done", flush=True)
+        corpus_b = make_corpus(home / f"b-{name}", args.docs, seed + 100)
+        job_b = client.submit_ingest(corpus_b).job_id
+        time.sleep(args.settle)
+        loaded, loaded_timeouts = ask_many(client, args.questions, 60.0)
+        print(f"{name}: loaded questions done", flush=True)
+        during = client.job_status(job_b)
+        client.wait_for_job(job_b, timeout_s=1200)
+    finally:
+        app.control.purge()
+        stop_worker(worker)
+    return {
+        "variant": name, "chunks": status["chunks_total"], "ingest_s": ingest_s,
+        "ingest_chunks_per_s": status["chunks_total"] / ingest_s,
+        "idle_ms": idle, "loaded_ms": loaded, "idle_p50": statistics.median(idle), "idle_p95": percentile(idle, 0.95),
+        "loaded_p50": statistics.median(loaded) if loaded else float("nan"), "loaded_p95": percentile(loaded, 0.95),
+        "timeouts": idle_timeouts + loaded_timeouts, "ingestion_running_after_questions": during["status"] == "running",
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", type=Path, default=Path("/tmp/ragq-models"))
+    parser.add_argument("--out", type=Path, default=Path("out"))
+    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--docs", type=int, default=300)
+    parser.add_argument("--questions", type=int, default=20)
+    parser.add_argument("--settle", type=float, default=2.0)
+    parser.add_argument("--variants", default="ragq,naive")
+    parser.add_argument("--tiny", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    import torch
+    import transformers
+
+    cuda = args.device.startswith("cuda")
+    home = Path(tempfile.mkdtemp(prefix="ragq-stack-"))
+    paths = build_all(args.models, "cuda" if cuda else "cpu", tiny=args.tiny)
+    models_file = home / "models.toml"
+    models_file.write_text(models_toml(paths, args.tiny))
+    os.environ.update(RAGQ_MODELS=str(models_file), RAGQ_HOME=str(home), RAGQ_VRAM_BUDGET="16GiB",
+                      RAGQ_CPU_BUDGET="16GiB")
+    from ragq.services import EmbeddedServices
+    from ragq.settings import Settings
+
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__, "transformers": transformers.__version__, "cpu_cores": os.cpu_count(),
+        "docs": args.docs, "questions": args.questions, "budget": "16GiB",
+    }
+    results["raw_forward"] = raw_forward(paths, make_corpus(home / "raw", args.docs, 1), args.device, args.tiny)
+    (args.out / "stack.json").write_text(json.dumps(results, indent=2))
+    services = EmbeddedServices(Settings(home=home))
+    services.up()
+    results["variants"] = {}
+    try:
+        for n, name in enumerate(args.variants.split(",")):
+            results["variants"][name] = run_variant(name, home, args.device, args, seed=n + 1)
+            (args.out / "stack.json").write_text(json.dumps(results, indent=2))
+            shutil.copy(home / f"worker-{name}.log", args.out / f"worker-{name}.log")
+    finally:
+        services.down()
+    raw = results["raw_forward"]["best_chunks_per_s"]
+    print(f"\nraw embedding forward: {raw:.1f} chunks/s at batch {results['raw_forward']['best_batch']} "
+          f"({results['raw_forward']['chunks']} chunks, {results['raw_forward']['mean_tokens']:.0f} tokens mean)")
+    print("| variant | stack chunks/s | stack / raw | idle p50 ms | idle p95 ms | loaded p50 ms | loaded p95 ms "
+          "| p95 loaded/idle | timeouts |\n|---|---|---|---|---|---|---|---|---|")
+    for name, r in results["variants"].items():
+        print(f"| {name} | {r['ingest_chunks_per_s']:.1f} | {r['ingest_chunks_per_s'] / raw:.2f} | {r['idle_p50']:.0f} "
+              f"| {r['idle_p95']:.0f} | {r['loaded_p50']:.0f} | {r['loaded_p95']:.0f} "
+              f"| {r['loaded_p95'] / r['idle_p95']:.2f} | {r['timeouts']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
