@@ -189,3 +189,14 @@ def test_cooldown_lets_the_resident_model_finish_before_a_swap() -> None:
         h.engine.step()
     assert all(f.done() for f in embeds + gens)
     assert h.loads.count("embed") + h.loads.count("generate") <= 3
+
+
+def test_activation_estimates_do_not_scale_up_fixed_costs() -> None:
+    from workers.profiles import ModelProfile
+
+    profile = ModelProfile("m", "gpu", "bf16", 10)
+    profile.observe(1, 16, 300 * MiB)        # a single short query: mostly one-time workspace
+    profile.observe(64, 256, 900 * MiB)      # a real batch
+    assert profile.activation_for(32, 256) == 900 * MiB          # bounded by the larger measured batch
+    assert profile.activation_for(128, 256) == 1800 * MiB        # beyond it, linear in items x tokens
+    assert profile.activation_for(1, 16) == 300 * MiB

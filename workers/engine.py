@@ -316,14 +316,15 @@ class Engine:
         profile = self.profiles.get(spec.name, self.device_kind, spec.dtype)
         if profile is None or not snapshot:
             return spec.batch_size
-        longest = max((t for p in snapshot for _, t in p.items[:64]), default=1)
-        per_item = profile.activation_for(1, longest)
-        if not per_item:
-            return spec.batch_size
+        longest = max((t for p in snapshot for _, t in p.items[:256]), default=1)
         resident = sum(s.vram_bytes for s in self._slots.values() if s.tier == VRAM)
         if self._slots[spec.name].tier != VRAM:
             resident += self._slots[spec.name].vram_bytes
-        return max(1, int((self.policy.budget_bytes - resident) // per_item))
+        free = self.policy.budget_bytes - resident
+        cap = spec.batch_size
+        while cap > 1 and (profile.activation_for(cap, longest) or 0) > free:
+            cap //= 2
+        return cap
 
     def _snapshot(self) -> list[Pending]:
         return [

@@ -44,14 +44,18 @@ class ModelProfile:
         return max(self.activations.values(), default=0)
 
     def activation_for(self, batch_size: int, tokens: int) -> int | None:
-        """Estimated peak for a batch: the highest measured bytes per (item x token) times this batch's size."""
-        rates = []
-        for key, peak in self.activations.items():
-            b, t = (int(x) for x in key.split(":"))
-            rates.append(peak / max(1, b * t))
-        if not rates:
+        """Estimated activation peak of a batch. Peaks grow with items x tokens but carry fixed costs (workspaces,
+        the first call's allocations), so small samples must not be scaled up: the smallest measured peak of a
+        batch at least as large bounds it, and beyond the largest measured batch its peak scales linearly."""
+        if not self.activations:
             return None
-        return int(max(rates) * batch_size * token_bucket(tokens))
+        area = batch_size * token_bucket(tokens)
+        samples = sorted((int(k.split(":")[0]) * int(k.split(":")[1]), peak) for k, peak in self.activations.items())
+        larger = [peak for a, peak in samples if a >= area]
+        if larger:
+            return min(larger)
+        largest_area, largest_peak = samples[-1]
+        return int(largest_peak * area / largest_area)
 
 
 class ProfileStore(Protocol):

@@ -81,6 +81,14 @@ def build_runtime(settings: Settings, device: str, name: str | None = None):  # 
     return runtime
 
 
+def _allocator_settings(device: str) -> None:
+    """Expandable segments let the caching allocator give back and reuse the memory of models that sleep and wake
+    without fragmenting; under an enforced budget, fragmentation would make allocations free and re-allocate
+    (synchronising the device) over and over. Set before CUDA starts; a user's own setting wins."""
+    if device != "cpu":
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
 def run_worker(
     settings: Settings, device: str, concurrency: int | None = None, loglevel: str = "INFO", name: str | None = None,
 ) -> int:
@@ -88,6 +96,7 @@ def run_worker(
         return _run_all(settings, concurrency, loglevel)
     from workers.celery_app import BACKGROUND_QUEUE, URGENT_QUEUE, app, configure_app
 
+    _allocator_settings(device)
     runtime = build_runtime(settings, device, name)
     configure_app(settings, runtime.endpoints)
     app.runtime = runtime
