@@ -82,7 +82,37 @@ def raw_forward(paths: dict[str, Path], corpus: list[Path], device: str, tiny: b
     model.unload()
     best = max(results, key=results.get)  # type: ignore[arg-type]
     return {"chunks": len(texts), "mean_tokens": sum(lengths) / len(lengths), "by_batch": results,
-            "best_batch": best, "best_chunks_per_s": results[best]}
+            "best_batch": best, "best_chunks_per_s": results[best], **raw_question_stages(specs, texts, device)}
+
+
+def raw_question_stages(specs: dict[str, Any], texts: list[str], device: str) -> dict[str, float]:
+    """The rerank (20 passages) and generate (16 tokens) stages alone, outside the stack, median of 5."""
+    import torch
+
+    from ragq.answer import generation_prompt
+    from workers.backends.torch_backend import load_torch_model
+
+    out = {}
+    question = "which settings keep urgent questions fast"
+    for role, items, params in (
+        ("rerank", [[question, t] for t in texts[:20]], {}),
+        ("generate", [generation_prompt(question, texts[:3])], {"max_new_tokens": 16}),
+    ):
+        model = load_torch_model(specs[role], device)
+        times = []
+        for _ in range(6):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for i in range(0, len(items), 8):  # the urgent batch size
+                model.run(items[i:i + 8], params)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1000.0)
+        model.unload()
+        out[f"raw_{role}_ms"] = statistics.median(times[1:])
+        print(f"raw {role}: {out[f'raw_{role}_ms']:.1f} ms", flush=True)
+    return out
 
 
 def run_variant(name: str, home: Path, device: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:

@@ -149,9 +149,13 @@ class BatchTuner:
             self._times.clear()
             self._full_batches = 0
 
-    def observe(self, items: int, ms: float) -> None:
-        """A batch of `items` ran in `ms`. Only batches at least 80% full say something about the size."""
-        if items < max(1, int(0.8 * self.size)):
+    def observe(self, items: int, ms: float, limit: int | None = None) -> None:
+        """A batch of `items` ran in `ms`; `limit` is what the batch could hold this time (memory headroom may cap
+        it below the size). Only batches at least 80% full say something about the size."""
+        capacity = min(self.size, limit) if limit else self.size
+        if items < max(1, int(0.8 * capacity)):
+            return
+        if capacity < self.size:  # held back by memory, not by this size: nothing to learn about the size
             return
         self._times.append(ms)
         self._full_batches += 1

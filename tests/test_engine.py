@@ -196,7 +196,9 @@ def test_activation_estimates_do_not_scale_up_fixed_costs() -> None:
 
     profile = ModelProfile("m", "gpu", "bf16", 10)
     profile.observe(1, 16, 300 * MiB)        # a single short query: mostly one-time workspace
-    profile.observe(64, 256, 900 * MiB)      # a real batch
+    assert profile.activation_for(64, 256) is None                # one measurement: no extrapolation
+    profile.observe(8, 256, 340 * MiB)
+    profile.observe(64, 256, 900 * MiB)      # real batches
     assert profile.activation_for(32, 256) == 900 * MiB          # bounded by the larger measured batch
-    assert profile.activation_for(128, 256) == 1800 * MiB        # beyond it, linear in items x tokens
+    assert profile.activation_for(128, 256) == 1540 * MiB        # beyond: the slope between the two largest
     assert profile.activation_for(1, 16) == 300 * MiB

@@ -308,7 +308,7 @@ class Engine:
                 request.todo = [i for i in request.todo if i not in taken]
                 batch.append((request, indices))
         if batch:
-            self._run_batch(role, batch, moves)
+            self._run_batch(role, batch, moves, limits.max_items)
         return True
 
     def _memory_cap(self, spec: ModelSpec, snapshot: list[Pending]) -> int:
@@ -393,7 +393,8 @@ class Engine:
             for key in [k for k, r in self._pending.items() if r.role == role]:
                 self._pending.pop(key).future.set_exception(exc)
 
-    def _run_batch(self, role: str, batch: list[tuple[_Request, list[int]]], moves: list[Move]) -> None:
+    def _run_batch(self, role: str, batch: list[tuple[_Request, list[int]]], moves: list[Move],
+                   limit: int | None = None) -> None:
         spec = self.specs[role]
         slot = self._slots[spec.name]
         start = self.clock()
@@ -425,7 +426,7 @@ class Engine:
         longest = max((request.tokens[i] for request, indices in batch for i in indices), default=0)
         self._record_activation(slot, model, len(items), longest)
         if background:
-            self.tuners[spec.name].observe(len(items), compute_ms)
+            self.tuners[spec.name].observe(len(items), compute_ms, limit)
         position = 0
         finished: list[_Request] = []
         with self._cond:

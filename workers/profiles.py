@@ -44,18 +44,27 @@ class ModelProfile:
         return max(self.activations.values(), default=0)
 
     def activation_for(self, batch_size: int, tokens: int) -> int | None:
-        """Estimated activation peak of a batch. Peaks grow with items x tokens but carry fixed costs (workspaces,
-        the first call's allocations), so small samples must not be scaled up: the smallest measured peak of a
-        batch at least as large bounds it, and beyond the largest measured batch its peak scales linearly."""
+        """Estimated activation peak of a batch, from measurements only. Within what was measured, the smallest
+        peak of a batch at least as large bounds it. Beyond it, peaks grow with items x tokens on top of fixed
+        costs (workspaces, first-call allocations), so the growth rate is the slope between the two largest
+        measured batches; with a single measurement there is no estimate (and no cap: an OOM, if it comes, is
+        recovered and teaches the tuner)."""
         if not self.activations:
             return None
         area = batch_size * token_bucket(tokens)
-        samples = sorted((int(k.split(":")[0]) * int(k.split(":")[1]), peak) for k, peak in self.activations.items())
+        by_area: dict[int, int] = {}
+        for key, peak in self.activations.items():
+            b, t = (int(x) for x in key.split(":"))
+            by_area[b * t] = max(peak, by_area.get(b * t, 0))
+        samples = sorted(by_area.items())
         larger = [peak for a, peak in samples if a >= area]
         if larger:
             return min(larger)
-        largest_area, largest_peak = samples[-1]
-        return int(largest_peak * area / largest_area)
+        if len(samples) < 2:
+            return None
+        (a1, p1), (a2, p2) = samples[-2], samples[-1]
+        slope = max(0.0, (p2 - p1) / (a2 - a1))
+        return int(p2 + slope * (area - a2))
 
 
 class ProfileStore(Protocol):
