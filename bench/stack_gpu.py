@@ -145,7 +145,7 @@ def run_variant(name: str, home: Path, device: str, args: argparse.Namespace, se
         corpus_b = make_corpus(home / f"b-{name}", args.docs, seed + 100)
         job_b = client.submit_ingest(corpus_b).job_id
         time.sleep(args.settle)
-        loaded, loaded_timeouts = ask_many(client, args.questions, 60.0)
+        loaded, loaded_timeouts = ask_many(client, args.questions, 60.0, busy_job=job_b)
         print(f"{name}: loaded questions done", flush=True)
         during = client.job_status(job_b)
         try:

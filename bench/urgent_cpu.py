@@ -5,12 +5,12 @@ by side in one run:
 
   ragq             priority queue order, prefetch 1, late acks, ingest tasks sized to about one micro-batch
   celery-defaults  round-robin queue order, prefetch 4, early acks (Celery's defaults), same tasks
-  ...+large-tasks  the same with one ingest task per 64 documents (tasks many micro-batches long)
+  ...+large-tasks  the same with one ingest task per 32 documents (tasks many micro-batches long)
 
 For each: `ask` latency (client-measured, sequential questions) while idle and while a large ingestion saturates
 the worker, and the ingestion throughput of that job from submission to completion (questions included). Writes a JSON file and prints a markdown table.
 
-    python bench/urgent_cpu.py --docs 300 --questions 20 --out bench/results/urgent-cpu.json
+    python bench/urgent_cpu.py --docs 800 --questions 30 --out bench/results/urgent-cpu-2026-11-27.json
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ def start_worker(home: Path, profile: str, log: Path) -> subprocess.Popen[bytes]
                             env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
 
 
-def ask_many(client: Any, count: int, timeout_s: float) -> tuple[list[float], int]:
+def ask_many(client: Any, count: int, timeout_s: float, busy_job: str | None = None) -> tuple[list[float], int]:
+    """Sequential questions; with `busy_job`, only those answered while that job was still running count, and
+    asking stops when it finishes (so 'loaded' numbers are never partly idle)."""
     from ragq.errors import QuestionTimeout
 
     latencies, timeouts = [], 0
@@ -73,9 +75,13 @@ def ask_many(client: Any, count: int, timeout_s: float) -> tuple[list[float], in
         t0 = time.perf_counter()
         try:
             client.ask(QUESTIONS[i % len(QUESTIONS)], timeout_s=timeout_s, top_k=3)
-            latencies.append((time.perf_counter() - t0) * 1000.0)
+            elapsed = (time.perf_counter() - t0) * 1000.0
         except QuestionTimeout:
             timeouts += 1
+            continue
+        if busy_job is not None and client.job_status(busy_job)["status"] != "running":
+            break
+        latencies.append(elapsed)
     return latencies, timeouts
 
 
@@ -85,8 +91,8 @@ def run_profile(client: Any, home: Path, variant: str, args: argparse.Namespace,
 
     profile, _, sizing = variant.partition("+")
     base = client.settings
-    if sizing == "large-tasks":  # one task per 64 documents, whatever their size
-        client.settings = base.model_copy(update={"ingest_batch_docs": 64, "ingest_task_tokens": 10**9})
+    if sizing == "large-tasks":  # one task per 32 documents, whatever their size
+        client.settings = base.model_copy(update={"ingest_batch_docs": 32, "ingest_task_tokens": 10**9})
     app.control.purge()
     log = home / f"worker-{variant}.log"
     worker = start_worker(home, profile, log)
@@ -99,7 +105,7 @@ def run_profile(client: Any, home: Path, variant: str, args: argparse.Namespace,
         submission = client.submit_ingest(corpus)
         t0 = time.perf_counter()
         time.sleep(args.settle)  # let the backlog build and the worker saturate
-        loaded, loaded_timeouts = ask_many(client, args.questions, args.timeout)
+        loaded, loaded_timeouts = ask_many(client, args.questions, args.timeout, busy_job=submission.job_id)
         during = client.job_status(submission.job_id)
         still_running = during["status"] not in ("completed", "completed_with_errors", "failed")
         status = client.wait_for_job(submission.job_id, timeout_s=1800)
@@ -112,7 +118,8 @@ def run_profile(client: Any, home: Path, variant: str, args: argparse.Namespace,
         "profile": variant, "idle_ms": idle, "loaded_ms": loaded,
         "idle_p50": statistics.median(idle), "idle_p95": percentile(idle, 0.95),
         "loaded_p50": statistics.median(loaded) if loaded else float("nan"),
-        "loaded_p95": percentile(loaded, 0.95), "timeouts": idle_timeouts + loaded_timeouts,
+        "loaded_p95": percentile(loaded, 0.95), "loaded_questions": len(loaded),
+        "timeouts": idle_timeouts + loaded_timeouts,
         "ingest_chunks_per_s": status["chunks_total"] / elapsed, "ingest_chunks": status["chunks_total"],
         "ingest_s": elapsed, "ingestion_still_running_after_questions": still_running,
         "documents_done_during_questions": during["documents_done"],
@@ -121,7 +128,7 @@ def run_profile(client: Any, home: Path, variant: str, args: argparse.Namespace,
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--docs", type=int, default=300)
+    parser.add_argument("--docs", type=int, default=800)
     parser.add_argument("--questions", type=int, default=12)
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--settle", type=float, default=3.0)

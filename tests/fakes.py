@@ -68,7 +68,7 @@ class FakeModel:
                  act_bytes_per_item: int = 0, wake_s: float = 0.0, real_time: bool = False,
                  runs: list[tuple[str, list[Any]]] | None = None,
                  timeline: list[tuple[str, float, float]] | None = None, fail_on: str | None = None,
-                 gate: threading.Event | None = None) -> None:
+                 gate: threading.Event | None = None, run_s_fixed: float = 0.0) -> None:
         self.spec = spec
         self.name = spec.name
         self.nbytes = spec.estimate_bytes or MiB
@@ -82,6 +82,7 @@ class FakeModel:
         self.timeline = timeline
         self.fail_on = fail_on
         self.gate = gate
+        self.run_s_fixed = run_s_fixed
         self.last_peak_bytes: int | None = None
         self.on_device = True
         device.allocate(self.nbytes, f"load {self.name}")
@@ -102,7 +103,7 @@ class FakeModel:
         self.device.allocate(activations, f"{self.name} batch of {len(items)}")
         try:
             start = time.monotonic()
-            self._spend(self.run_s_per_item * len(items))
+            self._spend(self.run_s_fixed + self.run_s_per_item * len(items))
             if self.timeline is not None:
                 self.timeline.append((f"run:{self.name}", start, time.monotonic()))
         finally:

@@ -202,3 +202,19 @@ def test_activation_estimates_do_not_scale_up_fixed_costs() -> None:
     assert profile.activation_for(32, 256) == 900 * MiB          # bounded by the larger measured batch
     assert profile.activation_for(128, 256) == 1540 * MiB        # beyond: the slope between the two largest
     assert profile.activation_for(1, 16) == 300 * MiB
+
+
+def test_background_batches_ramp_up_where_larger_batches_pay() -> None:
+    clock = FakeClock()
+    h = Harness(budget_mib=100, clock=clock, real_time=False, run_s_fixed=0.02, run_s_per_item=0.001, batch=8)
+    h.specs["embed"] = spec("embed", 1, 256)
+    h.engine = Engine("fake", {"embed": ModelSpec(role="embed", path=h.specs["embed"].path, name="embed",
+                                                   batch_size=256, initial_batch=8, estimate_bytes=MiB)},
+                      h.engine.loader, 100 * MiB, clock=clock, waiter=clock.advance)
+    futures = [h.engine.submit("embed", [f"{i}.{j}" for j in range(66)]) for i in range(40)]
+    while h.engine.pending_count():
+        h.engine.step()
+    sizes = [len(items) for _, items in h.runs]
+    assert all(f.done() for f in futures)
+    assert sizes[0] == 8 and max(sizes) >= 128  # a fixed cost per batch: larger batches pay, so it ramped
+    assert all(b > a for a, b, _ in h.engine.tuners["embed"].changes)

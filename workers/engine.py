@@ -404,6 +404,8 @@ class Engine:
         items = [request.items[i] for request, indices in batch for i in indices]
         params = batch[0][0].params
         background = all(request.priority != URGENT for request, _ in batch)
+        # a batch that waits for its model to arrive (a load, or a wake still copying) times the copy, not the size
+        clean_timing = not moves and slot.ready is None and slot.loading is None and slot.tier == VRAM
         try:
             t0 = self.clock()
             self._apply(moves)
@@ -425,7 +427,7 @@ class Engine:
         slot.last_used = self.clock()
         longest = max((request.tokens[i] for request, indices in batch for i in indices), default=0)
         self._record_activation(slot, model, len(items), longest)
-        if background:
+        if background and clean_timing:
             self.tuners[spec.name].observe(len(items), compute_ms, limit)
         position = 0
         finished: list[_Request] = []
