@@ -272,8 +272,8 @@ def main() -> int:
         info["policies"][policy] = result
         print(f"{policy}: {json.dumps(result)}", flush=True)
         (args.out / "residency.json").write_text(json.dumps(info, indent=2))
-    print(f"\n| policy | loads /100 jobs | wakes /100 jobs | s loading+waking /100 jobs | wall s | peak reserved GiB "
-          f"| OOMs (recovered) | failed |\n|---|---|---|---|---|---|---|---|")
+    print("\n| policy | loads /100 jobs | wakes /100 jobs | s loading+waking /100 jobs | wall s | peak reserved GiB "
+          "| OOMs (recovered) | failed |\n|---|---|---|---|---|---|---|---|")
     for name, r in info["policies"].items():
         print(f"| {name} | {r['loads_per_100']:.1f} | {r['wakes'] * 100 / args.jobs:.1f} | {r['load_s_per_100']:.1f} "
               f"| {r['wall_s']:.1f} | {r['peak_reserved_bytes'] / GiB:.2f} | {r['ooms']} | {r['failed']} |")

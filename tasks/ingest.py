@@ -103,7 +103,6 @@ class IngestTask(Task):  # type: ignore[misc]
 )
 def ingest_documents(self: Any, job_id: str, items: list[dict[str, Any]]) -> dict[str, Any]:
     rt = self.app.require_runtime()
-    spec = rt.specs["embed"]
     published = sent_at(self.request)
     context = {"priority": BACKGROUND, "job_id": job_id, "task_id": self.request.id}
     with rt.db.begin() as conn:
