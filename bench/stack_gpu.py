@@ -115,6 +115,13 @@ def raw_question_stages(specs: dict[str, Any], texts: list[str], device: str) ->
     return out
 
 
+VARIANT_ENV = {
+    # variants of ragq's worker, for finding what slows the device loop inside the worker (same run, same card)
+    "ragq-switch0.5ms": {"RAGQ_SWITCH_INTERVAL_MS": "0.5"},
+    "ragq-nobudget": {"RAGQ_VRAM_BUDGET": "", "RAGQ_VRAM_BUFFER": "0.15"},  # 85% of the card: no swaps, no cap
+}
+
+
 def run_variant(name: str, home: Path, device: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
     from ragq.client import Client
     from ragq.demo import QUESTIONS, sample_paths, stop_worker, wait_until_consuming
@@ -128,6 +135,11 @@ def run_variant(name: str, home: Path, device: str, args: argparse.Namespace, se
     app.control.purge()
     log = home / f"worker-{name}.log"
     env = dict(os.environ, RAGQ_HOME=str(home), RAGQ_CELERY_PROFILE=settings.celery_profile)
+    for key, value in VARIANT_ENV.get(name, {}).items():
+        if value:
+            env[key] = value
+        else:
+            env.pop(key, None)
     worker = subprocess.Popen([sys.executable, "-m", "ragq.cli", "worker", "--device", device, "--name", name],
                               env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
     try:
@@ -173,7 +185,8 @@ def main() -> int:
     parser.add_argument("--questions", type=int, default=15)
     parser.add_argument("--settle", type=float, default=2.0)
     parser.add_argument("--drain-s", type=float, default=60.0)
-    parser.add_argument("--variants", default="ragq,naive")
+    parser.add_argument("--variants", default="ragq,naive",
+                        help="ragq, naive, and the diagnostic ragq-switch0.5ms and ragq-nobudget")
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     cooldown_s: float = Field(2.0, ge=0.0, description="minimum residency before a busy model may be evicted")
     worker_concurrency: int = Field(8, ge=1, le=256, description="task threads per worker process")
     visibility_timeout_s: int = Field(3600, ge=60)
+    switch_interval_ms: float | None = Field(
+        None, gt=0, le=100, description="the worker's GIL switch interval (Python's default is 5 ms); lower lets "
+        "the device loop win the GIL sooner from busy task threads")
     chunk_processes: int | None = Field(
         None, ge=0, le=64, description="processes chunking documents off the GIL; unset = 0 on cpu, cores/4 on a GPU")
     ingest_batch_docs: int = Field(8, ge=1, description="at most this many documents per background ingest task")

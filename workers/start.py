@@ -97,6 +97,8 @@ def run_worker(
     from workers.celery_app import BACKGROUND_QUEUE, URGENT_QUEUE, app, configure_app
 
     _allocator_settings(device)
+    if settings.switch_interval_ms:
+        sys.setswitchinterval(settings.switch_interval_ms / 1000.0)
     runtime = build_runtime(settings, device, name)
     configure_app(settings, runtime.endpoints)
     app.runtime = runtime
