@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from docling_core.types.doc import DoclingDocument
-from sqlalchemy import insert, select
+from sqlalchemy import func, insert, select
 
 from ragq.db import Job, JobItem, ensure_schema, get_engine
 from ragq.documents import Failure, LoadedDocument, expand_paths, from_docling, load_document
@@ -84,7 +84,7 @@ class Client:
             status = "queued" if loaded else ("failed" if failures else "completed")
             conn.execute(insert(Job).values(
                 id=job_id, kind="ingest", status=status, documents_total=len(loaded) + len(failures),
-                documents_failed=len(failures), finished_at=None if loaded else _now_sql(),
+                documents_failed=len(failures), finished_at=None if loaded else func.now(),
             ))
             for failure in failures:
                 conn.execute(insert(JobItem).values(job_id=job_id, path=failure.path, status="failed",
@@ -207,12 +207,6 @@ def _public_reply(state: dict[str, Any]) -> dict[str, Any]:
         },
         "total_ms": state.get("total_ms"),
     }
-
-
-def _now_sql() -> Any:
-    from sqlalchemy import func
-
-    return func.now()
 
 
 _default: Client | None = None

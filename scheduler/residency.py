@@ -64,10 +64,6 @@ def in_cooldown(model: ModelView, policy: ResidencyPolicy, now: float) -> bool:
     return model.resident_since is not None and now - model.resident_since < policy.cooldown_s
 
 
-def vram_used(models: Mapping[str, ModelView]) -> int:
-    return sum(m.vram_bytes for m in models.values() if m.tier == VRAM)
-
-
 def host_used(models: Mapping[str, ModelView]) -> int:
     return sum(m.host_bytes for m in models.values() if m.tier == HOST)
 
@@ -98,6 +94,20 @@ def evict_moves(
         moves.append(Move(victim.name, SLEEP, reason))
         host += size
     return moves
+
+
+def trim_to_budget(models: Mapping[str, ModelView], keep: str, policy: ResidencyPolicy, reason: str) -> list[Move]:
+    """After a load measured larger than its first guess: evict others (idle ones first, least recently used
+    first) until what is in VRAM fits the budget again. `keep` stays."""
+    over = sum(m.vram_bytes for m in models.values() if m.tier == VRAM) - policy.budget_bytes
+    victims: list[ModelView] = []
+    for candidate in sorted((m for m in models.values() if m.tier == VRAM and m.name != keep),
+                            key=lambda m: (m.pending > 0, m.last_used)):
+        if over <= 0:
+            break
+        victims.append(candidate)
+        over -= candidate.vram_bytes
+    return evict_moves(victims, models, policy, reason, keep=keep)
 
 
 def admit(

@@ -96,3 +96,13 @@ def test_prewarm_only_when_it_costs_nothing_busy() -> None:
     cooling = models(view("embed", VRAM, 7.5, since=9.5), view("generate", DISK, 7.5))
     assert prewarm(cooling, "generate", POLICY, now=10) == []
     assert prewarm(idle, "embed", POLICY, now=10) == []
+
+
+def test_trim_to_budget_evicts_idle_then_least_recently_used() -> None:
+    from scheduler.residency import trim_to_budget
+
+    state = models(view("new", VRAM, 9.0, last_used=9), view("busy", VRAM, 4.0, last_used=1, pending=2),
+                   view("idle", VRAM, 3.0, last_used=5))
+    assert actions(trim_to_budget(state, "new", POLICY, "measured larger")) == [("idle", SLEEP)]
+    fits = models(view("new", VRAM, 9.0), view("idle", VRAM, 3.0))
+    assert trim_to_budget(fits, "new", POLICY, "measured larger") == []

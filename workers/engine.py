@@ -25,7 +25,7 @@ from scheduler.batching import (
 from scheduler.phases import RoleLoad, rank_roles
 from scheduler.residency import (
     DISK, DROP_HOST, HOST, LOAD, SLEEP, UNLOAD, VRAM, WAKE, Deferred, ModelView, Move, ResidencyPolicy, admit,
-    evict_moves, prewarm,
+    evict_moves, prewarm, trim_to_budget,
 )
 from workers.backends import LoadedModel
 from workers.models import DEFAULT_INITIAL_BATCH, DEFAULT_LATENCY_TARGET_MS, ModelSpec
@@ -570,18 +570,8 @@ class Engine:
         # the first guess may have been low: put back within the budget what no pending work needs
         with self._cond:
             views = self._views(self._snapshot())
-        over = sum(v.vram_bytes for v in views.values() if v.tier == VRAM) - self.policy.budget_bytes
-        if over > 0:
-            idle = sorted((v for v in views.values() if v.tier == VRAM and v.name != slot.spec.name),
-                          key=lambda v: (v.pending > 0, v.last_used))
-            victims = []
-            for victim in idle:
-                if over <= 0:
-                    break
-                victims.append(victim)
-                over -= victim.vram_bytes
-            self._apply(evict_moves(victims, views, self.policy,
-                                    f"{slot.spec.name} measured larger than its first guess", keep=slot.spec.name))
+        self._apply(trim_to_budget(views, slot.spec.name, self.policy,
+                                   f"{slot.spec.name} measured larger than its first guess"))
 
     def _wake(self, slot: _Slot, reason: str, asynchronous: bool) -> None:
         if slot.model is None:  # its host copy was dropped meanwhile: load it instead
