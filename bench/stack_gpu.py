@@ -199,7 +199,7 @@ def main() -> int:
     models_file = home / "models.toml"
     models_file.write_text(models_toml(paths, args.tiny))
     os.environ.update(RAGQ_MODELS=str(models_file), RAGQ_HOME=str(home), RAGQ_VRAM_BUDGET="16GiB",
-                      RAGQ_CPU_BUDGET="16GiB")
+                      RAGQ_CPU_BUDGET="16GiB", RAGQ_STATS_INTERVAL_S="10")
     from ragq.services import EmbeddedServices
     from ragq.settings import Settings
 

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     switch_interval_ms: float | None = Field(
         None, gt=0, le=100, description="the worker's GIL switch interval (Python's default is 5 ms); lower lets "
         "the device loop win the GIL sooner from busy task threads")
+    stats_interval_s: float = Field(
+        30.0, ge=0, description="how often the engine logs a line of what its batches did (0 = never)")
     chunk_processes: int | None = Field(
         None, ge=0, le=64, description="processes chunking documents off the GIL; unset = 0 on cpu, cores/4 on a GPU")
     ingest_batch_docs: int = Field(8, ge=1, description="at most this many documents per background ingest task")

@@ -135,3 +135,16 @@ class FakeModel:
 def spec(role: str, mib: float, batch: int = 8) -> ModelSpec:
     return ModelSpec(role=role, path=Path("/nonexistent"), name=role, batch_size=batch, initial_batch=batch,
                      urgent_batch=batch, estimate_bytes=int(mib * MiB))
+
+
+def fake_engine(run_s_fixed: float = 0.0, fail_to_start: str | None = None) -> Any:
+    """An engine over fake models that take real time, for running in an engine process (a picklable factory)."""
+    from ragq.errors import ConfigError
+    from workers.engine import Engine
+
+    if fail_to_start:
+        raise ConfigError(fail_to_start)
+    device = FakeDevice(1024 * MiB)
+    specs = {"embed": spec("embed", 100), "generate": spec("generate", 200)}
+    return Engine("fake", specs, lambda s, d: FakeModel(s, device, time.monotonic, real_time=True,
+                                                        run_s_fixed=run_s_fixed), 1024 * MiB)

@@ -9,6 +9,7 @@ tests with fakes or tiny models and on a GPU unchanged.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import threading
@@ -101,6 +102,18 @@ class _Slot:
 
 
 @dataclass
+class RoleStats:
+    """What one role's micro-batches did: counts, and where their time went."""
+
+    batches: int = 0
+    items: int = 0
+    tokens: int = 0
+    wall_ms: float = 0.0      # model.run on the engine thread
+    device_ms: float = 0.0    # the same batches' span on the device (CUDA events; 0 where not measured)
+    expired: int = 0
+
+
+@dataclass
 class EngineStats:
     loads: int = 0
     wakes: int = 0
@@ -108,6 +121,30 @@ class EngineStats:
     unloads: int = 0
     ooms: int = 0
     load_ms: float = 0.0
+    idle_ms: float = 0.0      # the loop waiting with nothing runnable
+    roles: dict[str, RoleStats] = field(default_factory=dict)
+
+    def role(self, role: str) -> RoleStats:
+        return self.roles.setdefault(role, RoleStats())
+
+    def summary(self, since: EngineStats | None = None) -> str:
+        """One line: per role, items/s-relevant counts and how much of run time the device was busy."""
+        parts = []
+        for role, now in sorted(self.roles.items()):
+            before = (since.roles.get(role) if since else None) or RoleStats()
+            batches = now.batches - before.batches
+            if not batches:
+                continue
+            wall = now.wall_ms - before.wall_ms
+            device = now.device_ms - before.device_ms
+            parts.append(
+                f"{role} {batches} batches {now.items - before.items} items "
+                f"(mean {(now.items - before.items) / batches:.1f}) run {wall / 1000:.1f}s"
+                + (f" device {device / 1000:.1f}s ({device / wall:.0%})" if device and wall else "")
+            )
+        idle = self.idle_ms - (since.idle_ms if since else 0.0)
+        load = self.load_ms - (since.load_ms if since else 0.0)
+        return "; ".join(parts + [f"loading {load / 1000:.1f}s", f"idle {idle / 1000:.1f}s"])
 
 
 class Engine:
@@ -127,6 +164,7 @@ class Engine:
         clock: Callable[[], float] = time.monotonic,
         waiter: Callable[[float], None] | None = None,
         max_pending: int = 100_000,
+        report_interval_s: float = 30.0,
     ) -> None:
         self.device = device
         self.specs = specs
@@ -139,6 +177,7 @@ class Engine:
         self.clock = clock
         self.waiter = waiter
         self.max_pending = max_pending
+        self.report_interval_s = report_interval_s
         self.stats = EngineStats()
         self._pending: dict[int, _Request] = {}
         self._slots: dict[str, _Slot] = {}
@@ -200,16 +239,19 @@ class Engine:
         priority: int = BACKGROUND,
         deadline: float | None = None,
         params: dict[str, Any] | None = None,
+        tokens: list[int] | None = None,
     ) -> Future[EngineResult]:
         """Queue `items` for `role`; the future resolves with outputs in the same order. `deadline` is on the
-        engine's clock; a request still pending at its deadline fails with RequestExpired and never runs."""
+        engine's clock; a request still pending at its deadline fails with RequestExpired and never runs.
+        `tokens` (one count per item) saves counting them here, when the caller counted already."""
         if role not in self.specs:
             raise BackendUnavailable(f"no model is configured for role {role!r} on {self.device}")
         future: Future[EngineResult] = Future()
         if not items:
             future.set_result(EngineResult([], self.specs[role].name, 0.0, 0.0, 0.0, 0, 0))
             return future
-        tokens = list(self.token_counter(self.specs[role], list(items)))  # on the caller's thread, as TEI does
+        if tokens is None or len(tokens) != len(items):
+            tokens = list(self.token_counter(self.specs[role], list(items)))  # on the caller's thread, as TEI does
         with self._cond:
             if self._stopping:
                 raise BackendUnavailable(f"engine on {self.device} is stopping")
@@ -247,23 +289,38 @@ class Engine:
         with self._cond:
             return len(self._pending)
 
+    def stats_snapshot(self) -> EngineStats:
+        with self._cond:
+            return copy.deepcopy(self.stats)
+
     # -- the scheduler loop (one thread) ---------------------------------------------------------------------------
     def _loop(self) -> None:
+        last = copy.deepcopy(self.stats)
+        next_report = time.monotonic() + self.report_interval_s
         while self.step(block=True) is not None:
-            pass
+            if self.report_interval_s and time.monotonic() >= next_report:
+                ran = sum(r.batches for r in self.stats.roles.values()) - sum(r.batches for r in last.roles.values())
+                if ran:
+                    log.info("engine %s, last %.0fs: %s", self.device, self.report_interval_s,
+                             self.stats.summary(since=last))
+                last = copy.deepcopy(self.stats)
+                next_report = time.monotonic() + self.report_interval_s
 
     def step(self, block: bool = False) -> bool | None:
         """One scheduling decision: prewarm hints, then one micro-batch. Returns True if a batch ran, False if
         there was nothing runnable, None once stopping with nothing pending. Tests call it directly."""
         with self._cond:
+            waited = time.monotonic()
             while block and not self._pending and not self._prewarm_hints and not self._stopping:
                 self._cond.wait(0.5)
+            self.stats.idle_ms += (time.monotonic() - waited) * 1000.0
             if self._stopping and not self._pending:
                 return None
             hints, self._prewarm_hints = self._prewarm_hints, []
             now = self.clock()
             for key in expired(self._snapshot(), now):
                 request = self._pending.pop(key)
+                self.stats.role(request.role).expired += 1
                 request.future.set_exception(RequestExpired(
                     f"{request.role} request expired {now - (request.deadline or now):.3f}s ago before it ran"
                 ))
@@ -426,6 +483,12 @@ class Engine:
             return
         slot.last_used = self.clock()
         longest = max((request.tokens[i] for request, indices in batch for i in indices), default=0)
+        counters = self.stats.role(role)
+        counters.batches += 1
+        counters.items += len(items)
+        counters.tokens += sum(request.tokens[i] for request, indices in batch for i in indices)
+        counters.wall_ms += compute_ms
+        counters.device_ms += getattr(model, "last_device_ms", None) or 0.0
         self._record_activation(slot, model, len(items), longest)
         if background and clean_timing:
             self.tuners[spec.name].observe(len(items), compute_ms, limit)

@@ -16,7 +16,7 @@ from typing import Any
 from ragq.services import Endpoints
 from ragq.settings import Settings
 from scheduler.batching import PRIORITY_NAMES
-from workers.engine import Engine
+from workers.engine_process import EngineClient
 from workers.models import ModelSpec
 from workers.timing import TimingSink, utc
 
@@ -51,7 +51,7 @@ class StageClock:
 class WorkerRuntime:
     settings: Settings
     endpoints: Endpoints
-    engine: Engine
+    engine: EngineClient
     sink: TimingSink
     worker_name: str
     device: str

@@ -1,4 +1,4 @@
-"""`ragq worker`: one Celery worker process per device (threads pool) with one in-process engine.
+"""`ragq worker`: one Celery worker process per device (threads pool) and its engine process, which owns the device.
 
 `--device all` starts one child process per visible GPU, each pinned with CUDA_VISIBLE_DEVICES.
 """
@@ -50,16 +50,37 @@ def host_budget_for(settings: Settings, device: str) -> int:
     return int(psutil.virtual_memory().total * 0.25)
 
 
-def build_runtime(settings: Settings, device: str, name: str | None = None):  # type: ignore[no-untyped-def]
+def build_engine(settings: Settings, device: str, database_url: str, worker: str):  # type: ignore[no-untyped-def]
+    """In the engine process: the budget (enforced on the card), the profiles, the model-event sink, the engine."""
+    from workers.backends import load_model
+    from workers.engine import Engine
+    from workers.models import load_model_specs
+    from workers.profiles import PostgresProfileStore
+    from workers.timing import PostgresSink
+
+    _allocator_settings(device)
+    specs = load_model_specs(settings.models)
+    budget = budget_for(settings, device)
+    host_budget = host_budget_for(settings, device)
+    sink = PostgresSink(database_url, worker=worker)
+    log.info("engine for %s: budget %s, host tier %s, models %s", worker, format_size(budget),
+             format_size(host_budget), ", ".join(f"{role}={spec.name}" for role, spec in specs.items()))
+    return Engine(
+        device, specs, load_model, budget, host_budget_bytes=host_budget, cooldown_s=settings.cooldown_s,
+        on_model_event=sink.record_model_event, profiles=PostgresProfileStore(database_url),
+        device_kind=device_kind(device), report_interval_s=settings.stats_interval_s,
+    )
+
+
+def build_runtime(settings: Settings, device: str, name: str | None = None,
+                  log_level: str = "INFO"):  # type: ignore[no-untyped-def]
     import transformers
 
     transformers.AutoTokenizer  # noqa: B018 - resolve the lazy import here, before task threads race for it
-    from workers.backends import load_model
     from workers.backends.tokens import count_tokens
-    from workers.engine import Engine
+    from workers.engine_process import EngineClient
     from workers.models import load_model_specs
     from workers.runtime import WorkerRuntime
-    from workers.profiles import PostgresProfileStore
     from workers.timing import PostgresSink
 
     endpoints = ensure_services(settings)
@@ -67,16 +88,11 @@ def build_runtime(settings: Settings, device: str, name: str | None = None):  # 
     specs = load_model_specs(settings.models)
     name = worker_name(device, name)
     sink = PostgresSink(endpoints.database_url, worker=name)
-    budget = budget_for(settings, device)
-    host_budget = host_budget_for(settings, device)
-    engine = Engine(
-        device, specs, load_model, budget, host_budget_bytes=host_budget, cooldown_s=settings.cooldown_s,
-        on_model_event=sink.record_model_event, profiles=PostgresProfileStore(endpoints.database_url),
-        device_kind=device_kind(device), token_counter=count_tokens,
-    ).start()
+    engine = EngineClient(device, specs, build_engine, (settings, device, endpoints.database_url, name),
+                          token_counter=count_tokens, log_level=log_level)
     runtime = WorkerRuntime(settings, endpoints, engine, sink, name, device, specs)
     runtime.chunk_pool  # noqa: B018 - start chunking processes before the first task, not during it
-    log.info("worker %s: budget %s, host tier %s, models %s", name, format_size(budget), format_size(host_budget),
+    log.info("worker %s: engine process %s, models %s", name, engine.pid,
              ", ".join(f"{role}={spec.name}" for role, spec in specs.items()))
     return runtime
 
@@ -99,7 +115,7 @@ def run_worker(
     _allocator_settings(device)
     if settings.switch_interval_ms:
         sys.setswitchinterval(settings.switch_interval_ms / 1000.0)
-    runtime = build_runtime(settings, device, name)
+    runtime = build_runtime(settings, device, name, loglevel.upper())
     configure_app(settings, runtime.endpoints)
     app.runtime = runtime
     try:

@@ -87,6 +87,7 @@ class _TorchModel:
         self.tokenizer = tokenizer
         self.nbytes = module_bytes(model)
         self.last_peak_bytes: int | None = None
+        self.last_device_ms: float | None = None  # the last batch's span on the device's stream (CUDA events)
         self._host: dict[int, torch.Tensor] | None = None
         self._side_stream: torch.cuda.Stream | None = None
 
@@ -105,11 +106,17 @@ class _TorchModel:
             return self._run(items, params)
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
+        stream = torch.cuda.current_stream(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
         try:
             outputs = self._run(items, params)
         except torch.cuda.OutOfMemoryError as exc:
             raise DeviceOutOfMemory(f"{self.name}: batch of {len(items)}: {str(exc).splitlines()[0]}") from None
+        end.record(stream)
+        end.synchronize()  # the outputs are on the host already; this returns at once
         self.last_peak_bytes = int(torch.cuda.max_memory_allocated(self.device) - before)
+        self.last_device_ms = start.elapsed_time(end)
         return outputs
 
     def _run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:

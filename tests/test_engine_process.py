@@ -1,0 +1,104 @@
+"""The engine in its own process: answers and errors travel back intact, a dead engine process fails what it held
+and is replaced, and an engine process never outlives its worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures import wait
+from pathlib import Path
+
+import pytest
+
+from ragq.errors import BackendUnavailable, ConfigError, RequestExpired
+from scheduler.batching import URGENT
+from tests.fakes import fake_engine, spec
+from workers.engine_process import EngineClient
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECS = {"embed": spec("embed", 100), "generate": spec("generate", 200)}
+
+
+def client(**kwargs: object) -> EngineClient:
+    return EngineClient("fake", SPECS, fake_engine, tuple(kwargs.values()),
+                        token_counter=lambda s, items: [len(str(i)) for i in items])
+
+
+def test_outputs_come_back_in_order_with_timings_and_stats() -> None:
+    engine = client(run_s_fixed=0.01)
+    try:
+        futures = [engine.submit("embed", [f"d{i}-{j}" for j in range(5)]) for i in range(6)]
+        wait(futures, timeout=30)
+        for i, future in enumerate(futures):
+            result = future.result()
+            assert result.outputs == [f"embed:d{i}-{j}" for j in range(5)]
+            assert result.model == "embed" and result.tokens == sum(len(f"d{i}-{j}") for j in range(5))
+        assert engine.run("generate", ["q"], priority=URGENT).outputs == ["generate:q"]
+        stats = engine.stats
+        assert stats.roles["embed"].items == 30 and stats.roles["generate"].batches == 1
+        assert stats.loads == 2
+        assert set(engine.tiers()) == {"embed", "generate"} and engine.pending_count() == 0
+    finally:
+        engine.stop()
+    assert engine._process is not None and not engine._process.is_alive()
+
+
+def test_errors_keep_their_type_and_message() -> None:
+    engine = client()
+    try:
+        with pytest.raises(RequestExpired, match="expired"):
+            engine.run("embed", ["late"], deadline=time.monotonic() - 1.0)  # one clock for every process
+        with pytest.raises(BackendUnavailable, match="rerank"):
+            engine.run("rerank", ["a"])
+        assert engine.run("embed", ["still serving"]).outputs == ["embed:still serving"]
+    finally:
+        engine.stop()
+
+
+def test_a_start_failure_says_why() -> None:
+    with pytest.raises(ConfigError, match="RAGQ_MODELS names nothing"):
+        EngineClient("fake", SPECS, fake_engine, (0.0, "RAGQ_MODELS names nothing"))
+
+
+def test_a_killed_engine_process_fails_its_requests_and_is_replaced() -> None:
+    engine = client(run_s_fixed=3.0)
+    try:
+        first = engine.pid
+        in_flight = engine.submit("embed", ["slow"])
+        time.sleep(1.0)
+        os.kill(first, signal.SIGKILL)
+        with pytest.raises(BackendUnavailable, match="exited"):
+            in_flight.result(timeout=20)
+        # the next request starts a new engine process and is answered
+        assert engine.run("generate", ["after"]).outputs == ["generate:after"]
+        assert engine.pid != first and engine.restarts == 1
+    finally:
+        engine.stop()
+
+
+def test_the_engine_process_exits_with_its_worker() -> None:
+    script = textwrap.dedent("""
+        import os, sys, time
+        from tests.fakes import fake_engine, spec
+        from workers.engine_process import EngineClient
+        engine = EngineClient("fake", {"embed": spec("embed", 100)}, fake_engine, ())
+        print(engine.pid, flush=True)
+        os._exit(0)  # no goodbye: as if the worker were killed
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stderr
+    pid = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    pytest.fail(f"engine process {pid} outlived its worker")
