@@ -126,6 +126,8 @@ class BatchTuner:
     minimum: int = 1
     window: int = 6
     ceiling: int = 0
+    relearn_after: int = 60     # full batches under a ceiling before it is lifted and larger sizes are tried again
+    _under_ceiling: int = 0
     _times: deque[float] = field(default_factory=lambda: deque(maxlen=32))
     _throughput: dict[int, float] = field(default_factory=dict)   # size -> items/s at that size
     _full_batches: int = 0
@@ -159,6 +161,14 @@ class BatchTuner:
             return
         self._times.append(ms)
         self._full_batches += 1
+        if self.ceiling < self.maximum:
+            # a ceiling learnt once (an OOM beside another model, a slow spell) must not hold for ever
+            self._under_ceiling += 1
+            if self._under_ceiling >= self.relearn_after:
+                self.changes.append((self.size, self.size, f"ceiling {self.ceiling} lifted after "
+                                                           f"{self._under_ceiling} batches: relearn"))
+                self.ceiling = self.maximum
+                self._under_ceiling = 0
         rate = items / max(ms, 1e-3) * 1000.0
         previous = self._throughput.get(self.size)
         self._throughput[self.size] = rate if previous is None else 0.7 * previous + 0.3 * rate
@@ -168,12 +178,14 @@ class BatchTuner:
         if p95 > self.latency_target_ms:
             too_big = self.size
             self._set(int(self.size * 0.75), f"p95 {p95:.0f}ms over the {self.latency_target_ms:.0f}ms target")
-            self.ceiling = max(self.minimum, too_big - 1)  # never ramp back to a size that broke the target
+            self.ceiling = max(self.minimum, too_big - 1)  # not back to a size that broke the target (for a while)
+            self._under_ceiling = 0
             return
         smaller = self._throughput.get(self.size // 2)
         here = self._throughput[self.size]
         if smaller is not None and here < 1.05 * smaller:
-            self.ceiling = self.size   # doubling stopped paying: stay here
+            self.ceiling = self.size   # doubling stopped paying: stay here (for a while)
+            self._under_ceiling = 0
             self._full_batches = 0
             return
         if self.size < min(self.maximum, self.ceiling):
@@ -184,4 +196,5 @@ class BatchTuner:
     def out_of_memory(self, items: int) -> None:
         new = max(self.minimum, items // 2)
         self.ceiling = max(self.minimum, new)
+        self._under_ceiling = 0
         self._set(new, f"out of memory at {items} items")

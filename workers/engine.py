@@ -199,6 +199,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._background = ThreadPoolExecutor(1, thread_name_prefix=f"ragq-load-{device}")
+        self._pinning = ThreadPoolExecutor(1, thread_name_prefix=f"ragq-pin-{device}")
 
     @property
     def budget_bytes(self) -> int:
@@ -224,6 +225,7 @@ class Engine:
             if slot.model is not None:
                 self._unload(slot, "shutdown")
         self._background.shutdown(wait=True)
+        self._pinning.shutdown(wait=True)
 
     def has_role(self, role: str) -> bool:
         return role in self.specs
@@ -469,7 +471,9 @@ class Engine:
             model = self._ready(slot)
             load_ms = (self.clock() - t0) * 1000.0
             t0 = self.clock()
+            ooms = self.stats.ooms
             outputs = self._run_with_recovery(slot, model, items, params)
+            clean_timing = clean_timing and self.stats.ooms == ooms  # a recovery's evictions are not its size
             compute_ms = (self.clock() - t0) * 1000.0
             if len(outputs) != len(items):
                 raise RagqError(f"model {spec.name} returned {len(outputs)} outputs for {len(items)} inputs")
@@ -624,6 +628,7 @@ class Engine:
         self._swap_ms[slot.spec.name] = ms
         self._event(slot.spec.name, "load", model.nbytes, ms, reason)
         self._save_profile(slot, weights_bytes=model.nbytes)
+        self._prepare_host_copy(model)
         if model.nbytes > self.policy.budget_bytes:
             self._unload(slot, "larger than the budget")
             raise BudgetExceeded(
@@ -635,6 +640,23 @@ class Engine:
             views = self._views(self._snapshot())
         self._apply(trim_to_budget(views, slot.spec.name, self.policy,
                                    f"{slot.spec.name} measured larger than its first guess"))
+
+    def _prepare_host_copy(self, model: LoadedModel) -> None:
+        """Where every model's host copy fits the host tier at once, make a new model's copy now, off the loop, so
+        that evicting it later is a pointer switch instead of seconds of pinning while work waits."""
+        prepare = getattr(model, "prepare_host_copy", None)
+        if prepare is None or len(self._slots) < 2:
+            return
+        if sum(s.vram_bytes for s in self._slots.values()) > self.policy.host_budget_bytes:
+            return
+
+        def run() -> None:
+            try:
+                prepare()
+            except Exception:
+                log.exception("could not prepare the host copy of %s (a sleep will make it)", model.name)
+
+        self._pinning.submit(run)
 
     def _wake(self, slot: _Slot, reason: str, asynchronous: bool) -> None:
         if slot.model is None:  # its host copy was dropped meanwhile: load it instead

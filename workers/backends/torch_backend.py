@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,23 @@ def _left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.clamp(min=0)
 
 
+_HOST_ALIGN = 256  # bytes: every tensor's view in the host buffer starts aligned for any dtype
+
+
+def _pinned_buffer(nbytes: int) -> tuple[torch.Tensor, bool]:
+    """`nbytes` of page-locked host memory: an ordinary allocation registered with CUDA (exact size), or, where
+    registering fails, the caching host allocator's (rounded up to a power of two)."""
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    try:
+        error = torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 0)
+        if int(error) == 0:
+            return buffer, True
+        log.warning("cudaHostRegister of %d bytes failed (%s); using the caching host allocator", nbytes, error)
+    except Exception as exc:  # noqa: BLE001 - an older or stub runtime: fall back, never fail the sleep
+        log.warning("cudaHostRegister is unavailable (%s); using the caching host allocator", exc)
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), False
+
+
 class _CudaReady:
     """An asynchronous wake in flight: `wait` makes the device's current stream wait for it (no CPU stall)."""
 
@@ -89,6 +107,9 @@ class _TorchModel:
         self.last_peak_bytes: int | None = None
         self.last_device_ms: float | None = None  # the last batch's span on the device's stream (CUDA events)
         self._host: dict[int, torch.Tensor] | None = None
+        self._host_buffer: torch.Tensor | None = None
+        self._registered = False
+        self._host_lock = threading.Lock()
         self._side_stream: torch.cuda.Stream | None = None
 
     @property
@@ -122,21 +143,42 @@ class _TorchModel:
     def _run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
         raise NotImplementedError
 
-    def sleep(self) -> None:
-        """Device -> pinned host RAM. The host copy is made once and kept: weights never change here."""
+    def prepare_host_copy(self) -> None:
+        """Make the pinned host copy that `sleep` switches to, ahead of time (the engine calls this from its loader
+        thread after a load): pinning gigabytes of host memory takes seconds, which a sleep must not spend while
+        urgent work waits. One exactly-sized buffer, registered with CUDA (the caching host allocator would round
+        each block up to a power of two); the weights are read on a side stream while the model keeps serving."""
         if not self.is_cuda:
             return
-        # no synchronisation needed: the copy is ordered on the stream, and freed device blocks are reused only
-        # by work queued after the kernels still reading them
-        tensors = self._tensors()
-        if self._host is None:
-            host = {}
+        with self._host_lock:
+            if self._host is not None or self.model is None:
+                return
+            tensors = self._tensors()
+            offsets, total = [], 0
             for tensor in tensors:
-                copy = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-                copy.copy_(tensor.data)
-                host[id(tensor)] = copy
-            self._host = host
-        for tensor in tensors:
+                offsets.append(total)
+                total += -(-tensor.numel() * tensor.element_size() // _HOST_ALIGN) * _HOST_ALIGN
+            buffer, self._registered = _pinned_buffer(total)
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            host = {}
+            with torch.cuda.stream(stream):
+                for tensor, offset in zip(tensors, offsets):
+                    nbytes = tensor.numel() * tensor.element_size()
+                    view = buffer[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
+                    view.copy_(tensor.data, non_blocking=True)
+                    host[id(tensor)] = view
+            stream.synchronize()
+            self._host_buffer, self._host = buffer, host
+
+    def sleep(self) -> None:
+        """Device -> pinned host RAM: switch to the host copy (made once, ahead of time if the engine asked; the
+        weights never change here). No synchronisation needed: freed device blocks are reused only by work queued
+        after the kernels still reading them."""
+        if not self.is_cuda:
+            return
+        self.prepare_host_copy()  # at once if the copy exists; waits for one being made
+        for tensor in self._tensors():
             tensor.data = self._host[id(tensor)]
 
     def wake(self, asynchronous: bool = False) -> _CudaReady | None:
@@ -174,11 +216,16 @@ class _TorchModel:
     def unload(self) -> None:
         import gc
 
-        self.model = None  # type: ignore[assignment]
-        self._host = None
-        gc.collect()
-        if self.is_cuda:
-            torch.cuda.empty_cache()
+        with self._host_lock:
+            self.model = None  # type: ignore[assignment]
+            self._host = None
+            gc.collect()
+            if self.is_cuda:
+                torch.cuda.synchronize(self.device)  # no copy may still read the host buffer
+                torch.cuda.empty_cache()
+            if self._host_buffer is not None and self._registered:
+                torch.cuda.cudart().cudaHostUnregister(self._host_buffer.data_ptr())
+            self._host_buffer = None
 
 
 class TorchEmbedder(_TorchModel):
