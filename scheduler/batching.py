@@ -172,7 +172,8 @@ class BatchTuner:
         rate = items / max(ms, 1e-3) * 1000.0
         previous = self._throughput.get(self.size)
         self._throughput[self.size] = rate if previous is None else 0.7 * previous + 0.3 * rate
-        if self._full_batches < self.window:
+        far_under = self._full_batches >= 2 and max(self._times) < 0.5 * self.latency_target_ms
+        if self._full_batches < self.window and not far_under:  # far under the target, two batches tell enough
             return
         p95 = self.p95_ms()
         if p95 > self.latency_target_ms:

@@ -138,3 +138,11 @@ def test_underfull_batches_do_not_move_the_size() -> None:
     for _ in range(50):
         tuner.observe(3, 500.0)
     assert tuner.size == 32
+
+
+def test_far_under_the_target_the_tuner_ramps_after_two_batches() -> None:
+    tuner = BatchTuner(size=8, maximum=256, latency_target_ms=400)
+    feed(tuner, ms_per_item=5.0, fixed_ms=20.0, batches=6)  # 8, 16, 32 items take 60, 100, 180 ms
+    assert tuner.size == 64
+    feed(tuner, ms_per_item=5.0, fixed_ms=20.0, batches=5)  # 64 take 340 ms: near the target, a full window
+    assert tuner.size == 64

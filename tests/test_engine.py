@@ -218,3 +218,27 @@ def test_background_batches_ramp_up_where_larger_batches_pay() -> None:
     assert all(f.done() for f in futures)
     assert sizes[0] == 8 and max(sizes) >= 128  # a fixed cost per batch: larger batches pay, so it ramped
     assert all(b > a for a, b, _ in h.engine.tuners["embed"].changes)
+
+
+def test_batches_beside_a_background_load_leave_no_activation_sample() -> None:
+    # a load allocates on the device while the batch runs: its peak would read as the batch's activations (a GPU
+    # run recorded a 16-item embed batch as gigabytes and then capped every batch at 16)
+    h = Harness(batch=16, act_bytes_per_item=MiB)
+    inner = h.engine.loader
+
+    def loader(model_spec: ModelSpec, device: str) -> Any:
+        if model_spec.name == "generate":
+            time.sleep(0.8)
+        return inner(model_spec, device)
+
+    h.engine.loader = loader
+    h.engine.start()
+    h.engine.run("embed", ["a"] * 2)
+    h.engine.prewarm("generate")  # cold: loads in the background
+    time.sleep(0.1)
+    h.engine.run("embed", ["b"] * 4)
+    h.engine.run("generate", ["g"])
+    h.engine.run("embed", ["c"] * 8)
+    h.engine.stop()
+    sizes = sorted(int(key.split(":")[0]) for key in h.profiles.get("embed", "cpu", "auto").activations)
+    assert sizes == [2, 8]

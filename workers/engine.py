@@ -465,6 +465,8 @@ class Engine:
         background = all(request.priority != URGENT for request, _ in batch)
         # a batch that waits for its model to arrive (a load, or a wake still copying) times the copy, not the size
         clean_timing = not moves and slot.ready is None and slot.loading is None and slot.tier == VRAM
+        # a load running in the background allocates on the device meanwhile: the batch's peak would count it
+        quiet = not any(s.loading is not None for s in self._slots.values())
         try:
             t0 = self.clock()
             self._apply(moves)
@@ -493,9 +495,14 @@ class Engine:
         counters.tokens += sum(request.tokens[i] for request, indices in batch for i in indices)
         counters.wall_ms += compute_ms
         counters.device_ms += getattr(model, "last_device_ms", None) or 0.0
-        self._record_activation(slot, model, len(items), longest)
+        if quiet and not any(s.loading is not None for s in self._slots.values()):
+            self._record_activation(slot, model, len(items), longest)
         if background and clean_timing:
-            self.tuners[spec.name].observe(len(items), compute_ms, limit)
+            tuner = self.tuners[spec.name]
+            known = len(tuner.changes)
+            tuner.observe(len(items), compute_ms, limit)
+            for before, after, why in tuner.changes[known:]:
+                log.info("%s batch size %d -> %d on %s: %s", spec.name, before, after, self.device, why)
         position = 0
         finished: list[_Request] = []
         with self._cond:
@@ -524,6 +531,8 @@ class Engine:
             self.stats.ooms += 1
             self._event(slot.spec.name, "oom", 0, 0.0, f"batch of {len(items)}: {exc}"[:500])
             self.tuners[slot.spec.name].out_of_memory(len(items))
+            log.info("%s batch size -> %d on %s: out of memory at %d items", slot.spec.name,
+                     self.tuners[slot.spec.name].size, self.device, len(items))
             freed = self._evict_idle(keep=slot.spec.name)
             if len(items) == 1:
                 # one item must progress: models with pending work go too (they come back by a wake)
