@@ -149,13 +149,17 @@ def worker(
     concurrency: Annotated[int | None, typer.Option(help="task threads (default RAGQ_WORKER_CONCURRENCY)")] = None,
     loglevel: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
     name: Annotated[str | None, typer.Option(help="worker name before @host (default from the device)")] = None,
+    queues: Annotated[str | None, typer.Option(hidden=True)] = None,
+    attach: Annotated[bool, typer.Option(hidden=True)] = False,
 ) -> None:
-    """Run a GPU (or CPU) worker consuming the urgent and background queues."""
+    """Run a GPU (or CPU) worker: the device's engine process and Celery consumers of the urgent and background
+    queues (the urgent one a process of its own, so questions never wait for a thread held by ingestion)."""
     from workers.devices import parse_device
     from workers.start import run_worker
 
     _setup_logging(loglevel.upper())
-    raise typer.Exit(run_worker(_settings(), parse_device(device), concurrency, loglevel.upper(), name))
+    raise typer.Exit(run_worker(_settings(), parse_device(device), concurrency, loglevel.upper(), name, queues,
+                                attach))
 
 
 # -- ingestion ----------------------------------------------------------------------------------------------------

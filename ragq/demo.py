@@ -37,19 +37,21 @@ def start_worker(settings: Settings, log_path: Path, name: str = "demo") -> subp
 
 
 def wait_until_consuming(worker: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 180.0) -> None:
-    """Wait until the worker runs a probe task from the urgent queue (so it consumes, not merely started)."""
+    """Wait until the worker runs a probe task from each queue (so both consumers consume, not merely started)."""
     from celery.exceptions import TimeoutError as CeleryTimeout
 
     from tasks.diagnostics import probe
 
-    result = probe.apply_async(("ready",), queue="urgent", expires=timeout_s)
+    results = [probe.apply_async(("ready",), queue=queue, expires=timeout_s) for queue in ("urgent", "background")]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if worker.poll() is not None:
             raise RuntimeError(f"the worker exited with code {worker.returncode}; see {log_path}")
         try:
-            result.get(timeout=1.0)
-            return
+            results[0].get(timeout=1.0)
+            results.pop(0)
+            if not results:
+                return
         except CeleryTimeout:
             continue
     raise RuntimeError(f"the worker did not start consuming within {timeout_s:.0f}s; see {log_path}")

@@ -33,7 +33,10 @@ class Settings(BaseSettings):
     cpu_budget: str = Field("4GiB", description="budget for models on the cpu device")
     host_budget: str | None = Field(None, description="pinned host RAM for sleeping models; unset = 25% of RAM")
     cooldown_s: float = Field(2.0, ge=0.0, description="minimum residency before a busy model may be evicted")
-    worker_concurrency: int = Field(8, ge=1, le=256, description="task threads per worker process")
+    worker_concurrency: int = Field(8, ge=1, le=256, description="task threads consuming the background queue")
+    urgent_concurrency: int = Field(
+        4, ge=0, le=64, description="task threads of the worker's urgent consumer, a process of their own so that "
+        "questions never wait for a thread held by ingestion (0 = one consumer for both queues)")
     visibility_timeout_s: int = Field(3600, ge=60)
     switch_interval_ms: float | None = Field(
         None, gt=0, le=100, description="the worker's GIL switch interval (Python's default is 5 ms); lower lets "

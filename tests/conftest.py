@@ -71,8 +71,10 @@ class WorkerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}")
-            replies = app.control.ping(destination=[f"{self.name}@{os.uname().nodename}"], timeout=0.5)
-            if replies:
+            # the worker's background consumer and its urgent consumer (a child process) both answer
+            names = [f"{self.name}@{os.uname().nodename}", f"{self.name}-urgent@{os.uname().nodename}"]
+            replies = app.control.ping(destination=names, timeout=0.5)
+            if len(replies) == len(names):
                 return
         raise RuntimeError(f"worker not ready:\n{self.log_path.read_text()[-4000:]}")
 

@@ -143,6 +143,19 @@ def test_oom_splits_the_batch_evicts_idle_models_and_loses_nothing() -> None:
     assert h.device.peak <= 12 * MiB
 
 
+def test_an_oom_that_evicting_an_idle_model_cures_does_not_shrink_the_batch_size() -> None:
+    # 6 items fit beside the embedder alone, not beside the idle reranker too: the room was the reranker's
+    h = Harness(budget_mib=12, sizes={"embed": 4, "rerank": 3}, batch=8, act_bytes_per_item=MiB)
+    h.engine.start()
+    h.engine.run("rerank", ["r"])
+    result = h.engine.run("embed", [str(i) for i in range(6)])
+    h.engine.stop()
+    assert result.outputs == [f"embed:{i}" for i in range(6)]
+    assert [len(items) for name, items in h.runs if name == "embed"] == [6]  # retried whole, not split
+    assert h.engine.tuners["embed"].size == 8 and h.engine.tuners["embed"].changes == []
+    assert ("evict", "rerank") in h.kinds()
+
+
 def test_measured_footprints_replace_the_first_guess_and_persist() -> None:
     h = Harness(sizes={"embed": 2}, act_bytes_per_item=1000)
     h.engine.start()

@@ -102,3 +102,30 @@ def test_the_engine_process_exits_with_its_worker() -> None:
         time.sleep(0.2)
     os.kill(pid, signal.SIGKILL)
     pytest.fail(f"engine process {pid} outlived its worker")
+
+
+def test_an_attached_client_shares_the_engine_and_follows_its_restart() -> None:
+    owner = client(run_s_fixed=0.05)
+    try:
+        attached = EngineClient.attach("fake", SPECS, owner.address, owner.authkey,
+                                       token_counter=lambda s, items: [1] * len(items), start_timeout_s=30)
+        both = [owner.submit("embed", ["o1", "o2"]), attached.submit("embed", ["a1"], priority=URGENT)]
+        assert [f.result(10).outputs for f in both] == [["embed:o1", "embed:o2"], ["embed:a1"]]
+        assert owner.stats.roles["embed"].items == 3  # one engine served both
+        os.kill(owner.pid, signal.SIGKILL)
+        time.sleep(0.5)
+        assert owner.run("generate", ["restarted"]).outputs == ["generate:restarted"]  # the owner starts a new one
+        assert attached.run("embed", ["again"]).outputs == ["embed:again"]  # and the attached client finds it
+        attached.stop()
+    finally:
+        owner.stop()
+
+
+def test_a_client_with_the_wrong_key_is_refused() -> None:
+    owner = client()
+    try:
+        with pytest.raises(Exception):  # noqa: B017 - multiprocessing's AuthenticationError or a closed pipe
+            EngineClient.attach("fake", SPECS, owner.address, b"not the key", start_timeout_s=2)
+        assert owner.run("embed", ["still fine"]).outputs == ["embed:still fine"]
+    finally:
+        owner.stop()

@@ -30,3 +30,20 @@ def test_urgent_task_overtakes_queued_background_tasks(worker, client, settings)
         f"{len(finished_before_sent)} had finished and at most {reserved_at_send} were reserved when it was sent"
     )
     assert len(started_before_urgent) < total / 2  # most of the backlog ran after it
+
+
+def test_urgent_work_never_waits_for_a_thread_held_by_background_work(worker, client, settings) -> None:  # type: ignore[no-untyped-def]
+    # every background thread busy for seconds (ingestion waiting on the device looks like this to Celery): an
+    # urgent task still starts at once, on the worker's urgent consumer
+    from tasks.diagnostics import probe
+
+    hold_s = 6.0
+    busy = [probe.apply_async((f"b{i}", hold_s), queue="background")
+            for i in range(settings.worker_concurrency + 4)]
+    time.sleep(1.0)  # all background threads now hold a task
+    sent = time.time()
+    u = probe.apply_async(("urgent", 0.0), queue="urgent").get(timeout=30)
+    assert u["started"] - sent < 2.0, f"the urgent task waited {u['started'] - sent:.1f}s for a thread"
+    assert u["worker"].startswith(f"{worker.name}-urgent@")
+    for r in busy:
+        r.get(timeout=60)

@@ -524,19 +524,27 @@ class Engine:
             ))
 
     def _run_with_recovery(self, slot: _Slot, model: LoadedModel, items: list[Any], params: dict[str, Any]) -> list[Any]:
-        """Run a batch; on device OOM evict idle models, split the batch and retry, down to single items."""
+        """Run a batch; on device OOM evict idle models and retry it whole (the room was theirs, the size is not
+        to blame); if it still does not fit, shrink the tuner's size, split the batch and retry, down to single
+        items."""
         try:
             return list(model.run(items, params))
         except DeviceOutOfMemory as exc:
             self.stats.ooms += 1
             self._event(slot.spec.name, "oom", 0, 0.0, f"batch of {len(items)}: {exc}"[:500])
-            self.tuners[slot.spec.name].out_of_memory(len(items))
-            log.info("%s batch size -> %d on %s: out of memory at %d items", slot.spec.name,
-                     self.tuners[slot.spec.name].size, self.device, len(items))
-            freed = self._evict_idle(keep=slot.spec.name)
+            if self._evict_idle(keep=slot.spec.name):
+                try:
+                    return list(model.run(items, params))
+                except DeviceOutOfMemory as again:
+                    self.stats.ooms += 1
+                    self._event(slot.spec.name, "oom", 0, 0.0, f"batch of {len(items)} alone: {again}"[:500])
+            tuner = self.tuners[slot.spec.name]
+            tuner.out_of_memory(len(items))
+            log.info("%s batch size -> %d on %s: out of memory at %d items", slot.spec.name, tuner.size,
+                     self.device, len(items))
             if len(items) == 1:
                 # one item must progress: models with pending work go too (they come back by a wake)
-                if not (freed or self._evict_idle(keep=slot.spec.name, everything=True)):
+                if not self._evict_idle(keep=slot.spec.name, everything=True):
                     raise
                 return list(model.run(items, params))
             middle = len(items) // 2

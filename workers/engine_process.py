@@ -17,10 +17,14 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import os
 import queue
 import threading
+import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
+from multiprocessing.connection import Client, Listener, wait
 from typing import Any
 
 from ragq import errors
@@ -50,22 +54,15 @@ def _rebuild_exception(name: str, message: str) -> Exception:
 
 
 # -- the engine process --------------------------------------------------------------------------------------------
-def serve(conn: Any, factory: EngineFactory, args: tuple[Any, ...], log_level: str) -> None:
-    """The engine process's main: build the engine, answer requests until told to stop or the worker goes."""
-    logging.basicConfig(level=log_level, format="[%(asctime)s: %(levelname)s/%(processName)s] %(message)s")
-    try:
-        engine = factory(*args).start()
-    except BaseException as exc:  # noqa: BLE001 - the worker must learn why, whatever it is
-        log.exception("engine process could not start")
-        conn.send(("fatal", _exception_message(exc)))
-        return
+def _serve_connection(conn: Any, engine: Engine, owner: bool) -> None:
+    """Answer one client's requests until it goes (or, for the owner, says stop)."""
     outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
 
     def sender() -> None:
         while (message := outbox.get()) is not None:
             try:
                 conn.send(message)
-            except (OSError, EOFError):
+            except (OSError, EOFError, ValueError):
                 return
 
     threading.Thread(target=sender, name="ragq-engine-send", daemon=True).start()
@@ -80,8 +77,9 @@ def serve(conn: Any, factory: EngineFactory, args: tuple[Any, ...], log_level: s
             try:
                 message = conn.recv()
             except (EOFError, OSError):
-                log.warning("the worker process went away; the engine stops")
-                break
+                if owner:
+                    log.warning("the worker process went away; the engine stops")
+                return
             kind = message[0]
             if kind == "submit":
                 _, rid, role, items, tokens, priority, deadline, params = message
@@ -101,25 +99,62 @@ def serve(conn: Any, factory: EngineFactory, args: tuple[Any, ...], log_level: s
                     outbox.put(("value", rid, value))
                 except Exception as exc:
                     outbox.put(("error", rid, _exception_message(exc)))
-            elif kind == "stop":
-                break
+            elif kind == "stop" and owner:
+                return
     finally:
-        engine.stop()
-        outbox.put(("stopped", {}))
+        if owner:
+            outbox.put(("stopped", {}))
         outbox.put(None)
+
+
+def serve(conn: Any, address: str, authkey: bytes, factory: EngineFactory, args: tuple[Any, ...],
+          log_level: str) -> None:
+    """The engine process's main: build the engine, then answer its owner (the worker that started it, over `conn`)
+    and any other local worker that attaches at `address` (the urgent consumer), until the owner stops or goes."""
+    logging.basicConfig(level=log_level, format="[%(asctime)s: %(levelname)s/%(processName)s] %(message)s")
+    try:
+        engine = factory(*args).start()
+        listener = Listener(address, family="AF_UNIX", authkey=authkey)
+    except BaseException as exc:  # noqa: BLE001 - the worker must learn why, whatever it is
+        log.exception("engine process could not start")
+        conn.send(("fatal", _exception_message(exc)))
+        return
+
+    def accept() -> None:
+        while True:
+            try:
+                client = listener.accept()
+            except (OSError, EOFError):
+                return
+            except Exception as exc:  # a client with the wrong key, or one that hung up during the handshake
+                log.warning("engine: refused a connection: %s", exc)
+                continue
+            threading.Thread(target=_serve_connection, args=(client, engine, False), name="ragq-engine-client",
+                             daemon=True).start()
+
+    threading.Thread(target=accept, name="ragq-engine-accept", daemon=True).start()
+    try:
+        _serve_connection(conn, engine, owner=True)
+    finally:
+        listener.close()
+        engine.stop()
 
 
 # -- the worker side -------------------------------------------------------------------------------------------------
 class EngineClient:
-    """The engine's API for task threads, backed by an engine process (started now, restarted when it dies)."""
+    """The engine's API for task threads. The owner (built with a factory) starts the engine process and starts a
+    new one if it dies; an attached client (`EngineClient.attach`) connects to an owner's engine at its address
+    and reconnects after a restart."""
 
     def __init__(
         self,
         device: str,
         specs: dict[str, ModelSpec],
-        factory: EngineFactory,
+        factory: EngineFactory | None,
         args: tuple[Any, ...] = (),
         *,
+        address: str | None = None,
+        authkey: bytes | None = None,
         token_counter: Callable[[ModelSpec, list[Any]], list[int]] | None = None,
         log_level: str = "INFO",
         start_timeout_s: float = 600.0,
@@ -128,26 +163,57 @@ class EngineClient:
         self.specs = specs
         self.factory = factory
         self.args = args
+        # a Linux abstract socket: no file to clean up, no path-length trouble
+        self.address = address or f"\0ragq-engine-{uuid.uuid4().hex}"
+        self.authkey = authkey or os.urandom(32)
         self.token_counter = token_counter
         self.log_level = log_level
         self.start_timeout_s = start_timeout_s
         self.restarts = 0
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()          # process lifecycle and the pending table
+        self._lock = threading.Lock()          # process lifecycle, the connection and the pending table
         self._send_lock = threading.Lock()
         self._pending: dict[int, Future[Any]] = {}
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Any = None
         self._stopping = False
         with self._lock:
-            self._start()
+            self._connect()
+
+    @classmethod
+    def attach(cls, device: str, specs: dict[str, ModelSpec], address: str, authkey: bytes, **kwargs: Any
+               ) -> EngineClient:
+        return cls(device, specs, None, address=address, authkey=authkey, **kwargs)
+
+    @property
+    def owner(self) -> bool:
+        return self.factory is not None
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
-    def _start(self) -> None:
+    def _connect(self) -> None:
+        if self.owner:
+            self._start_process()
+            return
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            try:
+                conn = Client(self.address, family="AF_UNIX", authkey=self.authkey)
+                break
+            except (OSError, EOFError) as exc:  # not listening yet, or being restarted by its owner
+                if time.monotonic() > deadline:
+                    raise BackendUnavailable(f"no engine for {self.device} answers at its address: {exc}") from None
+                time.sleep(0.2)
+        kind, _ = conn.recv()
+        assert kind == "ready", kind
+        self._use(conn, None)
+
+    def _start_process(self) -> None:
+        assert self.factory is not None
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe()
-        process = context.Process(target=serve, args=(child, self.factory, self.args, self.log_level),
-                                  name=f"ragq-engine-{self.device}", daemon=True)
+        process = context.Process(
+            target=serve, args=(child, self.address, self.authkey, self.factory, self.args, self.log_level),
+            name=f"ragq-engine-{self.device}", daemon=True)
         process.start()
         child.close()  # so that the engine process's exit reads as EOF here
         if not parent.poll(self.start_timeout_s):
@@ -162,24 +228,30 @@ class EngineClient:
         if kind == "fatal":
             process.join(5)
             raise _rebuild_exception(*detail)
-        self._process, self._conn = process, parent
-        threading.Thread(target=self._read, args=(parent, process), name=f"ragq-engine-read-{self.device}",
-                         daemon=True).start()
+        self._process = process
+        self._use(parent, process)
         log.info("engine process for %s started (pid %d)", self.device, process.pid)
+
+    def _use(self, conn: Any, process: multiprocessing.process.BaseProcess | None) -> None:
+        self._conn = conn
+        threading.Thread(target=self._read, args=(conn, process), name=f"ragq-engine-read-{self.device}",
+                         daemon=True).start()
 
     def _ensure_running(self) -> Any:
         with self._lock:
             if self._stopping:
                 raise BackendUnavailable(f"engine on {self.device} is stopping")
-            if self._process is None or not self._process.is_alive():
-                if self._process is not None:
+            if self._conn is None:
+                if self.owner:
                     self.restarts += 1
                     log.warning("engine process for %s is gone (code %s); starting a new one", self.device,
-                                self._process.exitcode)
-                self._start()
+                                self._process.exitcode if self._process else None)
+                else:
+                    log.warning("engine for %s went away; reconnecting", self.device)
+                self._connect()
             return self._conn
 
-    def _read(self, conn: Any, process: multiprocessing.process.BaseProcess) -> None:
+    def _read(self, conn: Any, process: multiprocessing.process.BaseProcess | None) -> None:
         while True:
             try:
                 message = conn.recv()
@@ -197,16 +269,20 @@ class EngineClient:
                     future.set_exception(_rebuild_exception(*message[2]))
                 else:
                     future.set_result(message[2])
-        process.join(10)
+        code = None
+        if process is not None:  # wait for its end without reaping it (stop() joins; two joins race)
+            wait([process.sentinel], 10)
+            code = process.exitcode
         with self._lock:
+            if self._conn is conn:
+                self._conn = None
             lost = list(self._pending.values())
             self._pending.clear()
         if lost and not self._stopping:
-            log.error("engine process for %s exited (code %s) with %d requests in flight", self.device,
-                      process.exitcode, len(lost))
+            log.error("engine for %s went away (code %s) with %d requests in flight", self.device, code, len(lost))
         for future in lost:
             future.set_exception(BackendUnavailable(
-                f"the engine process for {self.device} exited (code {process.exitcode}) before answering"))
+                f"the engine process for {self.device} exited (code {code}) before answering"))
 
     def _send(self, message_for: Callable[[int], tuple[Any, ...]]) -> Future[Any]:
         conn = self._ensure_running()
@@ -227,12 +303,16 @@ class EngineClient:
         with self._lock:
             self._stopping = True
             process, conn = self._process, self._conn
+        if not self.owner:
+            if conn is not None:
+                conn.close()
+            return
         if process is None or not process.is_alive():
             return
         try:
             with self._send_lock:
                 conn.send(("stop",))
-        except (OSError, EOFError):
+        except (OSError, EOFError, AttributeError):
             pass
         process.join(timeout_s)
         if process.is_alive():

@@ -72,8 +72,14 @@ def build_engine(settings: Settings, device: str, database_url: str, worker: str
     )
 
 
-def build_runtime(settings: Settings, device: str, name: str | None = None,
-                  log_level: str = "INFO"):  # type: ignore[no-untyped-def]
+ENGINE_ADDRESS_ENV = "RAGQ_ENGINE_ADDRESS"   # how the urgent consumer finds its worker's engine (set by the worker)
+ENGINE_KEY_ENV = "RAGQ_ENGINE_KEY"
+
+
+def build_runtime(settings: Settings, device: str, name: str | None = None, log_level: str = "INFO",
+                  attach: bool = False):  # type: ignore[no-untyped-def]
+    """The worker's runtime; its engine client either starts the engine process (the worker) or attaches to the
+    one its worker started (the urgent consumer, from RAGQ_ENGINE_ADDRESS and RAGQ_ENGINE_KEY)."""
     import transformers
 
     transformers.AutoTokenizer  # noqa: B018 - resolve the lazy import here, before task threads race for it
@@ -88,13 +94,39 @@ def build_runtime(settings: Settings, device: str, name: str | None = None,
     specs = load_model_specs(settings.models)
     name = worker_name(device, name)
     sink = PostgresSink(endpoints.database_url, worker=name)
-    engine = EngineClient(device, specs, build_engine, (settings, device, endpoints.database_url, name),
-                          token_counter=count_tokens, log_level=log_level)
+    if attach:
+        engine = EngineClient.attach(device, specs, "\0" + os.environ[ENGINE_ADDRESS_ENV],
+                                     bytes.fromhex(os.environ[ENGINE_KEY_ENV]), token_counter=count_tokens,
+                                     start_timeout_s=120)
+    else:
+        engine = EngineClient(device, specs, build_engine, (settings, device, endpoints.database_url, name),
+                              token_counter=count_tokens, log_level=log_level)
     runtime = WorkerRuntime(settings, endpoints, engine, sink, name, device, specs)
-    runtime.chunk_pool  # noqa: B018 - start chunking processes before the first task, not during it
-    log.info("worker %s: engine process %s, models %s", name, engine.pid,
+    log.info("worker %s: engine process %s, models %s", name, engine.pid or "attached",
              ", ".join(f"{role}={spec.name}" for role, spec in specs.items()))
     return runtime
+
+
+def _start_urgent_consumer(runtime, concurrency: int, loglevel: str) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
+    """The urgent queue's own Celery worker process, sharing this worker's engine."""
+    engine = runtime.engine
+    env = dict(os.environ, **{ENGINE_ADDRESS_ENV: engine.address.lstrip("\0"), ENGINE_KEY_ENV: engine.authkey.hex()})
+    base = runtime.worker_name.split("@")[0]
+    args = [sys.executable, "-m", "ragq.cli", "worker", "--device", runtime.device, "--name", f"{base}-urgent",
+            "--concurrency", str(concurrency), "--loglevel", loglevel, "--queues", "urgent", "--attach"]
+    child = subprocess.Popen(args, env=env)  # noqa: S603
+    log.info("worker %s: urgent consumer started (pid %d, %d threads)", runtime.worker_name, child.pid, concurrency)
+    return child
+
+
+def _exit_with_parent() -> None:
+    """An urgent consumer ends with its worker, however the worker ends (Linux: the parent-death signal)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _allocator_settings(device: str) -> None:
@@ -107,24 +139,44 @@ def _allocator_settings(device: str) -> None:
 
 def run_worker(
     settings: Settings, device: str, concurrency: int | None = None, loglevel: str = "INFO", name: str | None = None,
+    queues: str | None = None, attach: bool = False,
 ) -> int:
+    """One device's worker: the engine process, a Celery worker for the background queue (this process) and one for
+    the urgent queue (a child process), both feeding the one engine. With RAGQ_URGENT_CONCURRENCY=0, or the
+    celery-defaults profile, one Celery worker consumes both queues."""
     if device == "all":
         return _run_all(settings, concurrency, loglevel)
     from workers.celery_app import BACKGROUND_QUEUE, URGENT_QUEUE, app, configure_app
 
+    if attach:
+        _exit_with_parent()
     _allocator_settings(device)
     if settings.switch_interval_ms:
         sys.setswitchinterval(settings.switch_interval_ms / 1000.0)
-    runtime = build_runtime(settings, device, name, loglevel.upper())
+    split = not attach and queues is None and settings.urgent_concurrency > 0 and settings.celery_profile == "ragq"
+    if queues is None:
+        queues = BACKGROUND_QUEUE if split else f"{URGENT_QUEUE},{BACKGROUND_QUEUE}"
+    runtime = build_runtime(settings, device, name, loglevel.upper(), attach=attach)
     configure_app(settings, runtime.endpoints)
     app.runtime = runtime
+    urgent = None
     try:
+        if BACKGROUND_QUEUE in queues.split(","):
+            runtime.chunk_pool  # noqa: B018 - start chunking processes before the first task, not during it
+        if split:
+            urgent = _start_urgent_consumer(runtime, settings.urgent_concurrency, loglevel)
         app.worker_main([
             "worker", "--pool", "threads", "--concurrency", str(concurrency or settings.worker_concurrency),
-            "--queues", f"{URGENT_QUEUE},{BACKGROUND_QUEUE}", "--hostname", runtime.worker_name,
+            "--queues", queues, "--hostname", runtime.worker_name,
             "--loglevel", loglevel, "--without-gossip", "--without-mingle",
         ])
     finally:
+        if urgent is not None and urgent.poll() is None:
+            urgent.send_signal(signal.SIGTERM)  # warm shutdown: its running questions finish first
+            try:
+                urgent.wait(60)
+            except subprocess.TimeoutExpired:
+                urgent.kill()
         runtime.engine.stop()
         runtime.sink.close()
         if "chunk_pool" in runtime.__dict__:
