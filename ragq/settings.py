@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     switch_interval_ms: float | None = Field(
         None, gt=0, le=100, description="the worker's GIL switch interval (Python's default is 5 ms); lower lets "
         "the device loop win the GIL sooner from busy task threads")
+    urgent_yield_s: float = Field(
+        10.0, ge=0, description="for this long after an urgent request, background micro-batches run at half "
+        "their tuned size, so questions wait behind shorter batches (0 = never)")
     stats_interval_s: float = Field(
         30.0, ge=0, description="how often the engine logs a line of what its batches did (0 = never)")
     chunk_processes: int | None = Field(

@@ -6,6 +6,8 @@
 - `BatchTuner`: the adaptive size of one model's background batches — start small, ramp up while throughput
   improves and the p95 batch time holds under its target, shrink on OOM or when the p95 passes the target.
 - `should_wait_for_fuller_batch`: the optional max_queue_delay of Triton's dynamic batcher.
+- `yield_to_urgent`: while questions keep coming, background batches run at half size, so each stage of a
+  question waits behind a shorter micro-batch.
 """
 
 from __future__ import annotations
@@ -114,6 +116,15 @@ def should_wait_for_fuller_batch(pending: Sequence[Pending], role: str, target_i
         return 0.0
     oldest = min(p.enqueued for p in mine)
     return max(0.0, oldest + max_queue_delay_s - now)
+
+
+def yield_to_urgent(size: int, last_urgent: float | None, now: float, recent_s: float) -> int:
+    """The background batch size while urgent work was seen in the last `recent_s` seconds: half the tuned size
+    (an urgent request waits for at most the micro-batch already running; a question passes through up to three
+    models, so it may wait three times). Otherwise the tuned size."""
+    if recent_s <= 0 or last_urgent is None or now - last_urgent >= recent_s:
+        return size
+    return max(1, size // 2)
 
 
 @dataclass

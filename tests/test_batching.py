@@ -146,3 +146,13 @@ def test_far_under_the_target_the_tuner_ramps_after_two_batches() -> None:
     assert tuner.size == 64
     feed(tuner, ms_per_item=5.0, fixed_ms=20.0, batches=5)  # 64 take 340 ms: near the target, a full window
     assert tuner.size == 64
+
+
+def test_background_batches_yield_to_recent_urgent_work() -> None:
+    from scheduler.batching import yield_to_urgent
+
+    assert yield_to_urgent(64, last_urgent=None, now=100.0, recent_s=10.0) == 64
+    assert yield_to_urgent(64, last_urgent=95.0, now=100.0, recent_s=10.0) == 32
+    assert yield_to_urgent(64, last_urgent=89.0, now=100.0, recent_s=10.0) == 64
+    assert yield_to_urgent(1, last_urgent=99.0, now=100.0, recent_s=10.0) == 1
+    assert yield_to_urgent(64, last_urgent=99.0, now=100.0, recent_s=0.0) == 64

@@ -255,3 +255,19 @@ def test_batches_beside_a_background_load_leave_no_activation_sample() -> None:
     h.engine.stop()
     sizes = sorted(int(key.split(":")[0]) for key in h.profiles.get("embed", "cpu", "auto").activations)
     assert sizes == [2, 8]
+
+
+def test_background_batches_run_at_half_size_for_a_while_after_urgent_work() -> None:
+    clock = FakeClock()
+    h = Harness(batch=8, clock=clock, real_time=False, run_s_per_item=0.1)
+    h.engine.urgent_yield_s = 3.0
+    urgent = h.engine.submit("embed", ["u"], priority=URGENT)
+    background = h.engine.submit("embed", [f"b{i}" for i in range(48)])
+    while not background.done():
+        h.engine.step()
+    assert urgent.result().outputs == ["embed:u"]
+    sizes = [len(items) for _, items in h.runs]
+    assert sizes[0] == 1                      # the urgent item first, alone
+    assert sizes[1] == 4                      # then half-size background batches while urgent work is recent
+    assert sizes[-1] == 8 or sizes[-2] == 8   # and the tuned size once it is 3 s in the past
+    assert sum(sizes[1:]) == 48

@@ -22,6 +22,7 @@ from typing import Any
 from ragq.errors import BackendUnavailable, BudgetExceeded, DeviceOutOfMemory, RagqError, RequestExpired
 from scheduler.batching import (
     BACKGROUND, URGENT, BatchLimits, BatchTuner, Pending, expired, form_batch, should_wait_for_fuller_batch,
+    yield_to_urgent,
 )
 from scheduler.phases import RoleLoad, rank_roles
 from scheduler.residency import (
@@ -110,6 +111,7 @@ class RoleStats:
     tokens: int = 0
     wall_ms: float = 0.0      # model.run on the engine thread
     device_ms: float = 0.0    # the same batches' span on the device (CUDA events; 0 where not measured)
+    alloc_retries: int = 0    # allocations that first had to free cached device memory (synchronising)
     expired: int = 0
 
 
@@ -141,6 +143,8 @@ class EngineStats:
                 f"{role} {batches} batches {now.items - before.items} items "
                 f"(mean {(now.items - before.items) / batches:.1f}) run {wall / 1000:.1f}s"
                 + (f" device {device / 1000:.1f}s ({device / wall:.0%})" if device and wall else "")
+                + (f" alloc retries {now.alloc_retries - before.alloc_retries}"
+                   if now.alloc_retries > before.alloc_retries else "")
             )
         idle = self.idle_ms - (since.idle_ms if since else 0.0)
         load = self.load_ms - (since.load_ms if since else 0.0)
@@ -165,6 +169,7 @@ class Engine:
         waiter: Callable[[float], None] | None = None,
         max_pending: int = 100_000,
         report_interval_s: float = 30.0,
+        urgent_yield_s: float = 0.0,
     ) -> None:
         self.device = device
         self.specs = specs
@@ -178,6 +183,8 @@ class Engine:
         self.waiter = waiter
         self.max_pending = max_pending
         self.report_interval_s = report_interval_s
+        self.urgent_yield_s = urgent_yield_s
+        self._last_urgent: float | None = None
         self.stats = EngineStats()
         self._pending: dict[int, _Request] = {}
         self._slots: dict[str, _Slot] = {}
@@ -260,6 +267,8 @@ class Engine:
             if len(self._pending) >= self.max_pending:
                 raise BackendUnavailable(f"engine on {self.device} is busy: {len(self._pending)} requests pending")
             key = next(self._ids)
+            if priority == URGENT:
+                self._last_urgent = self.clock()
             self._pending[key] = _Request(
                 key, role, list(items), tokens, dict(params or {}), priority, deadline, self.clock(), future,
                 todo=list(range(len(items))),
@@ -353,8 +362,9 @@ class Engine:
                 else:
                     self._cond.wait(wait_s)
                 return False
+            size = yield_to_urgent(tuner.size, self._last_urgent, self.clock(), self.urgent_yield_s)
             limits = BatchLimits(
-                max_items=max(1, min(tuner.size, self._memory_cap(spec, snapshot))),
+                max_items=max(1, min(size, self._memory_cap(spec, snapshot))),
                 max_tokens=spec.max_batch_tokens, urgent_items=spec.urgent_batch,
             )
             plan = form_batch(snapshot, role, limits)
@@ -495,6 +505,7 @@ class Engine:
         counters.tokens += sum(request.tokens[i] for request, indices in batch for i in indices)
         counters.wall_ms += compute_ms
         counters.device_ms += getattr(model, "last_device_ms", None) or 0.0
+        counters.alloc_retries += getattr(model, "last_alloc_retries", 0) or 0
         if quiet and not any(s.loading is not None for s in self._slots.values()):
             self._record_activation(slot, model, len(items), longest)
         if background and clean_timing:

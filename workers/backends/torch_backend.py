@@ -106,6 +106,7 @@ class _TorchModel:
         self.nbytes = module_bytes(model)
         self.last_peak_bytes: int | None = None
         self.last_device_ms: float | None = None  # the last batch's span on the device's stream (CUDA events)
+        self.last_alloc_retries = 0
         self._host: dict[int, torch.Tensor] | None = None
         self._host_buffer: torch.Tensor | None = None
         self._registered = False
@@ -127,6 +128,7 @@ class _TorchModel:
             return self._run(items, params)
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
+        retries = torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0)
         stream = torch.cuda.current_stream(self.device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(stream)
@@ -138,6 +140,8 @@ class _TorchModel:
         end.synchronize()  # the outputs are on the host already; this returns at once
         self.last_peak_bytes = int(torch.cuda.max_memory_allocated(self.device) - before)
         self.last_device_ms = start.elapsed_time(end)
+        # allocations that had to free cached blocks first (each a device synchronisation): churn near the budget
+        self.last_alloc_retries = torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0) - retries
         return outputs
 
     def _run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
