@@ -6,7 +6,7 @@ Measures, for ragq's configuration and for a naive one (Celery's default setting
      embedding forward pass at its best batch size on the same card and the same chunks;
   2. urgent `ask` p50/p95 while idle and while a large ingestion saturates the worker.
 
-    python3 bench/stack_gpu.py --models /tmp/ragq-models --out $OUT
+    python3 bench/stack_gpu.py --models /tmp/ragq-models --out $OUT --variants ragq,naive
     python bench/stack_gpu.py --tiny --device cpu --docs 20 --questions 4 --out /tmp/out   # dry run of the logic
 """
 
@@ -181,7 +181,7 @@ def main() -> int:
     parser.add_argument("--models", type=Path, default=Path("/tmp/ragq-models"))
     parser.add_argument("--out", type=Path, default=Path("out"))
     parser.add_argument("--device", default="cuda:0")
-    parser.add_argument("--docs", type=int, default=200)
+    parser.add_argument("--docs", type=int, default=400)
     parser.add_argument("--questions", type=int, default=15)
     parser.add_argument("--settle", type=float, default=2.0)
     parser.add_argument("--drain-s", type=float, default=60.0)
@@ -216,6 +216,10 @@ def main() -> int:
     try:
         for n, name in enumerate(args.variants.split(",")):
             results["variants"][name] = run_variant(name, home, args.device, args, seed=n + 1)
+            log_text = (home / f"worker-{name}.log").read_text(errors="replace")
+            results["variants"][name]["engine_log"] = [  # the engine's stats lines and batch-size changes
+                line.split("] ", 1)[-1] for line in log_text.splitlines()
+                if ", last " in line or " batch size " in line or " oom on " in line]
             (args.out / "stack.json").write_text(json.dumps(results, indent=2))
             shutil.copy(home / f"worker-{name}.log", args.out / f"worker-{name}.log")
     finally:
