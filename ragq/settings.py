@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     urgent_yield_s: float = Field(
         10.0, ge=0, description="for this long after an urgent request, background micro-batches run at half "
         "their tuned size, so questions wait behind shorter batches (0 = never)")
+    metrics_port: int = Field(
+        9400, ge=-1, le=65535, description="the worker's Prometheus endpoint (0 = any free port, -1 = none); "
+        "`--device all` uses this port + the GPU index")
+    metrics_host: str = Field("127.0.0.1", description="address the metrics endpoint listens on")
     stats_interval_s: float = Field(
         30.0, ge=0, description="how often the engine logs a line of what its batches did (0 = never)")
     chunk_processes: int | None = Field(

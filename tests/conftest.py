@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def ragq_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAGQ_")}
-    env.update({"RAGQ_HOME": str(home), "PYTHONUNBUFFERED": "1"}, **extra)
+    env.update({"RAGQ_HOME": str(home), "PYTHONUNBUFFERED": "1", "RAGQ_METRICS_PORT": "0"}, **extra)
     return env
 
 

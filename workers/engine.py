@@ -170,6 +170,8 @@ class Engine:
         max_pending: int = 100_000,
         report_interval_s: float = 30.0,
         urgent_yield_s: float = 0.0,
+        metrics: Any = None,
+        memory_used: Callable[[], int] | None = None,
     ) -> None:
         self.device = device
         self.specs = specs
@@ -184,6 +186,8 @@ class Engine:
         self.max_pending = max_pending
         self.report_interval_s = report_interval_s
         self.urgent_yield_s = urgent_yield_s
+        self.metrics = metrics                  # workers.metrics.EngineMetrics, or None
+        self.memory_used = memory_used          # the device memory the engine holds (default: resident weights)
         self._last_urgent: float | None = None
         self.stats = EngineStats()
         self._pending: dict[int, _Request] = {}
@@ -506,6 +510,10 @@ class Engine:
         counters.wall_ms += compute_ms
         counters.device_ms += getattr(model, "last_device_ms", None) or 0.0
         counters.alloc_retries += getattr(model, "last_alloc_retries", 0) or 0
+        self._report("batch", spec.name, role, len(items),
+                     sum(request.tokens[i] for request, indices in batch for i in indices), compute_ms / 1000.0,
+                     getattr(model, "last_alloc_retries", 0) or 0)
+        self._publish_state()
         if quiet and not any(s.loading is not None for s in self._slots.values()):
             self._record_activation(slot, model, len(items), longest)
         if background and clean_timing:
@@ -762,8 +770,35 @@ class Engine:
             except Exception:
                 log.exception("could not persist the profile of %s", spec.name)
 
+    def _report(self, method: str, *args: Any) -> None:
+        if self.metrics is None:
+            return
+        try:
+            getattr(self.metrics, method)(*args)
+        except Exception:  # metrics must never break serving
+            log.exception("metrics: %s failed", method)
+
+    def _publish_state(self) -> None:
+        if self.metrics is None:
+            return
+        with self._cond:
+            resident = {n: s.tier == VRAM for n, s in self._slots.items()}
+            used = sum(s.vram_bytes for s in self._slots.values() if s.tier == VRAM)
+            pending = {"urgent": 0, "background": 0}
+            for request in self._pending.values():
+                pending["urgent" if request.priority == URGENT else "background"] += 1
+        if self.memory_used is not None:
+            try:
+                used = self.memory_used()
+            except Exception:
+                log.exception("metrics: reading device memory failed")
+        self._report("state", resident, used, self.policy.budget_bytes, pending)
+
     def _event(self, model: str, event: str, nbytes: int, ms: float, reason: str) -> None:
         log.info("model %s %s on %s: %.1f MiB in %.0f ms (%s)", model, event, self.device, nbytes / 2**20, ms, reason)
+        self._report("model_event", model, event, ms)
+        if event != "evict":
+            self._publish_state()
         if self.on_model_event is not None:
             try:
                 self.on_model_event({

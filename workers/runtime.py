@@ -17,6 +17,7 @@ from ragq.services import Endpoints
 from ragq.settings import Settings
 from scheduler.batching import PRIORITY_NAMES
 from workers.engine_process import EngineClient
+from workers.metrics import observe_stage
 from workers.models import ModelSpec
 from workers.timing import TimingSink, utc
 
@@ -99,6 +100,8 @@ class WorkerRuntime:
             compute_ms = clock.compute_ms
             if compute_ms is None:
                 compute_ms = max(0.0, (finished - started) * 1000.0 - clock.load_ms)
+            observe_stage(clock.model, stage, PRIORITY_NAMES[priority], clock.outcome, broker_ms + clock.engine_queue_ms,
+                          clock.load_ms, compute_ms, broker_ms + (finished - started) * 1000.0)
             self.sink.record_stage(
                 job_id=job_id, task_id=task_id, stage=stage, model=clock.model, worker=self.worker_name,
                 device=self.device, priority=PRIORITY_NAMES[priority], batch_size=clock.batch_size,

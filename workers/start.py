@@ -54,6 +54,7 @@ def build_engine(settings: Settings, device: str, database_url: str, worker: str
     """In the engine process: the budget (enforced on the card), the profiles, the model-event sink, the engine."""
     from workers.backends import load_model
     from workers.engine import Engine
+    from workers.metrics import EngineMetrics
     from workers.models import load_model_specs
     from workers.profiles import PostgresProfileStore
     from workers.timing import PostgresSink
@@ -63,13 +64,19 @@ def build_engine(settings: Settings, device: str, database_url: str, worker: str
     budget = budget_for(settings, device)
     host_budget = host_budget_for(settings, device)
     sink = PostgresSink(database_url, worker=worker)
+    memory_used = None
+    if device.startswith("cuda"):
+        import torch
+
+        index = int(device.split(":")[1])
+        memory_used = lambda: torch.cuda.memory_reserved(index)  # noqa: E731 - what the allocator holds, cache too
     log.info("engine for %s: budget %s, host tier %s, models %s", worker, format_size(budget),
              format_size(host_budget), ", ".join(f"{role}={spec.name}" for role, spec in specs.items()))
     return Engine(
         device, specs, load_model, budget, host_budget_bytes=host_budget, cooldown_s=settings.cooldown_s,
         on_model_event=sink.record_model_event, profiles=PostgresProfileStore(database_url),
         device_kind=device_kind(device), report_interval_s=settings.stats_interval_s,
-        urgent_yield_s=settings.urgent_yield_s,
+        urgent_yield_s=settings.urgent_yield_s, metrics=EngineMetrics(device), memory_used=memory_used,
     )
 
 
@@ -151,6 +158,10 @@ def run_worker(
 
     if attach:
         _exit_with_parent()
+    else:
+        from workers import metrics
+
+        metrics.setup(settings.home, worker_name(device, name))  # before anything imports prometheus_client
     _allocator_settings(device)
     if settings.switch_interval_ms:
         sys.setswitchinterval(settings.switch_interval_ms / 1000.0)
@@ -164,6 +175,12 @@ def run_worker(
     try:
         if BACKGROUND_QUEUE in queues.split(","):
             runtime.chunk_pool  # noqa: B018 - start chunking processes before the first task, not during it
+        if not attach and settings.metrics_port >= 0:
+            from workers import metrics
+
+            metrics.serve(settings.metrics_port, settings.metrics_host, runtime.endpoints.broker_url,
+                          metrics.worker_state_dir(settings.home) / f"{runtime.worker_name}.json",
+                          {"worker": runtime.worker_name, "device": device, "engine_pid": runtime.engine.pid})
         if split:
             urgent = _start_urgent_consumer(runtime, settings.urgent_concurrency, loglevel)
         app.worker_main([
@@ -194,6 +211,8 @@ def _run_all(settings: Settings, concurrency: int | None, loglevel: str) -> int:
     children = []
     for index in range(count):
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(index))
+        if settings.metrics_port > 0:
+            env["RAGQ_METRICS_PORT"] = str(settings.metrics_port + index)
         args = [sys.executable, "-m", "ragq.cli", "worker", "--device", "cuda:0", "--name", f"gpu{index}",
                 "--loglevel", loglevel]
         if concurrency:
