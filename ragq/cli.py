@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -235,6 +236,71 @@ def job(job_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -
               f"{status['chunks_total']} chunks ({status['chunks_added']} new), {status['documents_failed']} failed")
     for failure in status["failed"]:
         out.print(f"  failed: {failure['error']}", highlight=False)
+
+
+# -- operations ---------------------------------------------------------------------------------------------------
+@app.command()
+@_guard
+def beat(loglevel: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO") -> None:
+    """Run Celery beat: sends the periodic jobs (alert evaluation every RAGQ_ALERT_INTERVAL_S) to the workers."""
+    from ragq.services import ensure_services
+    from workers.celery_app import app as celery_app
+    from workers.celery_app import configure_app
+
+    _setup_logging(loglevel.upper())
+    settings = _settings()
+    configure_app(settings, ensure_services(settings))
+    schedule = settings.home / "beat-schedule"
+    schedule.parent.mkdir(parents=True, exist_ok=True)
+    celery_app.Beat(loglevel=loglevel.upper(), schedule=str(schedule)).run()
+
+
+@app.command()
+@_guard
+def alerts(
+    since: Annotated[str, typer.Option(help="also list alerts started within this long: 30m, 6h, 2d")] = "24h",
+    evaluate: Annotated[bool, typer.Option("--evaluate", help="evaluate the rules once, now, first")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """List open alerts and those started recently (pending, firing, resolved)."""
+    from datetime import datetime, timezone
+
+    from ragq import alerts as alert_rules
+    from ragq.db import ensure_schema, get_engine
+    from ragq.services import ensure_services
+
+    _setup_logging()
+    settings = _settings()
+    url = ensure_services(settings).database_url
+    ensure_schema(url)
+    db = get_engine(url)
+    if evaluate:
+        alert_rules.evaluate(db, window_s=settings.alert_window_s, queue_for_s=settings.alert_queue_for_s)
+    rows = alert_rules.recent(db, datetime.now(timezone.utc) - parse_duration(since))
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        out.print(f"no alerts open or started in the last {since}")
+        return
+    table = Table("state", "severity", "rule", "subject", "since", "message")
+    for row in rows:
+        style = {"firing": "bold red", "pending": "yellow"}.get(row["state"], "")
+        table.add_row(row["state"], row["severity"], row["rule"], row["subject"],
+                      row["started_at"].strftime("%Y-%m-%d %H:%M:%S"), row["message"], style=style)
+    out.print(table)
+
+
+def parse_duration(text: str) -> timedelta:
+    """`90s`, `30m`, `6h`, `2d` -> a timedelta; anything else is a usage error naming the value."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        number, unit = float(text[:-1]), units[text[-1]]
+        if number < 0:
+            raise ValueError
+    except (ValueError, KeyError, IndexError):
+        raise typer.BadParameter(f"{text!r} is not a duration such as 90s, 30m, 6h or 2d") from None
+    return timedelta(seconds=number * unit)
 
 
 # -- questions ----------------------------------------------------------------------------------------------------

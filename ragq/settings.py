@@ -48,6 +48,10 @@ class Settings(BaseSettings):
         9400, ge=-1, le=65535, description="the worker's Prometheus endpoint (0 = any free port, -1 = none); "
         "`--device all` uses this port + the GPU index")
     metrics_host: str = Field("127.0.0.1", description="address the metrics endpoint listens on")
+    alert_interval_s: float = Field(30.0, gt=0, description="how often `ragq beat` has the alerts evaluated")
+    alert_window_s: float = Field(300.0, gt=0, description="the error-rate alert's window")
+    alert_queue_for_s: float = Field(
+        300.0, ge=0, description="how long queue time must exceed compute time before that alert fires")
     stats_interval_s: float = Field(
         30.0, ge=0, description="how often the engine logs a line of what its batches did (0 = never)")
     chunk_processes: int | None = Field(

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 URGENT_QUEUE = "urgent"
 BACKGROUND_QUEUE = "background"
 SENT_AT_HEADER = "ragq_sent_at"
-TASK_MODULES = ["tasks.ingest", "tasks.query", "tasks.diagnostics"]
+TASK_MODULES = ["tasks.ingest", "tasks.query", "tasks.diagnostics", "tasks.maintenance"]
 
 
 class RagqCelery(Celery):
@@ -94,6 +94,12 @@ def configure_app(settings: Settings, endpoints: Endpoints) -> RagqCelery:
         app.conf.update(celery_defaults_config(settings, endpoints))
     else:
         app.conf.update(celery_config(settings, endpoints))
+    app.conf.beat_schedule = {
+        "ragq-evaluate-alerts": {
+            "task": "ragq.evaluate_alerts", "schedule": settings.alert_interval_s,
+            "options": {"queue": URGENT_QUEUE, "expires": settings.alert_interval_s},
+        },
+    }
     return app
 
 

@@ -172,6 +172,8 @@ class Engine:
         urgent_yield_s: float = 0.0,
         metrics: Any = None,
         memory_used: Callable[[], int] | None = None,
+        on_sample: EventSink | None = None,
+        sample_interval_s: float = 5.0,
     ) -> None:
         self.device = device
         self.specs = specs
@@ -188,6 +190,9 @@ class Engine:
         self.urgent_yield_s = urgent_yield_s
         self.metrics = metrics                  # workers.metrics.EngineMetrics, or None
         self.memory_used = memory_used          # the device memory the engine holds (default: resident weights)
+        self.on_sample = on_sample              # a device_samples row at most every sample_interval_s
+        self.sample_interval_s = sample_interval_s
+        self._last_sample = float("-inf")
         self._last_urgent: float | None = None
         self.stats = EngineStats()
         self._pending: dict[int, _Request] = {}
@@ -313,6 +318,7 @@ class Engine:
         last = copy.deepcopy(self.stats)
         next_report = time.monotonic() + self.report_interval_s
         while self.step(block=True) is not None:
+            self._publish_state(sample_only=True)  # samples go on while idle: a stale sample is no sample
             if self.report_interval_s and time.monotonic() >= next_report:
                 ran = sum(r.batches for r in self.stats.roles.values()) - sum(r.batches for r in last.roles.values())
                 if ran:
@@ -326,8 +332,8 @@ class Engine:
         there was nothing runnable, None once stopping with nothing pending. Tests call it directly."""
         with self._cond:
             waited = time.monotonic()
-            while block and not self._pending and not self._prewarm_hints and not self._stopping:
-                self._cond.wait(0.5)
+            if block and not self._pending and not self._prewarm_hints and not self._stopping:
+                self._cond.wait(0.5)  # then back to the loop, which keeps its periodic duties while idle
             self.stats.idle_ms += (time.monotonic() - waited) * 1000.0
             if self._stopping and not self._pending:
                 return None
@@ -778,8 +784,10 @@ class Engine:
         except Exception:  # metrics must never break serving
             log.exception("metrics: %s failed", method)
 
-    def _publish_state(self) -> None:
-        if self.metrics is None:
+    def _publish_state(self, sample_only: bool = False) -> None:
+        """Residency, memory and pending work to the metrics; a device sample when one is due."""
+        due = self.on_sample is not None and time.monotonic() - self._last_sample >= self.sample_interval_s
+        if (self.metrics is None or sample_only) and not due:
             return
         with self._cond:
             resident = {n: s.tier == VRAM for n, s in self._slots.items()}
@@ -792,7 +800,16 @@ class Engine:
                 used = self.memory_used()
             except Exception:
                 log.exception("metrics: reading device memory failed")
-        self._report("state", resident, used, self.policy.budget_bytes, pending)
+        if not sample_only:
+            self._report("state", resident, used, self.policy.budget_bytes, pending)
+        if due:
+            self._last_sample = time.monotonic()
+            try:
+                self.on_sample({"device": self.device, "used_bytes": int(used),
+                                "budget_bytes": int(self.policy.budget_bytes),
+                                "resident": ",".join(sorted(n for n, here in resident.items() if here))})
+            except Exception:
+                log.exception("device sample sink failed")
 
     def _event(self, model: str, event: str, nbytes: int, ms: float, reason: str) -> None:
         log.info("model %s %s on %s: %.1f MiB in %.0f ms (%s)", model, event, self.device, nbytes / 2**20, ms, reason)

@@ -70,6 +70,7 @@ def build_engine(settings: Settings, device: str, database_url: str, worker: str
 
         index = int(device.split(":")[1])
         memory_used = lambda: torch.cuda.memory_reserved(index)  # noqa: E731 - what the allocator holds, cache too
+    total = device_memory(device).total_bytes if device != "cpu" else budget
     log.info("engine for %s: budget %s, host tier %s, models %s", worker, format_size(budget),
              format_size(host_budget), ", ".join(f"{role}={spec.name}" for role, spec in specs.items()))
     return Engine(
@@ -77,6 +78,7 @@ def build_engine(settings: Settings, device: str, database_url: str, worker: str
         on_model_event=sink.record_model_event, profiles=PostgresProfileStore(database_url),
         device_kind=device_kind(device), report_interval_s=settings.stats_interval_s,
         urgent_yield_s=settings.urgent_yield_s, metrics=EngineMetrics(device), memory_used=memory_used,
+        on_sample=lambda row: sink.record_device_sample({**row, "total_bytes": total or None}),
     )
 
 

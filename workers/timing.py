@@ -1,4 +1,4 @@
-"""Timing sinks: stage_timings and model_events rows, written off the hot path.
+"""Timing sinks: stage_timings, model_events and device_samples rows, written off the hot path.
 
 `record_stage` logs one compact line and queues the row; a background thread writes queued rows to Postgres in
 batches. A database outage delays rows (kept in a bounded buffer and retried) and never fails a job.
@@ -61,6 +61,9 @@ class TimingSink:
     def record_model_event(self, event: dict[str, Any]) -> None:
         self._store("model_events", dict(event))
 
+    def record_device_sample(self, sample: dict[str, Any]) -> None:
+        self._store("device_samples", dict(sample))
+
     def _store(self, table: str, row: dict[str, Any]) -> None:
         raise NotImplementedError
 
@@ -73,7 +76,7 @@ class TimingSink:
 
 class MemorySink(TimingSink):
     def __init__(self) -> None:
-        self.rows: dict[str, list[dict[str, Any]]] = {"stage_timings": [], "model_events": []}
+        self.rows: dict[str, list[dict[str, Any]]] = {"stage_timings": [], "model_events": [], "device_samples": []}
 
     def _store(self, table: str, row: dict[str, Any]) -> None:
         self.rows[table].append(row)
@@ -126,9 +129,9 @@ class PostgresSink(TimingSink):
             return True
         from sqlalchemy import insert
 
-        from ragq.db import ModelEvent, StageTiming, get_engine
+        from ragq.db import DeviceSample, ModelEvent, StageTiming, get_engine
 
-        by_table: dict[str, list[dict[str, Any]]] = {"stage_timings": [], "model_events": []}
+        by_table: dict[str, list[dict[str, Any]]] = {"stage_timings": [], "model_events": [], "device_samples": []}
         for table, row in rows:
             by_table[table].append(row)
         try:
@@ -137,6 +140,8 @@ class PostgresSink(TimingSink):
                     conn.execute(insert(StageTiming), by_table["stage_timings"])
                 if by_table["model_events"]:
                     conn.execute(insert(ModelEvent), by_table["model_events"])
+                if by_table["device_samples"]:
+                    conn.execute(insert(DeviceSample), by_table["device_samples"])
         except Exception as exc:  # the database is down or refused: keep the rows, retry with backoff
             self._failures += 1
             log.warning("could not write %d timing rows (attempt %d): %s", len(rows), self._failures, exc)

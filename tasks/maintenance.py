@@ -1,0 +1,17 @@
+"""Periodic work sent by `ragq beat`: alert evaluation. It runs on a worker's urgent consumer (quick, and due on
+time even while ingestion fills the background queue) and expires rather than pile up if no worker is there."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from workers.celery_app import app
+
+
+@app.task(name="ragq.evaluate_alerts", bind=True, ignore_result=True)
+def evaluate_alerts(self: Any) -> int:
+    from ragq.alerts import evaluate
+
+    rt = self.app.require_runtime()
+    settings = rt.settings
+    return len(evaluate(rt.db, window_s=settings.alert_window_s, queue_for_s=settings.alert_queue_for_s))
