@@ -131,6 +131,8 @@ class _Metrics:
                                  multiprocess_mode="mostrecent")
         self.memory_budget = Gauge("ragq_device_memory_budget_bytes", "The engine's device memory budget", ["device"],
                                    multiprocess_mode="mostrecent")
+        self.memory_total = Gauge("ragq_device_memory_total_bytes", "The device's memory", ["device"],
+                                  multiprocess_mode="mostrecent")
         self.memory_ratio = Gauge("ragq_device_memory_usage_ratio", "Used / budget", ["device"],
                                   multiprocess_mode="mostrecent")
         self.pending = Gauge("ragq_engine_pending_requests", "Requests waiting in the engine", ["device", "priority"],
@@ -164,8 +166,9 @@ def observe_stage(model: str | None, stage: str, priority: str, outcome: str, qu
 class EngineMetrics:
     """What the engine reports; every method is cheap and never raises into the device loop."""
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, total_bytes: int = 0) -> None:
         self.device = device
+        self.total_bytes = total_bytes
 
     def batch(self, model: str, role: str, items: int, tokens: int, seconds: float, alloc_retries: int) -> None:
         m = metrics()
@@ -199,6 +202,7 @@ class EngineMetrics:
             m.resident.labels(self.device, model).set(1 if here else 0)
         m.memory_used.labels(self.device).set(used_bytes)
         m.memory_budget.labels(self.device).set(budget_bytes)
+        m.memory_total.labels(self.device).set(self.total_bytes or budget_bytes)
         m.memory_ratio.labels(self.device).set(used_bytes / budget_bytes if budget_bytes else 0.0)
         for priority, count in pending.items():
             m.pending.labels(self.device, priority).set(count)
