@@ -291,6 +291,41 @@ def alerts(
     out.print(table)
 
 
+@app.command()
+@_guard
+def report(
+    since: Annotated[str, typer.Option(help="the window: the last 90s, 30m, 6h, 2d")] = "1h",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    html_file: Annotated[Path | None, typer.Option("--html", help="also write an HTML report with plots")] = None,
+) -> None:
+    """Timings report from stage_timings, model_events, device_samples and alerts: p50/p90/p99 per model and
+    stage, queue vs compute, throughput, batch sizes, loads and their durations, alerts."""
+    from datetime import datetime, timezone
+
+    from ragq import report as reports
+    from ragq.db import ensure_schema, get_engine
+    from ragq.services import ensure_services
+
+    _setup_logging()
+    window = parse_duration(since)
+    url = ensure_services(_settings()).database_url
+    ensure_schema(url)
+    db = get_engine(url)
+    until = datetime.now(timezone.utc)
+    data = reports.build(db, until - window, until)
+    if html_file is not None:
+        try:
+            html_file.write_text(reports.render_html(data, reports.series(db, until - window, until)))
+        except OSError as exc:
+            raise BadInput(str(html_file), f"cannot write the HTML report: {exc.strerror or exc}") from None
+    if as_json:
+        _print_json(reports.to_json(data))
+        return
+    reports.render_text(data, out)
+    if html_file is not None:
+        out.print(f"HTML report: {html_file}")
+
+
 def parse_duration(text: str) -> timedelta:
     """`90s`, `30m`, `6h`, `2d` -> a timedelta; anything else is a usage error naming the value."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -1,0 +1,137 @@
+"""`ragq report`: numbers computed from known rows (dated in 2099, away from the session's real rows), the CLI on
+the session's real data, and the HTML report rendered in headless Chromium with a screenshot."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+T0 = datetime(2099, 6, 1, tzinfo=timezone.utc)
+
+
+@pytest.fixture()
+def db(settings):  # type: ignore[no-untyped-def]
+    from sqlalchemy import text
+
+    from ragq.db import ensure_schema, get_engine
+    from ragq.services import ensure_services
+
+    url = ensure_services(settings).database_url
+    ensure_schema(url)
+    engine = get_engine(url)
+
+    def clean() -> None:
+        with engine.begin() as conn:
+            for table, column in (("stage_timings", "finished_at"), ("model_events", "ts"), ("device_samples", "ts"),
+                                  ("alerts", "started_at")):
+                conn.execute(text(f"DELETE FROM {table} WHERE {column} >= :t"), {"t": T0})
+
+    clean()
+    yield engine
+    clean()
+
+
+def known_rows(engine) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import insert
+
+    from ragq.db import Alert, DeviceSample, ModelEvent, StageTiming
+
+    stages = []
+    for i in range(1, 101):  # urgent embed: totals 1..100 ms (queue 0.1 i, load 0, compute 0.9 i)
+        stages.append({"stage": "embed", "model": "m", "priority": "urgent", "outcome": "ok" if i > 2 else "error",
+                       "finished_at": T0 + timedelta(seconds=i), "queue_ms": 0.1 * i, "load_ms": 0.0,
+                       "compute_ms": 0.9 * i, "batch_size": 1, "items": 1, "tokens": 10})
+    for i in range(10):  # background embed: 10 batches of 64 items, queue 300 ms, compute 100 ms
+        stages.append({"stage": "embed", "model": "m", "priority": "background", "outcome": "ok",
+                       "finished_at": T0 + timedelta(seconds=10 * i), "queue_ms": 300.0, "load_ms": 0.0,
+                       "compute_ms": 100.0, "batch_size": 64, "items": 64, "tokens": 12800})
+    events = [{"device": "cuda:0", "model": "m", "event": "wake", "ms": ms, "bytes": 2**30,
+               "ts": T0 + timedelta(seconds=ms / 10)} for ms in (100.0, 200.0, 300.0)]
+    events.append({"device": "cuda:0", "model": "m", "event": "sleep", "ms": 3.0, "bytes": 2**30,
+                   "ts": T0 + timedelta(seconds=50)})
+    samples = [{"worker": "w", "device": "cuda:0", "ts": T0 + timedelta(seconds=s), "used_bytes": used * 2**30,
+                "budget_bytes": 16 * 2**30, "total_bytes": 80 * 2**30, "resident": "m"}
+               for s, used in ((0, 8), (30, 12), (60, 10))]
+    with engine.begin() as conn:
+        conn.execute(insert(StageTiming), stages)
+        conn.execute(insert(ModelEvent), events)
+        conn.execute(insert(DeviceSample), samples)
+        conn.execute(insert(Alert).values(rule="vram_usage", subject="w cuda:0", severity="warning", state="resolved",
+                                          value=0.85, threshold=0.8, message="85 %", started_at=T0,
+                                          updated_at=T0, fired_at=T0, resolved_at=T0 + timedelta(seconds=90)))
+
+
+def test_numbers_from_known_rows(db) -> None:  # type: ignore[no-untyped-def]
+    from ragq.report import build
+
+    known_rows(db)
+    report = build(db, T0, T0 + timedelta(seconds=200))
+    by = {(r["priority"], r["stage"]): r for r in report["stages"]}
+    urgent = by[("urgent", "embed")]
+    assert urgent["count"] == 100 and urgent["errors"] == 2
+    assert urgent["total_ms"] == pytest.approx({"p50": 50.5, "p90": 90.1, "p99": 99.01})
+    assert urgent["queue_ms"]["p50"] == pytest.approx(5.05) and urgent["compute_ms"]["p50"] == pytest.approx(45.45)
+    assert urgent["queue_over_compute"] == pytest.approx(0.1 / 0.9)
+    background = by[("background", "embed")]
+    assert background["items"] == 640 and background["items_per_s"] == pytest.approx(640 / 200)
+    assert background["batch_mean"] == 64 and background["batch_max"] == 64
+    assert background["queue_over_compute"] == pytest.approx(3.0)
+    wake = next(e for e in report["model_events"] if e["event"] == "wake")
+    assert wake["count"] == 3 and wake["ms_p50"] == 200 and wake["ms_max"] == 300 and wake["ms_sum"] == 600
+    memory = report["device_memory"][0]
+    assert memory["used_max"] == 12 * 2**30 and memory["samples"] == 3
+    assert [a["rule"] for a in report["alerts"]] == ["vram_usage"]
+    empty = build(db, T0 + timedelta(days=1), T0 + timedelta(days=2))
+    assert empty["stages"] == [] and empty["model_events"] == []
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium is not installed")
+def test_the_html_report_renders_in_headless_chromium(db, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from ragq.report import build, render_html, series
+
+    known_rows(db)
+    until = T0 + timedelta(seconds=200)
+    page = tmp_path / "report.html"
+    page.write_text(render_html(build(db, T0, until), series(db, T0, until)))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chromium'}"]
+    dom = subprocess.run(["chromium", *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                         timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    for plot in ("plot-latency", "plot-queue_vs_compute", "plot-memory"):
+        assert f'id="{plot}"' in dom.stdout and "<svg" in dom.stdout
+    shot = tmp_path / "report.png"
+    subprocess.run(["chromium", *flags, "--window-size=1280,2400", f"--screenshot={shot}", page.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    assert shot.stat().st_size > 20_000  # a page with plots, not a blank one
+    from PIL import Image
+
+    with Image.open(shot) as image:
+        assert image.size == (1280, 2400)
+        colours = image.convert("RGB").getcolors(maxcolors=1_000_000)
+        assert colours is not None and len(colours) > 50  # lines, text and bars, not a blank page
+
+
+@pytest.mark.integration
+def test_report_cli_on_the_sessions_jobs(worker, client, ragq_home, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from ragq.demo import sample_paths
+    from tests.conftest import ragq_env, run_ragq
+
+    client.wait_for_job(client.submit_ingest(sample_paths()[:1]).job_id, timeout_s=240)
+    client.ask("what is pgvector?", timeout_s=60)
+    env = ragq_env(ragq_home)
+    out = run_ragq(env, "report", "--since", "2h", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    stages = {(r["priority"], r["stage"]) for r in data["stages"]}
+    assert {("urgent", "embed"), ("urgent", "search"), ("background", "embed"), ("background", "store")} <= stages
+    text = run_ragq(env, "report", "--since", "2h", "--html", str(tmp_path / "r.html"))
+    assert text.returncode == 0 and "stages" in text.stdout and (tmp_path / "r.html").stat().st_size > 1000
+    bad = run_ragq(env, "report", "--html", str(tmp_path / "missing" / "r.html"))
+    assert bad.returncode == 2 and "cannot write the HTML report" in bad.stderr + bad.stdout
