@@ -326,6 +326,44 @@ def report(
         out.print(f"HTML report: {html_file}")
 
 
+@app.command()
+@_guard
+def top(
+    interval: Annotated[float, typer.Option(help="seconds between refreshes")] = 2.0,
+    once: Annotated[bool, typer.Option("--once", help="print one frame and exit")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="with --once: the frame as JSON")] = False,
+) -> None:
+    """Live view: queue depths, each worker's device memory and resident models, recent latencies, open alerts."""
+    import time
+
+    from rich.live import Live
+
+    from ragq.db import ensure_schema, get_engine
+    from ragq.services import ensure_services
+    from ragq.top import render, snapshot
+
+    _setup_logging()
+    if interval <= 0:
+        raise typer.BadParameter(f"--interval {interval} must be above 0")
+    endpoints = ensure_services(_settings())
+    ensure_schema(endpoints.database_url)
+    db = get_engine(endpoints.database_url)
+    if once:
+        frame = snapshot(db, endpoints.broker_url)
+        if as_json:
+            _print_json(frame)
+        else:
+            out.print(render(frame))
+        return
+    with Live(render(snapshot(db, endpoints.broker_url)), console=out, refresh_per_second=4, screen=False) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                live.update(render(snapshot(db, endpoints.broker_url)))
+        except KeyboardInterrupt:
+            pass
+
+
 def parse_duration(text: str) -> timedelta:
     """`90s`, `30m`, `6h`, `2d` -> a timedelta; anything else is a usage error naming the value."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -135,3 +135,23 @@ def test_report_cli_on_the_sessions_jobs(worker, client, ragq_home, tmp_path: Pa
     assert text.returncode == 0 and "stages" in text.stdout and (tmp_path / "r.html").stat().st_size > 1000
     bad = run_ragq(env, "report", "--html", str(tmp_path / "missing" / "r.html"))
     assert bad.returncode == 2 and "cannot write the HTML report" in bad.stderr + bad.stdout
+
+
+@pytest.mark.integration
+def test_top_shows_queues_devices_and_latencies(worker, client, ragq_home) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    from tests.conftest import ragq_env, run_ragq
+
+    client.ask("what does the engine do?", timeout_s=60)
+    env = ragq_env(ragq_home)
+    out = run_ragq(env, "top", "--once", "--json")
+    assert out.returncode == 0, out.stderr
+    frame = json.loads(out.stdout)
+    assert set(frame["queues"]) == {"urgent", "background"}
+    mine = [d for d in frame["devices"] if d["worker"] == f"pytest@{os.uname().nodename}"]
+    assert mine and mine[0]["device"] == "cpu" and mine[0]["resident"] and mine[0]["age_s"] < 60
+    assert any(r["priority"] == "urgent" and r["stage"] == "embed" for r in frame["latencies"])
+    text = run_ragq(env, "top", "--once")
+    assert text.returncode == 0 and "urgent" in text.stdout and "resident" in text.stdout
+    assert run_ragq(env, "top", "--interval", "0").returncode == 2
