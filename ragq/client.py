@@ -19,6 +19,7 @@ from typing import Any
 from docling_core.types.doc import DoclingDocument
 from sqlalchemy import func, insert, select
 
+from ragq import tracing
 from ragq.db import Job, JobItem, ensure_schema, get_engine
 from ragq.documents import Failure, LoadedDocument, expand_paths, from_docling, load_document
 from ragq.errors import BadInput, QuestionTimeout, RagqError
@@ -50,6 +51,7 @@ class Client:
         ensure_schema(self.endpoints.database_url)
         self.db = get_engine(self.endpoints.database_url)
         self.app = configure_app(self.settings, self.endpoints)
+        tracing.setup(self.settings, "ragq-client")
 
     # -- ingestion --------------------------------------------------------------------------------------------------
     def submit_ingest(self, sources: Iterable[Source], *, batch_docs: int | None = None) -> IngestSubmission:
@@ -100,8 +102,9 @@ class Client:
                 })
             messages = pack_messages(items, [doc.text_chars for doc in loaded], batch,
                                      self.settings.ingest_task_tokens * CHARS_PER_TOKEN)
-        for message in messages:  # after commit, so a fast worker finds its rows
-            ingest_documents.apply_async((job_id, message), queue="background")
+        with tracing.span("ingest", job_id=job_id, documents=len(loaded)):  # the root of the job's trace
+            for message in messages:  # after commit, so a fast worker finds its rows
+                ingest_documents.apply_async((job_id, message), queue="background")
         return IngestSubmission(job_id=job_id, documents=len(loaded), failed=failures)
 
     def job_status(self, job_id: str) -> dict[str, Any]:
@@ -161,13 +164,14 @@ class Client:
             "question": question, "top_k": k, "candidates": max(k, self.settings.rerank_candidates),
             "deadline": started + timeout, "max_new_tokens": max_new_tokens,
         }
-        result = question_chain(state).apply_async()
-        try:
-            reply = result.get(timeout=timeout, propagate=True, disable_sync_subtasks=False)
-        except CeleryTimeout:
-            raise QuestionTimeout(
-                f"no answer within {timeout:.1f}s: is a worker running (`ragq worker`) and the urgent queue moving?"
-            ) from None
+        with tracing.span("ask", question_chars=len(question), top_k=k):  # the root of the question's trace
+            result = question_chain(state).apply_async()
+            try:
+                reply = result.get(timeout=timeout, propagate=True, disable_sync_subtasks=False)
+            except CeleryTimeout:
+                raise QuestionTimeout(
+                    f"no answer within {timeout:.1f}s: is a worker running (`ragq worker`) and the urgent queue "
+                    "moving?") from None
         reply["total_ms"] = round((time.time() - started) * 1000.0, 2)
         return _public_reply(reply)
 

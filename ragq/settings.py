@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     alert_window_s: float = Field(300.0, gt=0, description="the error-rate alert's window")
     alert_queue_for_s: float = Field(
         300.0, ge=0, description="how long queue time must exceed compute time before that alert fires")
+    tracing: Literal["off", "console", "otlp"] = Field(
+        "off", description="OpenTelemetry spans: off, console (JSON lines), or otlp (OTLP/HTTP)")
+    trace_file: Path | None = Field(None, description="with tracing=console: append spans here (default stderr)")
+    otlp_endpoint: str = Field("http://127.0.0.1:4318/v1/traces", description="with tracing=otlp: the collector")
     stats_interval_s: float = Field(
         30.0, ge=0, description="how often the engine logs a line of what its batches did (0 = never)")
     chunk_processes: int | None = Field(

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from ragq import tracing
 from ragq.services import Endpoints
 from ragq.settings import Settings
 from scheduler.batching import PRIORITY_NAMES
@@ -88,6 +89,9 @@ class WorkerRuntime:
         started = time.time()
         clock = StageClock()
         error: str | None = None
+        span_scope = tracing.span(stage, priority=PRIORITY_NAMES[priority], job_id=job_id, task_id=task_id,
+                                  worker=self.worker_name, device=self.device)
+        span = span_scope.__enter__()
         try:
             yield clock
         except Exception as exc:
@@ -96,6 +100,13 @@ class WorkerRuntime:
             raise
         finally:
             finished = time.time()
+            if span is not None:
+                for key, value in (("model", clock.model or "-"), ("items", clock.items),
+                                   ("batch_size", clock.batch_size), ("engine_queue_ms", clock.engine_queue_ms),
+                                   ("load_ms", clock.load_ms), ("compute_ms", clock.compute_ms or 0.0),
+                                   ("outcome", clock.outcome)):
+                    span.set_attribute(f"ragq.{key}", value)
+            span_scope.__exit__(None, None, None)
             broker_ms = max(0.0, (started - sent_at) * 1000.0) if sent_at else 0.0
             compute_ms = clock.compute_ms
             if compute_ms is None:

@@ -170,6 +170,9 @@ def run_worker(
     split = not attach and queues is None and settings.urgent_concurrency > 0 and settings.celery_profile == "ragq"
     if queues is None:
         queues = BACKGROUND_QUEUE if split else f"{URGENT_QUEUE},{BACKGROUND_QUEUE}"
+    from ragq import tracing
+
+    tracing.setup(settings, f"ragq-worker-{worker_name(device, name)}")
     runtime = build_runtime(settings, device, name, loglevel.upper(), attach=attach)
     configure_app(settings, runtime.endpoints)
     app.runtime = runtime
