@@ -110,3 +110,24 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "embed": build_qwen3(root / "tiny-qwen3-embed", causal=False, seed=1),
         "lm": build_qwen3(root / "tiny-qwen3-lm", causal=True, seed=2),
     }
+
+
+@pytest.fixture(scope="session")
+def db_engine(settings):  # type: ignore[no-untyped-def]
+    """The session's Postgres, migrated, as a SQLAlchemy engine."""
+    from ragq.db import ensure_schema, get_engine
+    from ragq.services import ensure_services
+
+    url = ensure_services(settings).database_url
+    ensure_schema(url)
+    return get_engine(url)
+
+
+def delete_rows_from(engine, start) -> None:  # type: ignore[no-untyped-def]
+    """Remove the rows a test injected, dated at or after `start` (tests date theirs far from the real ones)."""
+    from sqlalchemy import text
+
+    with engine.begin() as conn:
+        for table, column in (("stage_timings", "finished_at"), ("model_events", "ts"), ("device_samples", "ts"),
+                              ("alerts", "started_at")):
+            conn.execute(text(f"DELETE FROM {table} WHERE {column} >= :t"), {"t": start})

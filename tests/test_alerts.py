@@ -63,25 +63,12 @@ def test_a_sustained_condition_fires_only_after_its_for_time() -> None:
 
 
 @pytest.fixture()
-def db(settings):  # type: ignore[no-untyped-def]
-    from sqlalchemy import text
+def db(db_engine):  # type: ignore[no-untyped-def]
+    from tests.conftest import delete_rows_from
 
-    from ragq.db import ensure_schema, get_engine
-    from ragq.services import ensure_services
-
-    url = ensure_services(settings).database_url
-    ensure_schema(url)
-    engine = get_engine(url)
-
-    def clean() -> None:
-        with engine.begin() as conn:
-            conn.execute(text("DELETE FROM alerts WHERE started_at >= :t"), {"t": T0})
-            conn.execute(text("DELETE FROM device_samples WHERE ts >= :t"), {"t": T0})
-            conn.execute(text("DELETE FROM stage_timings WHERE finished_at >= :t"), {"t": T0})
-
-    clean()
-    yield engine
-    clean()
+    delete_rows_from(db_engine, T0)
+    yield db_engine
+    delete_rows_from(db_engine, T0)
 
 
 def sample(engine, seconds: float, used_gib: float, total_gib: float = 16.0) -> None:  # type: ignore[no-untyped-def]

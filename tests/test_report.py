@@ -15,25 +15,12 @@ T0 = datetime(2099, 6, 1, tzinfo=timezone.utc)
 
 
 @pytest.fixture()
-def db(settings):  # type: ignore[no-untyped-def]
-    from sqlalchemy import text
+def db(db_engine):  # type: ignore[no-untyped-def]
+    from tests.conftest import delete_rows_from
 
-    from ragq.db import ensure_schema, get_engine
-    from ragq.services import ensure_services
-
-    url = ensure_services(settings).database_url
-    ensure_schema(url)
-    engine = get_engine(url)
-
-    def clean() -> None:
-        with engine.begin() as conn:
-            for table, column in (("stage_timings", "finished_at"), ("model_events", "ts"), ("device_samples", "ts"),
-                                  ("alerts", "started_at")):
-                conn.execute(text(f"DELETE FROM {table} WHERE {column} >= :t"), {"t": T0})
-
-    clean()
-    yield engine
-    clean()
+    delete_rows_from(db_engine, T0)
+    yield db_engine
+    delete_rows_from(db_engine, T0)
 
 
 def known_rows(engine) -> None:  # type: ignore[no-untyped-def]
