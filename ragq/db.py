@@ -154,6 +154,7 @@ class ModelProfileRow(Base):
     dtype: Mapped[str] = mapped_column(String(16), primary_key=True)
     weights_bytes: Mapped[int] = mapped_column(BigInteger)
     activations: Mapped[dict[str, int]] = mapped_column(JSONB, default=dict)
+    tuned_batch: Mapped[int | None] = mapped_column(Integer, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 

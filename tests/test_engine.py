@@ -170,6 +170,22 @@ def test_measured_footprints_replace_the_first_guess_and_persist() -> None:
     assert later._slots["embed"].vram_bytes == 2 * MiB
 
 
+def test_the_tuned_batch_size_is_kept_for_the_next_start() -> None:
+    clock = FakeClock()
+    h = Harness(batch=64, clock=clock, real_time=False, run_s_fixed=0.02, run_s_per_item=0.001)
+    h.engine.tuners["embed"].size = 8  # as a first start with no profile would begin
+    request = h.engine.submit("embed", [f"t{i}" for i in range(400)])
+    while not request.done():
+        h.engine.step()
+    learned = h.engine.tuners["embed"].size
+    assert learned > 8  # it ramped (a fixed cost per batch: larger pays)
+    assert h.profiles.get("embed", "cpu", "auto").tuned_batch == learned
+    # a restarted engine (same profile store, as Postgres is across restarts) starts where this one settled
+    later = Engine("fake", h.specs, h.engine.loader, 100 * MiB, profiles=h.profiles, clock=clock,
+                   waiter=clock.advance)
+    assert later.tuners["embed"].size == learned
+
+
 def test_prewarm_overlaps_the_wake_with_other_work() -> None:
     h = Harness(budget_mib=10, sizes={"embed": 4, "rerank": 3, "generate": 6}, run_s_per_item=0.1, wake_s=0.3)
     h.engine.start()

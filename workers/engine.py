@@ -203,7 +203,7 @@ class Engine:
             self._slots[spec.name] = _Slot(spec, vram_bytes=guess, host_bytes=guess)
         self.tuners = {
             spec.name: BatchTuner(
-                size=spec.initial_batch or DEFAULT_INITIAL_BATCH.get(spec.role, 8), maximum=spec.batch_size,
+                size=self._start_size(spec), maximum=spec.batch_size,
                 latency_target_ms=spec.latency_target_ms or DEFAULT_LATENCY_TARGET_MS.get(spec.role, 1000.0),
             )
             for spec in specs.values()
@@ -216,6 +216,13 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._background = ThreadPoolExecutor(1, thread_name_prefix=f"ragq-load-{device}")
         self._pinning = ThreadPoolExecutor(1, thread_name_prefix=f"ragq-pin-{device}")
+
+    def _start_size(self, spec: ModelSpec) -> int:
+        """Where the last run's tuner settled for this model on this kind of device, else the configured start."""
+        profile = self.profiles.get(spec.name, self.device_kind, spec.dtype)
+        if profile is not None and profile.tuned_batch:
+            return profile.tuned_batch
+        return spec.initial_batch or DEFAULT_INITIAL_BATCH.get(spec.role, 8)
 
     @property
     def budget_bytes(self) -> int:
@@ -528,6 +535,8 @@ class Engine:
             tuner.observe(len(items), compute_ms, limit)
             for before, after, why in tuner.changes[known:]:
                 log.info("%s batch size %d -> %d on %s: %s", spec.name, before, after, self.device, why)
+            if len(tuner.changes) > known:
+                self._save_profile(slot, tuned_batch=tuner.size)  # the next start begins here
         position = 0
         finished: list[_Request] = []
         with self._cond:
@@ -760,7 +769,7 @@ class Engine:
         self._save_profile(slot, activation=(batch_size, max_tokens, int(peak)))
 
     def _save_profile(self, slot: _Slot, weights_bytes: int | None = None,
-                      activation: tuple[int, int, int] | None = None) -> None:
+                      activation: tuple[int, int, int] | None = None, tuned_batch: int | None = None) -> None:
         spec = slot.spec
         profile = self.profiles.get(spec.name, self.device_kind, spec.dtype) or ModelProfile(
             spec.name, self.device_kind, spec.dtype, weights_bytes or slot.vram_bytes)
@@ -770,6 +779,9 @@ class Engine:
             changed = True
         if activation is not None:
             changed = profile.observe(*activation) or changed
+        if tuned_batch is not None and tuned_batch != profile.tuned_batch:
+            profile.tuned_batch = tuned_batch
+            changed = True
         if changed or weights_bytes is not None:
             try:
                 self.profiles.put(profile)

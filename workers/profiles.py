@@ -31,6 +31,7 @@ class ModelProfile:
     dtype: str
     weights_bytes: int
     activations: dict[str, int] = field(default_factory=dict)   # "batch:token_bucket" -> peak bytes
+    tuned_batch: int | None = None   # the background batch size the tuner last settled on
 
     def observe(self, batch_size: int, tokens: int, peak_bytes: int) -> bool:
         key = f"{batch_size}:{token_bucket(tokens)}"
@@ -105,13 +106,13 @@ class PostgresProfileStore(MemoryProfileStore):
             with get_engine(self.database_url).connect() as conn:
                 for row in conn.execute(select(ModelProfileRow.__table__)).mappings():
                     super().put(ModelProfile(row["model"], row["device_kind"], row["dtype"], row["weights_bytes"],
-                                             dict(row["activations"] or {})))
+                                             dict(row["activations"] or {}), row["tuned_batch"]))
         except Exception as exc:
             log.warning("could not read model profiles (planning with configured estimates): %s", exc)
 
     def put(self, profile: ModelProfile) -> None:
         snapshot = ModelProfile(profile.model, profile.device_kind, profile.dtype, profile.weights_bytes,
-                                dict(profile.activations))
+                                dict(profile.activations), profile.tuned_batch)
         super().put(snapshot)
         self._writer.submit(self._write, snapshot)
 
@@ -122,11 +123,13 @@ class PostgresProfileStore(MemoryProfileStore):
         from ragq.db import ModelProfileRow, get_engine
 
         values = {"model": profile.model, "device_kind": profile.device_kind, "dtype": profile.dtype,
-                  "weights_bytes": profile.weights_bytes, "activations": profile.activations}
+                  "weights_bytes": profile.weights_bytes, "activations": profile.activations,
+                  "tuned_batch": profile.tuned_batch}
         statement = insert(ModelProfileRow).values(**values)
         statement = statement.on_conflict_do_update(
             index_elements=["model", "device_kind", "dtype"],
             set_={"weights_bytes": statement.excluded.weights_bytes, "activations": statement.excluded.activations,
+                  "tuned_batch": statement.excluded.tuned_batch,
                   "updated_at": func.now()},
         )
         try:
