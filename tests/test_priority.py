@@ -47,3 +47,32 @@ def test_urgent_work_never_waits_for_a_thread_held_by_background_work(worker, cl
     assert u["worker"].startswith(f"{worker.name}-urgent@")
     for r in busy:
         r.get(timeout=60)
+
+
+def test_a_killed_urgent_consumer_is_replaced(worker, client) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import signal
+
+    import psutil
+
+    def urgent_consumers() -> list[psutil.Process]:
+        found = []
+        for child in psutil.Process(worker.proc.pid).children():
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE and "--attach" in child.cmdline():
+                    found.append(child)
+            except psutil.Error:  # gone, or a zombie not yet reaped
+                continue
+        return found
+
+    (first,) = urgent_consumers()
+    os.kill(first.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        now = [c for c in urgent_consumers() if c.pid != first.pid]
+        if now:
+            break
+        time.sleep(0.5)
+    assert now, "no new urgent consumer"
+    reply = client.ask("does a question still get an answer?", timeout_s=90)  # the new consumer answers it
+    assert reply["answer"]

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 
 from ragq.db import ensure_schema
 from ragq.services import ensure_services
@@ -129,6 +130,44 @@ def _start_urgent_consumer(runtime, concurrency: int, loglevel: str) -> subproce
     return child
 
 
+class UrgentConsumer:
+    """The urgent consumer process, restarted if it dies while the worker runs (a question must always find a
+    consumer); stopped with a warm shutdown when the worker stops."""
+
+    def __init__(self, runtime, concurrency: int, loglevel: str) -> None:  # type: ignore[no-untyped-def]
+        self.runtime, self.concurrency, self.loglevel = runtime, concurrency, loglevel
+        self.restarts = 0
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self.process = _start_urgent_consumer(runtime, concurrency, loglevel)
+        threading.Thread(target=self._watch, name="ragq-urgent-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(1.0):
+            code = self.process.poll()
+            if code is None:
+                continue
+            self.restarts += 1
+            log.error("urgent consumer exited with code %s; starting a new one (restart %d)", code, self.restarts)
+            if self._stopping.wait(min(30.0, 2.0 ** self.restarts) if self.restarts > 3 else 0.5):  # no crash loop
+                return
+            with self._lock:
+                if not self._stopping.is_set():
+                    self.process = _start_urgent_consumer(self.runtime, self.concurrency, self.loglevel)
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        self._stopping.set()
+        with self._lock:
+            process = self.process
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)  # warm shutdown: its running questions finish first
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
+
+
 def _exit_with_parent() -> None:
     """An urgent consumer ends with its worker, however the worker ends (Linux: the parent-death signal)."""
     try:
@@ -187,19 +226,15 @@ def run_worker(
                           metrics.worker_state_dir(settings.home) / f"{runtime.worker_name}.json",
                           {"worker": runtime.worker_name, "device": device, "engine_pid": runtime.engine.pid})
         if split:
-            urgent = _start_urgent_consumer(runtime, settings.urgent_concurrency, loglevel)
+            urgent = UrgentConsumer(runtime, settings.urgent_concurrency, loglevel)
         app.worker_main([
             "worker", "--pool", "threads", "--concurrency", str(concurrency or settings.worker_concurrency),
             "--queues", queues, "--hostname", runtime.worker_name,
             "--loglevel", loglevel, "--without-gossip", "--without-mingle",
         ])
     finally:
-        if urgent is not None and urgent.poll() is None:
-            urgent.send_signal(signal.SIGTERM)  # warm shutdown: its running questions finish first
-            try:
-                urgent.wait(60)
-            except subprocess.TimeoutExpired:
-                urgent.kill()
+        if urgent is not None:
+            urgent.stop()
         runtime.engine.stop()
         runtime.sink.close()
         if "chunk_pool" in runtime.__dict__:
