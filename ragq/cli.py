@@ -364,6 +364,56 @@ def top(
             pass
 
 
+@app.command()
+@_guard
+def tune(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="show the symptoms and moves; change nothing")] = False,
+    history: Annotated[int, typer.Option(help="also list this many recent tuning actions")] = 10,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Run one step of the tuning playbook now (ragq beat runs it every RAGQ_TUNE_INTERVAL_S): the symptoms in
+    the last RAGQ_TUNE_WINDOW_S, the knob moves they call for, the live knob values and recent actions."""
+    from dataclasses import asdict
+
+    from sqlalchemy import text
+
+    from ragq import tuning
+    from ragq.db import ensure_schema, get_engine
+    from ragq.services import ensure_services
+    from workers.models import load_model_specs
+
+    _setup_logging()
+    settings = _settings()
+    url = ensure_services(settings).database_url
+    ensure_schema(url)
+    db = get_engine(url)
+    specs = load_model_specs(settings.models)
+    symptoms, moves = tuning.tick(db, settings, specs, dry_run=dry_run)
+    with db.connect() as conn:
+        knobs = tuning.current_knobs(conn, tuning.knob_defaults(settings, specs))
+        actions = [dict(r) for r in conn.execute(text(
+            "SELECT ts, knob, before, after, symptom, evidence FROM tuning_actions ORDER BY id DESC LIMIT :n"),
+            {"n": history}).mappings()]
+    if as_json:
+        _print_json({"dry_run": dry_run, "symptoms": [asdict(s) for s in symptoms],
+                     "moves": [asdict(m) for m in moves],
+                     "knobs": {k.name: {"value": k.value, "low": k.low, "high": k.high, "pinned": k.pinned}
+                               for k in knobs.values()},
+                     "actions": actions})
+        return
+    out.print(f"symptoms: {', '.join(f'{s.name} {s.subject}'.strip() for s in symptoms) or 'none'}")
+    for move in moves:
+        out.print(f"{'would move' if dry_run else 'moved'} {move.knob}: {move.before:g} -> {move.after:g} "
+                  f"({move.symptom}: {move.evidence})", highlight=False)
+    table = Table("knob", "value", "bounds", "pinned")
+    for knob in knobs.values():
+        table.add_row(knob.name, f"{knob.value:g}", f"{knob.low:g}..{knob.high:g}", "yes" if knob.pinned else "")
+    out.print(table)
+    for action in actions:
+        out.print(f"{action['ts']:%Y-%m-%d %H:%M:%S} {action['knob']}: {action['before']:g} -> {action['after']:g} "
+                  f"({action['symptom']})", highlight=False)
+
+
 def parse_duration(text: str) -> timedelta:
     """`90s`, `30m`, `6h`, `2d` -> a timedelta; anything else is a usage error naming the value."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}

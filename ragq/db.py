@@ -129,6 +129,27 @@ class DeviceSample(Base):
     budget_bytes: Mapped[int] = mapped_column(BigInteger)
     total_bytes: Mapped[int | None] = mapped_column(BigInteger)
     resident: Mapped[str | None] = mapped_column(Text)
+    busy_ms: Mapped[float | None] = mapped_column(Float)
+    interval_ms: Mapped[float | None] = mapped_column(Float)
+
+
+class TuningKnob(Base):
+    __tablename__ = "tuning_knobs"
+    name: Mapped[str] = mapped_column(String(300), primary_key=True)
+    value: Mapped[float] = mapped_column(Float)
+    last_direction: Mapped[int] = mapped_column(Integer, default=0)
+    last_moved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class TuningAction(Base):
+    __tablename__ = "tuning_actions"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    ts: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now(), index=True)
+    knob: Mapped[str] = mapped_column(String(300))
+    before: Mapped[float | None] = mapped_column(Float)
+    after: Mapped[float | None] = mapped_column(Float)
+    symptom: Mapped[str] = mapped_column(String(64))
+    evidence: Mapped[dict[str, Any]] = mapped_column(JSONB)
 
 
 class Alert(Base):

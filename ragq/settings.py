@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     alert_window_s: float = Field(300.0, gt=0, description="the error-rate alert's window")
     alert_queue_for_s: float = Field(
         300.0, ge=0, description="how long queue time must exceed compute time before that alert fires")
+    tune_interval_s: float = Field(60.0, ge=0, description="how often `ragq beat` runs the tuner (0 = never)")
+    tune_window_s: float = Field(300.0, gt=0, description="the evidence window of each tuner step")
+    tune_settle_s: float = Field(120.0, ge=0, description="a knob moved less than this long ago is left alone")
+    tuning_pinned: str = Field("", description="comma-separated knobs the tuner never moves, e.g. "
+                               "cooldown_s,max_new_tokens")
     tracing: Literal["off", "console", "otlp"] = Field(
         "off", description="OpenTelemetry spans: off, console (JSON lines), or otlp (OTLP/HTTP)")
     trace_file: Path | None = Field(None, description="with tracing=console: append spans here (default stderr)")

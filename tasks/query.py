@@ -117,6 +117,12 @@ def generate(self: Any, state: dict[str, Any]) -> dict[str, Any]:
     sources = state["sources"]
     passages = [s["text"] for s in sources]
     with rt.stage("generate", **context) as clock:
+        if rt.engine.has_role("generate"):  # the tuner's caps: fewer passages and tokens when generation is slow
+            passages = passages[: max(1, int(rt.knob("generate_chunks", len(passages))))]
+            spec = rt.specs["generate"]
+            cap = int(rt.knob("max_new_tokens", spec.max_new_tokens))
+            asked = state.get("max_new_tokens") or spec.max_new_tokens
+            state["max_new_tokens"] = min(asked, cap)
         if not sources:
             clock.model = "none"
             state["answer"] = "No ingested passage matches this question: ingest documents first (`ragq ingest`)."

@@ -287,3 +287,25 @@ def test_background_batches_run_at_half_size_for_a_while_after_urgent_work() -> 
     assert sizes[1] == 4                      # then half-size background batches while urgent work is recent
     assert sizes[-1] == 8 or sizes[-2] == 8   # and the tuned size once it is 3 s in the past
     assert sum(sizes[1:]) == 48
+
+
+def test_live_knobs_from_the_tuner_apply_to_the_engine() -> None:
+    h = Harness(batch=64, sizes={"embed": 1, "rerank": 1})
+    h.engine.start()
+    h.engine.run("rerank", ["r"])
+    h.engine.run("embed", ["e"])
+    engine = h.engine
+    engine.apply_knobs({})  # the first read only notes the unload counter
+    engine.apply_knobs({"batch_max:embed": 16, "max_length:embed": 128, "max_queue_delay_ms:embed": 4.0,
+                        "cooldown_s": 6.0, "unload_idle": 1})
+    tuner = engine.tuners["embed"]
+    assert (tuner.maximum, tuner.size) == (16, 16)
+    assert engine.specs["embed"].max_length == 128 and engine.specs["embed"].max_queue_delay_ms == 4.0
+    assert engine.policy.cooldown_s == 6.0
+    assert engine.tiers()["rerank"] != "vram" and engine.tiers()["embed"] != "vram"  # idle models went
+    engine.apply_knobs({"unload_idle": 1})  # the same counter: nothing more to do
+    engine.apply_knobs({"batch_max:embed": 32})
+    assert tuner.maximum == 32 and tuner.ceiling == 32  # raised again: it may ramp up to the new cap
+    result = engine.run("embed", [str(i) for i in range(40)])
+    h.engine.stop()
+    assert len(result.outputs) == 40

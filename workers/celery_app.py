@@ -100,6 +100,11 @@ def configure_app(settings: Settings, endpoints: Endpoints) -> RagqCelery:
             "options": {"queue": URGENT_QUEUE, "expires": settings.alert_interval_s},
         },
     }
+    if settings.tune_interval_s > 0:
+        app.conf.beat_schedule["ragq-tune"] = {
+            "task": "ragq.tune", "schedule": settings.tune_interval_s,
+            "options": {"queue": URGENT_QUEUE, "expires": settings.tune_interval_s},
+        }
     return app
 
 

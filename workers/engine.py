@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ragq.errors import BackendUnavailable, BudgetExceeded, DeviceOutOfMemory, RagqError, RequestExpired
@@ -174,6 +174,8 @@ class Engine:
         memory_used: Callable[[], int] | None = None,
         on_sample: EventSink | None = None,
         sample_interval_s: float = 5.0,
+        knob_source: Callable[[], dict[str, float]] | None = None,
+        knob_interval_s: float = 10.0,
     ) -> None:
         self.device = device
         self.specs = specs
@@ -193,6 +195,10 @@ class Engine:
         self.on_sample = on_sample              # a device_samples row at most every sample_interval_s
         self.sample_interval_s = sample_interval_s
         self._last_sample = float("-inf")
+        self._busy_mark = 0.0
+        self.knob_source = knob_source          # the tuner's live knob values (ragq/tuning.py), read periodically
+        self.knob_interval_s = knob_interval_s
+        self._unload_seen: float | None = None
         self._last_urgent: float | None = None
         self.stats = EngineStats()
         self._pending: dict[int, _Request] = {}
@@ -324,8 +330,15 @@ class Engine:
     def _loop(self) -> None:
         last = copy.deepcopy(self.stats)
         next_report = time.monotonic() + self.report_interval_s
+        next_knobs = time.monotonic()
         while self.step(block=True) is not None:
             self._publish_state(sample_only=True)  # samples go on while idle: a stale sample is no sample
+            if self.knob_source is not None and time.monotonic() >= next_knobs:
+                next_knobs = time.monotonic() + self.knob_interval_s
+                try:
+                    self.apply_knobs(self.knob_source())
+                except Exception as exc:  # the database away: keep the values we have
+                    log.warning("could not read the tuning knobs: %s", exc)
             if self.report_interval_s and time.monotonic() >= next_report:
                 ran = sum(r.batches for r in self.stats.roles.values()) - sum(r.batches for r in last.roles.values())
                 if ran:
@@ -396,6 +409,42 @@ class Engine:
         if batch:
             self._run_batch(role, batch, moves, limits.max_items)
         return True
+
+    def apply_knobs(self, values: dict[str, float]) -> None:
+        """Apply the tuner's live knob values (engine thread): batch size caps, context lengths, queue delays,
+        the cooldown, and the unload-idle counter (each increase evicts the models no pending work needs)."""
+        for role, spec in list(self.specs.items()):
+            changes: dict[str, Any] = {}
+            if f"max_length:{spec.name}" in values:
+                changes["max_length"] = max(1, int(values[f"max_length:{spec.name}"]))
+            if f"max_queue_delay_ms:{spec.name}" in values:
+                changes["max_queue_delay_ms"] = max(0.0, float(values[f"max_queue_delay_ms:{spec.name}"]))
+            changes = {k: v for k, v in changes.items() if getattr(spec, k) != v}
+            if changes:
+                new = replace(spec, **changes)
+                self.specs[role] = new
+                slot = self._slots[spec.name]
+                slot.spec = new
+                if slot.model is not None and hasattr(slot.model, "spec"):
+                    slot.model.spec = new
+                log.info("tuning: %s now %s", spec.name, changes)
+            if f"batch_max:{spec.name}" in values:
+                tuner = self.tuners[spec.name]
+                cap = max(1, int(values[f"batch_max:{spec.name}"]))
+                if cap != tuner.maximum:
+                    unbounded = tuner.ceiling >= tuner.maximum
+                    tuner.maximum = cap
+                    tuner.ceiling = cap if unbounded else min(tuner.ceiling, cap)
+                    tuner.size = min(tuner.size, cap)
+                    log.info("tuning: %s batch size at most %d", spec.name, cap)
+        if "cooldown_s" in values and values["cooldown_s"] != self.policy.cooldown_s:
+            self.policy = replace(self.policy, cooldown_s=float(values["cooldown_s"]))
+            log.info("tuning: cooldown %.1fs", self.policy.cooldown_s)
+        seen = values.get("unload_idle", 0.0)
+        if self._unload_seen is not None and seen > self._unload_seen:
+            if self._evict_idle(keep=""):
+                log.info("tuning: unloaded the idle models")
+        self._unload_seen = seen
 
     def _memory_cap(self, spec: ModelSpec, snapshot: list[Pending]) -> int:
         """The most items whose measured activations fit next to what is resident (no profile: no cap)."""
@@ -815,11 +864,17 @@ class Engine:
         if not sample_only:
             self._report("state", resident, used, self.policy.budget_bytes, pending)
         if due:
-            self._last_sample = time.monotonic()
+            now = time.monotonic()
+            # compute time of the device since the last sample (device time where measured, else run time)
+            busy = sum(r.device_ms or r.wall_ms for r in self.stats.roles.values())
+            interval_ms = (now - self._last_sample) * 1000.0 if self._last_sample > float("-inf") else None
+            busy_ms = busy - self._busy_mark if interval_ms is not None else None
+            self._last_sample, self._busy_mark = now, busy
             try:
                 self.on_sample({"device": self.device, "used_bytes": int(used),
                                 "budget_bytes": int(self.policy.budget_bytes),
-                                "resident": ",".join(sorted(n for n, here in resident.items() if here))})
+                                "resident": ",".join(sorted(n for n, here in resident.items() if here)),
+                                "busy_ms": busy_ms, "interval_ms": interval_ms})
             except Exception:
                 log.exception("device sample sink failed")
 

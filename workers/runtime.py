@@ -66,6 +66,21 @@ class WorkerRuntime:
 
         return get_engine(self.endpoints.database_url)
 
+    _knobs: tuple[float, dict[str, float]] = field(default=(float("-inf"), {}), init=False, repr=False)
+
+    def knob(self, name: str, default: float) -> float:
+        """A live knob the tuner moved (read from Postgres at most every 10 s), else `default`."""
+        read_at, values = self._knobs
+        if time.monotonic() - read_at > 10.0:
+            from ragq.tuning import live_values
+
+            try:
+                values = live_values(self.db)
+            except Exception as exc:  # the database away: keep what we had
+                log.warning("could not read the tuning knobs: %s", exc)
+            self._knobs = (time.monotonic(), values)
+        return values.get(name, default)
+
     @cached_property
     def chunk_pool(self):  # type: ignore[no-untyped-def]
         from workers.chunk_pool import ChunkPool

@@ -54,6 +54,8 @@ def host_budget_for(settings: Settings, device: str) -> int:
 def build_engine(settings: Settings, device: str, database_url: str, worker: str):  # type: ignore[no-untyped-def]
     """In the engine process: the budget (enforced on the card), the profiles, the model-event sink, the engine."""
     from workers.backends import load_model
+    from ragq import tuning
+    from ragq.db import get_engine
     from workers.engine import Engine
     from workers.metrics import EngineMetrics
     from workers.models import load_model_specs
@@ -80,6 +82,7 @@ def build_engine(settings: Settings, device: str, database_url: str, worker: str
         device_kind=device_kind(device), report_interval_s=settings.stats_interval_s,
         urgent_yield_s=settings.urgent_yield_s, metrics=EngineMetrics(device, total), memory_used=memory_used,
         on_sample=lambda row: sink.record_device_sample({**row, "total_bytes": total or None}),
+        knob_source=lambda: tuning.live_values(get_engine(database_url)),
     )
 
 

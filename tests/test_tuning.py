@@ -1,0 +1,100 @@
+"""The periodic tuner against a real Postgres: injected evidence (dated in 2099) -> knob moves written to
+tuning_knobs with an audit row each; settling; --dry-run writes nothing; pinned knobs stay; `ragq tune` CLI."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from workers.models import ModelSpec
+
+T0 = datetime(2099, 3, 1, tzinfo=timezone.utc)
+SPECS = {
+    "embed": ModelSpec(role="embed", path=Path("/nonexistent"), name="tune-test-emb", batch_size=64),
+    "generate": ModelSpec(role="generate", path=Path("/nonexistent"), name="tune-test-gen", max_new_tokens=128),
+}
+
+
+@pytest.fixture()
+def db(db_engine):  # type: ignore[no-untyped-def]
+    from sqlalchemy import text
+
+    from tests.conftest import delete_rows_from
+
+    def clean() -> None:
+        delete_rows_from(db_engine, T0)
+        with db_engine.begin() as conn:
+            conn.execute(text("DELETE FROM tuning_knobs WHERE name LIKE '%tune-test%' OR name IN "
+                              "('max_new_tokens', 'generate_chunks', 'cooldown_s', 'unload_idle')"))
+            conn.execute(text("DELETE FROM tuning_actions WHERE ts >= :t"), {"t": T0})
+
+    clean()
+    yield db_engine
+    clean()
+
+
+def events(engine, seconds: float, model: str, event: str, n: int) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import insert
+
+    from ragq.db import ModelEvent
+
+    with engine.begin() as conn:
+        conn.execute(insert(ModelEvent), [{"ts": T0 + timedelta(seconds=seconds + i), "device": "cuda:0",
+                                           "model": model, "event": event, "ms": 1.0} for i in range(n)])
+
+
+def test_an_oom_shrinks_the_batch_cap_unloads_idle_models_and_is_audited(db, settings) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import text
+
+    from ragq.tuning import live_values, tick
+
+    events(db, 10, "tune-test-emb", "oom", 2)
+    symptoms, moves = tick(db, settings, SPECS, now=T0 + timedelta(seconds=100), dry_run=True)
+    assert [s.name for s in symptoms] == ["oom"] and {m.knob for m in moves} == {"batch_max:tune-test-emb",
+                                                                                   "unload_idle"}
+    assert "batch_max:tune-test-emb" not in live_values(db)  # a dry run changes nothing
+    symptoms, moves = tick(db, settings, SPECS, now=T0 + timedelta(seconds=100))
+    values = live_values(db)
+    assert values["batch_max:tune-test-emb"] == 32 and values["unload_idle"] == 1
+    with db.connect() as conn:
+        actions = [dict(r) for r in conn.execute(text(
+            "SELECT knob, before, after, symptom, evidence FROM tuning_actions WHERE ts >= :t ORDER BY id"),
+            {"t": T0}).mappings()]
+    assert [(a["knob"], a["before"], a["after"], a["symptom"]) for a in actions] == [
+        ("batch_max:tune-test-emb", 64, 32, "oom"), ("unload_idle", 0, 1, "oom")]
+    assert actions[0]["evidence"] == {"ooms": 2}
+    # the next step, a minute later, sees the same OOMs but the knob is settling: no second halving
+    _, moves = tick(db, settings, SPECS, now=T0 + timedelta(seconds=160))
+    assert "batch_max:tune-test-emb" not in {m.knob for m in moves}
+
+
+def test_slow_generation_cuts_new_tokens_unless_pinned(db, settings) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import insert
+
+    from ragq.db import StageTiming
+    from ragq.tuning import live_values, tick
+
+    with db.begin() as conn:
+        conn.execute(insert(StageTiming), [{"stage": "generate", "model": "tune-test-gen", "priority": "urgent",
+                                            "outcome": "ok", "finished_at": T0 + timedelta(seconds=i),
+                                            "queue_ms": 10.0, "load_ms": 0.0, "compute_ms": 9000.0}
+                                           for i in range(10)])
+    pinned = settings.model_copy(update={"tuning_pinned": "max_new_tokens"})
+    _, moves = tick(db, pinned, SPECS, now=T0 + timedelta(seconds=60))
+    assert [(m.knob, m.before, m.after) for m in moves] == [("generate_chunks", settings.top_k, settings.top_k - 1)]
+    assert "max_new_tokens" not in live_values(db)
+
+
+@pytest.mark.integration
+def test_tune_cli(worker, ragq_home) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import ragq_env, run_ragq
+
+    out = run_ragq(ragq_env(ragq_home), "tune", "--dry-run", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["dry_run"] is True and "cooldown_s" in data["knobs"] and isinstance(data["symptoms"], list)
+    text = run_ragq(ragq_env(ragq_home, RAGQ_TUNING_PINNED="cooldown_s"), "tune", "--dry-run")
+    assert text.returncode == 0 and "symptoms:" in text.stdout and "cooldown_s" in text.stdout
