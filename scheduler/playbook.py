@@ -110,26 +110,29 @@ def diagnose(e: Evidence, models: dict[str, str], t: Thresholds = Thresholds()) 
     return out
 
 
-# symptom -> [(knob name template, direction)]; "{model}" is the symptom's subject
-PLAYBOOK: dict[str, list[tuple[str, int]]] = {
-    "oom": [("batch_max:{model}", DOWN), ("unload_idle", ONCE), ("max_length:{model}", DOWN)],
-    "high_queue_time": [("max_queue_delay_ms:{model}", UP), ("batch_max:{model}", UP)],
-    "high_generation_latency": [("max_new_tokens", DOWN), ("generate_chunks", DOWN)],
-    "low_throughput_low_util": [("batch_max:{model}", UP)],
-    "oscillating_loads": [("cooldown_s", UP)],
+ALWAYS, FALLBACK = "always", "fallback"
+
+# symptom -> [(knob name template, direction, when)]; "{model}" is the symptom's subject. An `always` knob moves a
+# step whenever it may; a `fallback` knob only when no knob before it in the row moved.
+PLAYBOOK: dict[str, list[tuple[str, int, str]]] = {
+    "oom": [("batch_max:{model}", DOWN, ALWAYS), ("unload_idle", ONCE, ALWAYS), ("max_length:{model}", DOWN, FALLBACK)],
+    "high_queue_time": [("max_queue_delay_ms:{model}", UP, ALWAYS), ("batch_max:{model}", UP, ALWAYS)],
+    "high_generation_latency": [("max_new_tokens", DOWN, ALWAYS), ("generate_chunks", DOWN, FALLBACK)],
+    "low_throughput_low_util": [("batch_max:{model}", UP, ALWAYS)],
+    "oscillating_loads": [("cooldown_s", UP, ALWAYS)],
 }
 
 
 def plan(symptoms: list[Symptom], knobs: dict[str, Knob], now: float, evidence_start: float,
          t: Thresholds = Thresholds()) -> list[Move]:
-    """The moves for these symptoms: for each symptom, the one-shot actions of its playbook row and the first knob
-    of the row that may move (a knob at its bound, pinned, settling, or facing an opposite move without new
-    evidence passes to the next)."""
+    """The moves for these symptoms: for each symptom, the one-shot actions of its playbook row, a step of every
+    `always` knob that may move, and a step of a `fallback` knob when nothing before it moved. A knob may not move
+    when it is pinned, at its bound, settling, or facing an opposite move without new evidence."""
     moves: list[Move] = []
     touched: set[str] = set()
     for symptom in symptoms:
         chosen = False
-        for template, direction in PLAYBOOK[symptom.name]:
+        for template, direction, when in PLAYBOOK[symptom.name]:
             name = template.format(model=symptom.subject)
             if direction == ONCE:
                 if name not in touched:
@@ -137,7 +140,7 @@ def plan(symptoms: list[Symptom], knobs: dict[str, Knob], now: float, evidence_s
                     touched.add(name)
                 continue
             knob = knobs.get(name)
-            if chosen:
+            if chosen and when == FALLBACK:
                 continue
             if knob is None or knob.pinned or name in touched:
                 continue

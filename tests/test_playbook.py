@@ -49,8 +49,9 @@ def test_oom_at_the_smallest_batch_lowers_the_context_length() -> None:
 def test_high_queue_time_raises_the_queue_delay_modestly() -> None:
     symptoms = diagnose(ev(queue_ms={"background": 9000.0}, compute_ms={"background": 3000.0}), MODELS)
     assert [s.name for s in symptoms] == ["high_queue_time"] and symptoms[0].evidence["ratio"] == 3.0
-    assert names(plan(symptoms, knobs(), 1300.0, 1000.0)) == [("max_queue_delay_ms:emb", 0, 2)]
-    # at its bound, the next action of the row: a larger preferred batch
+    assert names(plan(symptoms, knobs(), 1300.0, 1000.0)) == [("max_queue_delay_ms:emb", 0, 2),
+                                                               ("batch_max:emb", 64, 128)]
+    # the queue delay at its bound: the batch alone
     k = knobs(max_queue_delay_ms__emb=Knob("max_queue_delay_ms:emb", 20, 0, 20, 2, integer=False))
     assert names(plan(symptoms, k, 1300.0, 1000.0)) == [("batch_max:emb", 64, 128)]
 
