@@ -100,7 +100,8 @@ def diagnose(e: Evidence, models: dict[str, str], t: Thresholds = Thresholds()) 
     if e.generate_p95_ms is not None and e.generate_p95_ms > t.generate_p95_ms and "generate" in models:
         out.append(Symptom("high_generation_latency", models["generate"],
                            {"generate_p95_ms": round(e.generate_p95_ms), "target_ms": t.generate_p95_ms}))
-    if e.device_busy is not None and e.device_busy < t.low_util and e.background_pending > 0:
+    working = e.compute_ms.get("background", 0.0) > 0  # background work ran in the window (a new worker has none)
+    if e.device_busy is not None and e.device_busy < t.low_util and e.background_pending > 0 and working:
         out.append(Symptom("low_throughput_low_util", models.get("embed", ""),
                            {"device_busy": round(e.device_busy, 3), "background_pending": e.background_pending,
                             "embed_items_per_s": round(e.embed_items / (e.end - e.start), 2)}))

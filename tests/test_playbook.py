@@ -65,10 +65,12 @@ def test_high_generation_latency_cuts_new_tokens_then_context_chunks() -> None:
 
 
 def test_low_throughput_with_an_idle_device_grows_batches() -> None:
-    symptoms = diagnose(ev(device_busy=0.2, background_pending=40, embed_items=300), MODELS)
+    symptoms = diagnose(ev(device_busy=0.2, background_pending=40, embed_items=300,
+                           compute_ms={"background": 1000.0}, queue_ms={"background": 100.0}), MODELS)
     assert [s.name for s in symptoms] == ["low_throughput_low_util"]
     assert names(plan(symptoms, knobs(), 1300.0, 1000.0)) == [("batch_max:emb", 64, 128)]
     assert diagnose(ev(device_busy=0.2, background_pending=0), MODELS) == []  # idle because there is no work
+    assert diagnose(ev(device_busy=0.0, background_pending=40), MODELS) == []  # a worker that has not begun yet
 
 
 def test_oscillating_loads_add_cooldown() -> None:

@@ -448,15 +448,16 @@ class Engine:
 
     def _memory_cap(self, spec: ModelSpec, snapshot: list[Pending]) -> int:
         """The most items whose measured activations fit next to what is resident (no profile: no cap)."""
+        largest = max(spec.batch_size, self.tuners[spec.name].maximum)  # the tuner's cap may exceed the config
         profile = self.profiles.get(spec.name, self.device_kind, spec.dtype)
         if profile is None or not snapshot:
-            return spec.batch_size
+            return largest
         longest = max((t for p in snapshot for _, t in p.items[:256]), default=1)
         resident = sum(s.vram_bytes for s in self._slots.values() if s.tier == VRAM)
         if self._slots[spec.name].tier != VRAM:
             resident += self._slots[spec.name].vram_bytes
         free = self.policy.budget_bytes - resident
-        cap = spec.batch_size
+        cap = largest
         while cap > 1 and (profile.activation_for(cap, longest) or 0) > free:
             cap //= 2
         return cap
