@@ -97,6 +97,7 @@ class StageTiming(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
     queue_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    engine_queue_ms: Mapped[float | None] = mapped_column(Float, comment="the part of queue_ms in the engine")
     load_ms: Mapped[float] = mapped_column(Float, default=0.0)
     compute_ms: Mapped[float] = mapped_column(Float, default=0.0)
     vram_peak_bytes: Mapped[int | None] = mapped_column(BigInteger)

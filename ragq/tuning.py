@@ -65,7 +65,7 @@ def gather(conn: Any, start: datetime, end: datetime, background_pending: int = 
     queue: dict[str, float] = {}
     compute: dict[str, float] = {}
     for row in conn.execute(text("""
-            SELECT priority, sum(queue_ms) AS q, sum(compute_ms) AS c FROM stage_timings
+            SELECT priority, sum(coalesce(engine_queue_ms, 0)) AS q, sum(compute_ms) AS c FROM stage_timings
             WHERE finished_at >= :since AND finished_at < :until GROUP BY 1"""), window).mappings():
         queue[row["priority"]], compute[row["priority"]] = float(row["q"] or 0), float(row["c"] or 0)
     p95 = conn.execute(text("""

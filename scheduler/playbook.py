@@ -4,7 +4,7 @@
 |------------------------------|-------------------------------------------------------------------------------|
 | oom                          | reduce the model's batch size; unload idle models; lower its context length  |
 |                              | (once the batch is already at its floor)                                      |
-| high_queue_time              | raise max_queue_delay_ms modestly; increase the preferred batch               |
+| high_queue_time (engine)     | raise max_queue_delay_ms modestly; increase the preferred batch               |
 | high_generation_latency      | reduce max new tokens; pass fewer reranked chunks to the generator            |
 | low_throughput_low_util      | increase batch sizes                                                          |
 | oscillating_loads            | add cooldown                                                                  |
@@ -52,7 +52,8 @@ class Evidence:
     end: float
     ooms: dict[str, int] = field(default_factory=dict)                 # model -> OOM events
     swaps: dict[str, int] = field(default_factory=dict)                # model -> loads + wakes
-    queue_ms: dict[str, float] = field(default_factory=dict)           # priority -> summed queue time
+    queue_ms: dict[str, float] = field(default_factory=dict)           # priority -> summed queue time in the
+                                                                       # engine (the broker's backlog is no knob's)
     compute_ms: dict[str, float] = field(default_factory=dict)         # priority -> summed compute time
     generate_p95_ms: float | None = None
     device_busy: float | None = None               # share of the window the device computed (0..1)

@@ -98,3 +98,25 @@ def test_tune_cli(worker, ragq_home) -> None:  # type: ignore[no-untyped-def]
     assert data["dry_run"] is True and "cooldown_s" in data["knobs"] and isinstance(data["symptoms"], list)
     text = run_ragq(ragq_env(ragq_home, RAGQ_TUNING_PINNED="cooldown_s"), "tune", "--dry-run")
     assert text.returncode == 0 and "symptoms:" in text.stdout and "cooldown_s" in text.stdout
+
+
+def test_queue_time_in_the_engine_grows_batches_a_broker_backlog_does_not(db, settings) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import insert
+
+    from ragq.db import StageTiming
+    from ragq.tuning import tick
+
+    def rows(seconds: float, broker_ms: float, engine_ms: float) -> None:
+        with db.begin() as conn:
+            conn.execute(insert(StageTiming), [{
+                "stage": "embed", "model": "tune-test-emb", "priority": "background", "outcome": "ok",
+                "finished_at": T0 + timedelta(seconds=seconds + i), "queue_ms": broker_ms + engine_ms,
+                "engine_queue_ms": engine_ms, "load_ms": 0.0, "compute_ms": 100.0, "items": 10} for i in range(10)])
+
+    rows(0, broker_ms=60_000.0, engine_ms=20.0)  # a long backlog in Redis, batches that keep up
+    symptoms, moves = tick(db, settings, SPECS, now=T0 + timedelta(seconds=60), dry_run=True)
+    assert symptoms == [] and moves == []
+    rows(1000, broker_ms=0.0, engine_ms=900.0)  # requests waiting in the engine for small batches
+    symptoms, moves = tick(db, settings, SPECS, now=T0 + timedelta(seconds=1060), dry_run=True)
+    assert [s.name for s in symptoms] == ["high_queue_time"]
+    assert ("batch_max:tune-test-emb", 64, 128) in [(m.knob, m.before, m.after) for m in moves]

@@ -132,7 +132,8 @@ class WorkerRuntime:
                 job_id=job_id, task_id=task_id, stage=stage, model=clock.model, worker=self.worker_name,
                 device=self.device, priority=PRIORITY_NAMES[priority], batch_size=clock.batch_size,
                 items=clock.items, tokens=clock.tokens, enqueued_at=utc(sent_at), started_at=utc(started),
-                finished_at=utc(finished), queue_ms=broker_ms + clock.engine_queue_ms, load_ms=clock.load_ms,
+                finished_at=utc(finished), queue_ms=broker_ms + clock.engine_queue_ms,
+                engine_queue_ms=clock.engine_queue_ms, load_ms=clock.load_ms,
                 compute_ms=compute_ms, outcome=clock.outcome, error=error,
             )
             clock.extra["queue_ms"] = broker_ms + clock.engine_queue_ms
