@@ -84,6 +84,26 @@ def gather(conn: Any, start: datetime, end: datetime, background_pending: int = 
                     embed_items=int(items or 0))
 
 
+def mark_stalled(conn: Any, knobs: dict[str, Knob], evidence: Evidence, gain: float = 1.05) -> dict[str, Knob]:
+    """A batch cap raised for throughput is `stalled` when a window gathered after the raise shows no more items
+    per second than the window that called for it (within `gain`)."""
+    from sqlalchemy import text
+
+    rate = evidence.embed_items / max(evidence.end - evidence.start, 1e-9)
+    out = dict(knobs)
+    for name, knob in knobs.items():
+        if not name.startswith("batch_max:") or knob.last_direction <= 0 or knob.last_moved_at is None:
+            continue
+        if evidence.start < knob.last_moved_at:
+            continue  # no window after the move yet: settling decides
+        before = conn.execute(text("SELECT evidence FROM tuning_actions WHERE knob = :k ORDER BY id DESC LIMIT 1"),
+                              {"k": name}).scalar()
+        previous = (before or {}).get("embed_items_per_s")
+        if previous is not None and rate < gain * float(previous):
+            out[name] = replace(knob, stalled=True)
+    return out
+
+
 def tick(db: Any, settings: Any, specs: dict[str, Any], *, now: datetime | None = None, dry_run: bool = False,
          background_pending: int = 0) -> tuple[list[Symptom], list[Move]]:
     """One tuner step over the last RAGQ_TUNE_WINDOW_S; with dry_run nothing is written."""
@@ -99,7 +119,9 @@ def tick(db: Any, settings: Any, specs: dict[str, Any], *, now: datetime | None 
         if not dry_run and not conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _LOCK_KEY}).scalar():
             return [], []
         knobs = current_knobs(conn, knob_defaults(settings, specs))
-        symptoms = diagnose(gather(conn, start, now, background_pending), models, thresholds)
+        evidence = gather(conn, start, now, background_pending)
+        knobs = mark_stalled(conn, knobs, evidence)
+        symptoms = diagnose(evidence, models, thresholds)
         moves = plan(symptoms, knobs, now.timestamp(), start.timestamp(), thresholds)
         if dry_run or not moves:
             return symptoms, moves

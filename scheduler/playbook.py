@@ -10,7 +10,8 @@
 | oscillating_loads            | add cooldown                                                                  |
 
 Every knob has bounds and a step. Hysteresis: a knob moved less than `settle_s` ago is left alone, and a move
-opposite to the knob's last move needs evidence gathered entirely after that move. Pinned knobs never move.
+opposite to the knob's last move needs evidence gathered entirely after that move. A knob whose last move did not
+raise throughput (`stalled`) is not moved further that way. Pinned knobs never move.
 `plan` returns the moves with the symptom and the evidence numbers that justify each (the audit trail).
 """
 
@@ -34,6 +35,7 @@ class Knob:
     pinned: bool = False
     last_direction: int = 0   # UP / DOWN of the last move, 0 if none
     last_moved_at: float | None = None
+    stalled: bool = False     # its last move did not pay (throughput did not rise): no further move that way
 
     def moved(self, direction: int) -> float:
         if self.factor:
@@ -95,9 +97,11 @@ def diagnose(e: Evidence, models: dict[str, str], t: Thresholds = Thresholds()) 
         if count:
             out.append(Symptom("oom", model, {"ooms": count}))
     queue, compute = e.queue_ms.get("background", 0.0), e.compute_ms.get("background", 0.0)
+    rate = round(e.embed_items / max(e.end - e.start, 1e-9), 2)
     if compute and queue > t.queue_over_compute * compute:
         out.append(Symptom("high_queue_time", models.get("embed", ""),
-                           {"queue_ms": round(queue), "compute_ms": round(compute), "ratio": round(queue / compute, 2)}))
+                           {"queue_ms": round(queue), "compute_ms": round(compute), "ratio": round(queue / compute, 2),
+                            "embed_items_per_s": rate}))
     if e.generate_p95_ms is not None and e.generate_p95_ms > t.generate_p95_ms and "generate" in models:
         out.append(Symptom("high_generation_latency", models["generate"],
                            {"generate_p95_ms": round(e.generate_p95_ms), "target_ms": t.generate_p95_ms}))
@@ -105,7 +109,7 @@ def diagnose(e: Evidence, models: dict[str, str], t: Thresholds = Thresholds()) 
     if e.device_busy is not None and e.device_busy < t.low_util and e.background_pending > 0 and working:
         out.append(Symptom("low_throughput_low_util", models.get("embed", ""),
                            {"device_busy": round(e.device_busy, 3), "background_pending": e.background_pending,
-                            "embed_items_per_s": round(e.embed_items / (e.end - e.start), 2)}))
+                            "embed_items_per_s": rate}))
     churn = {m: n / minutes for m, n in e.swaps.items() if n / minutes > t.swaps_per_min}
     if len(churn) >= 2:  # at least two models taking turns
         out.append(Symptom("oscillating_loads", "", {"swaps_per_min": {m: round(r, 1) for m, r in churn.items()}}))
@@ -146,6 +150,8 @@ def plan(symptoms: list[Symptom], knobs: dict[str, Knob], now: float, evidence_s
                 continue
             if knob is None or knob.pinned or name in touched:
                 continue
+            if knob.stalled and direction == knob.last_direction:
+                continue  # more of what did not pay last time: no
             if knob.last_moved_at is not None:
                 if now - knob.last_moved_at < t.settle_s:
                     continue

@@ -120,3 +120,28 @@ def test_queue_time_in_the_engine_grows_batches_a_broker_backlog_does_not(db, se
     symptoms, moves = tick(db, settings, SPECS, now=T0 + timedelta(seconds=1060), dry_run=True)
     assert [s.name for s in symptoms] == ["high_queue_time"]
     assert ("batch_max:tune-test-emb", 64, 128) in [(m.knob, m.before, m.after) for m in moves]
+
+
+def test_a_batch_cap_that_stopped_paying_is_not_raised_again(db, settings) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import insert
+
+    from ragq.db import StageTiming
+    from ragq.tuning import live_values, tick
+
+    def window(seconds: float, items: int) -> None:
+        with db.begin() as conn:
+            conn.execute(insert(StageTiming), [{
+                "stage": "embed", "model": "tune-test-emb", "priority": "background", "outcome": "ok",
+                "finished_at": T0 + timedelta(seconds=seconds + i), "queue_ms": 900.0, "engine_queue_ms": 900.0,
+                "load_ms": 0.0, "compute_ms": 100.0, "items": items} for i in range(10)])
+
+    window(0, items=30)  # 300 items in the 300 s window: requests queue in the engine
+    _, moves = tick(db, settings, SPECS, now=T0 + timedelta(seconds=300))
+    assert ("batch_max:tune-test-emb", 64, 128) in [(m.knob, m.before, m.after) for m in moves]
+    window(400, items=30)  # after the raise: the same throughput, still queueing
+    _, moves = tick(db, settings, SPECS, now=T0 + timedelta(seconds=700))
+    assert "batch_max:tune-test-emb" not in [m.knob for m in moves]  # it did not pay: held
+    assert live_values(db)["batch_max:tune-test-emb"] == 128
+    window(800, items=60)  # a window that did improve (throughput doubled): raising may go on
+    _, moves = tick(db, settings, SPECS, now=T0 + timedelta(seconds=1100))
+    assert ("batch_max:tune-test-emb", 128, 256) in [(m.knob, m.before, m.after) for m in moves]
