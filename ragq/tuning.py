@@ -84,15 +84,18 @@ def gather(conn: Any, start: datetime, end: datetime, background_pending: int = 
                     embed_items=int(items or 0))
 
 
+RAISED_FOR_THROUGHPUT = ("batch_max:", "max_queue_delay_ms:")
+
+
 def mark_stalled(conn: Any, knobs: dict[str, Knob], evidence: Evidence, gain: float = 1.05) -> dict[str, Knob]:
-    """A batch cap raised for throughput is `stalled` when a window gathered after the raise shows no more items
-    per second than the window that called for it (within `gain`)."""
+    """A batch cap or queue delay raised for throughput is `stalled` when a window gathered after the raise shows no
+    more items per second than the window that called for it (within `gain`)."""
     from sqlalchemy import text
 
     rate = evidence.embed_items / max(evidence.end - evidence.start, 1e-9)
     out = dict(knobs)
     for name, knob in knobs.items():
-        if not name.startswith("batch_max:") or knob.last_direction <= 0 or knob.last_moved_at is None:
+        if not name.startswith(RAISED_FOR_THROUGHPUT) or knob.last_direction <= 0 or knob.last_moved_at is None:
             continue
         if evidence.start < knob.last_moved_at:
             continue  # no window after the move yet: settling decides
