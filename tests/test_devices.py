@@ -30,3 +30,20 @@ def test_parse_device(text: str, device: str) -> None:
 def test_parse_device_rejects_nonsense() -> None:
     with pytest.raises(BadInput, match="--device"):
         parse_device("gpu-please")
+
+
+def test_nvml_index_follows_cuda_visible_devices() -> None:
+    from workers.devices import nvml_index
+
+    assert nvml_index("cuda:0", visible="") == 0
+    assert nvml_index("cuda:1", visible="") == 1
+    assert nvml_index("cuda:0", visible="3") == 3          # `--device all` gives each worker one GPU as cuda:0
+    assert nvml_index("cuda:1", visible="2,5") == 5
+    assert nvml_index("cuda:0", visible="GPU-8d1c") == 0   # UUIDs: left to CUDA's own numbering
+
+
+def test_gpu_utilisation_is_absent_without_nvml() -> None:
+    from workers.devices import Utilization
+
+    assert Utilization("cpu").read() is None
+    assert Utilization("cuda:0").read() is None  # no driver on this machine: no number rather than a made-up one

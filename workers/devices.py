@@ -4,6 +4,8 @@ fallback on machines with no NVIDIA driver (nvmlInit raises NVMLError_LibraryNot
 from __future__ import annotations
 
 import logging
+import os
+import time
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,49 @@ def gpu_count() -> int:
         return 0
 
 
+def nvml_index(device: str, visible: str | None = None) -> int:
+    """NVML counts every GPU of the machine; CUDA (and torch) only those in CUDA_VISIBLE_DEVICES, renumbered from
+    0. `--device all` runs each worker with one visible GPU as cuda:0: its NVML index is the listed one."""
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    listed = [v.strip() for v in (visible or "").split(",") if v.strip()]
+    if listed and all(v.isdigit() for v in listed) and index < len(listed):
+        return int(listed[index])
+    return index
+
+
+class Utilization:
+    """The GPU's busy share from NVML (`nvmlDeviceGetUtilizationRates`), read at most once a second; None where
+    NVML is unavailable (no driver, or a CPU device)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self._handle: object | None = None
+        self._failed = not device.startswith("cuda")
+        self._at = float("-inf")
+        self._value: float | None = None
+
+    def read(self) -> float | None:
+        if self._failed:
+            return None
+        now = time.monotonic()
+        if now - self._at < 1.0:
+            return self._value
+        self._at = now
+        try:
+            import pynvml
+
+            if self._handle is None:
+                pynvml.nvmlInit()
+                self._handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index(self.device))
+            self._value = pynvml.nvmlDeviceGetUtilizationRates(self._handle).gpu / 100.0
+        except Exception as exc:
+            log.debug("GPU utilisation unavailable for %s: %s", self.device, exc)
+            self._failed = True
+            self._value = None
+        return self._value
+
+
 def device_memory(device: str) -> DeviceMemory:
     if not device.startswith("cuda"):
         return DeviceMemory(0, 0, "none")
@@ -44,7 +89,7 @@ def device_memory(device: str) -> DeviceMemory:
 
         pynvml.nvmlInit()
         try:
-            info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
+            info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(nvml_index(device)))
             return DeviceMemory(int(info.total), int(info.used), "nvml")
         finally:
             pynvml.nvmlShutdown()

@@ -135,6 +135,8 @@ class _Metrics:
                                   multiprocess_mode="mostrecent")
         self.memory_ratio = Gauge("ragq_device_memory_usage_ratio", "Used / budget", ["device"],
                                   multiprocess_mode="mostrecent")
+        self.gpu_utilization = Gauge("ragq_gpu_utilization_ratio", "The GPU's busy share (NVML), 0..1", ["device"],
+                                     multiprocess_mode="mostrecent")
         self.pending = Gauge("ragq_engine_pending_requests", "Requests waiting in the engine", ["device", "priority"],
                              multiprocess_mode="mostrecent")
 
@@ -167,8 +169,11 @@ class EngineMetrics:
     """What the engine reports; every method is cheap and never raises into the device loop."""
 
     def __init__(self, device: str, total_bytes: int = 0) -> None:
+        from workers.devices import Utilization
+
         self.device = device
         self.total_bytes = total_bytes
+        self.utilization = Utilization(device)
 
     def batch(self, model: str, role: str, items: int, tokens: int, seconds: float, alloc_retries: int) -> None:
         m = metrics()
@@ -204,5 +209,8 @@ class EngineMetrics:
         m.memory_budget.labels(self.device).set(budget_bytes)
         m.memory_total.labels(self.device).set(self.total_bytes or budget_bytes)
         m.memory_ratio.labels(self.device).set(used_bytes / budget_bytes if budget_bytes else 0.0)
+        busy = self.utilization.read()
+        if busy is not None:
+            m.gpu_utilization.labels(self.device).set(busy)
         for priority, count in pending.items():
             m.pending.labels(self.device, priority).set(count)
