@@ -57,3 +57,22 @@ def test_metrics_after_real_jobs(worker, client, settings, ragq_home: Path) -> N
     # the broker's queues, read at scrape time: drained
     assert value(after, "ragq_queue_depth", queue="urgent") == 0
     assert ("ragq_queue_depth", (("queue", "background"),)) in after
+
+
+def test_a_taken_metrics_port_falls_back_to_a_free_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from workers.metrics import MULTIPROC_ENV, serve
+
+    (tmp_path / "mp").mkdir()
+    monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path / "mp"))
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    try:
+        port = serve(taken, "127.0.0.1", None, tmp_path / "w.json", {"worker": "w"})
+        assert port != taken and json.loads((tmp_path / "w.json").read_text())["metrics_port"] == port
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).status == 200
+    finally:
+        holder.close()

@@ -47,7 +47,12 @@ def serve(port: int, host: str, broker_url: str | None, state_file: Path, info: 
     MultiProcessCollector(registry)
     if broker_url:
         registry.register(QueueDepthCollector(broker_url))
-    server, _ = start_http_server(port, addr=host, registry=registry)
+    try:
+        server, _ = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:  # another worker on this host holds the port: serve anyway, on a free one
+        log.warning("metrics port %d on %s is taken (%s); serving on a free port instead (see %s)", port, host,
+                    exc.strerror or exc, state_file)
+        server, _ = start_http_server(0, addr=host, registry=registry)
     bound = int(server.server_port)
     state_file.parent.mkdir(parents=True, exist_ok=True)
     state_file.write_text(json.dumps({**info, "metrics_port": bound, "metrics_host": host, "pid": os.getpid()}))
