@@ -314,9 +314,13 @@ def report(
     until = datetime.now(timezone.utc)
     data = reports.build(db, until - window, until)
     if html_file is not None:
-        try:
-            html_file.write_text(reports.render_html(data, reports.series(db, until - window, until)))
+        page = reports.render_html(data, reports.series(db, until - window, until))
+        partial = html_file.with_name(html_file.name + ".partial")
+        try:  # whole or not at all: a failed write leaves no truncated report behind
+            partial.write_text(page)
+            partial.replace(html_file)
         except OSError as exc:
+            partial.unlink(missing_ok=True)
             raise BadInput(str(html_file), f"cannot write the HTML report: {exc.strerror or exc}") from None
     if as_json:
         _print_json(reports.to_json(data))
@@ -368,7 +372,7 @@ def top(
 @_guard
 def tune(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="show the symptoms and moves; change nothing")] = False,
-    history: Annotated[int, typer.Option(help="also list this many recent tuning actions")] = 10,
+    history: Annotated[int, typer.Option(min=0, help="also list this many recent tuning actions")] = 10,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Run one step of the tuning playbook now (ragq beat runs it every RAGQ_TUNE_INTERVAL_S): the symptoms in

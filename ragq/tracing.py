@@ -32,7 +32,13 @@ def setup(settings: Any, service: str) -> bool:
     if settings.tracing == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
-        out = open(settings.trace_file, "a", buffering=1) if settings.trace_file else sys.stderr  # noqa: SIM115
+        try:
+            out = open(settings.trace_file, "a", buffering=1) if settings.trace_file else sys.stderr  # noqa: SIM115
+        except OSError as exc:
+            from ragq.errors import ConfigError
+
+            raise ConfigError(f"RAGQ_TRACE_FILE: cannot append to {settings.trace_file}: "
+                              f"{exc.strerror or exc}") from None
         exporter: Any = ConsoleSpanExporter(
             out=out, formatter=lambda span: json.dumps(json.loads(span.to_json()), separators=(",", ":")) + "\n")
     else:

@@ -36,6 +36,12 @@ def knob_defaults(settings: Any, specs: dict[str, Any]) -> dict[str, Knob]:
     out.append(Knob("generate_chunks", settings.top_k, 1, settings.top_k, 1))
     out.append(Knob("cooldown_s", settings.cooldown_s, 0, max(30.0, settings.cooldown_s), 2, integer=False))
     out.append(Knob("unload_idle", 0, 0, 1e12, 1))  # a counter: each one-shot action adds one
+    unknown = sorted(pinned - {k.name for k in out})
+    if unknown:
+        from ragq.errors import ConfigError
+
+        raise ConfigError(f"RAGQ_TUNING_PINNED: no knob named {', '.join(unknown)}; the knobs are "
+                          f"{', '.join(k.name for k in out)}")
     return {k.name: replace(k, pinned=k.name in pinned) for k in out}
 
 

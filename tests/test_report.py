@@ -122,6 +122,7 @@ def test_report_cli_on_the_sessions_jobs(worker, client, ragq_home, tmp_path: Pa
     assert text.returncode == 0 and "stages" in text.stdout and (tmp_path / "r.html").stat().st_size > 1000
     bad = run_ragq(env, "report", "--html", str(tmp_path / "missing" / "r.html"))
     assert bad.returncode == 2 and "cannot write the HTML report" in bad.stderr + bad.stdout
+    assert not (tmp_path / "missing").exists()  # nothing half-written
 
 
 @pytest.mark.integration

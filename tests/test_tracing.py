@@ -80,3 +80,11 @@ def test_tracing_off_installs_nothing() -> None:
 
     with tracing.span("embed", items=3) as span:
         assert span is None
+
+
+def test_an_unwritable_trace_file_is_a_clear_config_error(ragq_home, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import ragq_env, run_ragq
+
+    env = ragq_env(ragq_home, RAGQ_TRACING="console", RAGQ_TRACE_FILE=str(tmp_path / "missing" / "spans.jsonl"))
+    out = run_ragq(env, "ask", "anything?", "--timeout", "5")
+    assert out.returncode == 2 and "RAGQ_TRACE_FILE: cannot append to" in out.stderr + out.stdout

@@ -145,3 +145,20 @@ def test_a_batch_cap_that_stopped_paying_is_not_raised_again(db, settings) -> No
     window(800, items=60)  # a window that did improve (throughput doubled): raising may go on
     _, moves = tick(db, settings, SPECS, now=T0 + timedelta(seconds=1100))
     assert ("batch_max:tune-test-emb", 128, 256) in [(m.knob, m.before, m.after) for m in moves]
+
+
+def test_a_pinned_knob_that_does_not_exist_is_a_config_error(settings) -> None:  # type: ignore[no-untyped-def]
+    from ragq.errors import ConfigError
+    from ragq.tuning import knob_defaults
+
+    with pytest.raises(ConfigError, match="RAGQ_TUNING_PINNED: no knob named cooldown"):
+        knob_defaults(settings.model_copy(update={"tuning_pinned": "cooldown"}), SPECS)
+
+
+@pytest.mark.integration
+def test_tune_cli_rejects_bad_input(ragq_home) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import ragq_env, run_ragq
+
+    out = run_ragq(ragq_env(ragq_home, RAGQ_TUNING_PINNED="batch_size"), "tune", "--dry-run")
+    assert out.returncode == 2 and "RAGQ_TUNING_PINNED: no knob named batch_size" in out.stderr + out.stdout
+    assert run_ragq(ragq_env(ragq_home), "tune", "--history", "-1").returncode == 2
