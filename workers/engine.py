@@ -565,17 +565,17 @@ class Engine:
                         request.future.set_exception(exc)
             return
         slot.last_used = self.clock()
-        longest = max((request.tokens[i] for request, indices in batch for i in indices), default=0)
+        lengths = [request.tokens[i] for request, indices in batch for i in indices]
+        longest = max(lengths, default=0)
+        retries = getattr(model, "last_alloc_retries", 0) or 0
         counters = self.stats.role(role)
         counters.batches += 1
         counters.items += len(items)
-        counters.tokens += sum(request.tokens[i] for request, indices in batch for i in indices)
+        counters.tokens += sum(lengths)
         counters.wall_ms += compute_ms
         counters.device_ms += getattr(model, "last_device_ms", None) or 0.0
-        counters.alloc_retries += getattr(model, "last_alloc_retries", 0) or 0
-        self._report("batch", spec.name, role, len(items),
-                     sum(request.tokens[i] for request, indices in batch for i in indices), compute_ms / 1000.0,
-                     getattr(model, "last_alloc_retries", 0) or 0)
+        counters.alloc_retries += retries
+        self._report("batch", spec.name, role, len(items), sum(lengths), compute_ms / 1000.0, retries)
         self._publish_state()
         if quiet and not any(s.loading is not None for s in self._slots.values()):
             self._record_activation(slot, model, len(items), longest)

@@ -104,37 +104,35 @@ class WorkerRuntime:
         started = time.time()
         clock = StageClock()
         error: str | None = None
-        span_scope = tracing.span(stage, priority=PRIORITY_NAMES[priority], job_id=job_id, task_id=task_id,
-                                  worker=self.worker_name, device=self.device)
-        span = span_scope.__enter__()
-        try:
-            yield clock
-        except Exception as exc:
-            clock.outcome = "expired" if type(exc).__name__ == "RequestExpired" else "error"
-            error = f"{type(exc).__name__}: {exc}"[:2000]
-            raise
-        finally:
-            finished = time.time()
-            if span is not None:
-                for key, value in (("model", clock.model or "-"), ("items", clock.items),
-                                   ("batch_size", clock.batch_size), ("engine_queue_ms", clock.engine_queue_ms),
-                                   ("load_ms", clock.load_ms), ("compute_ms", clock.compute_ms or 0.0),
-                                   ("outcome", clock.outcome)):
-                    span.set_attribute(f"ragq.{key}", value)
-            span_scope.__exit__(None, None, None)
-            broker_ms = max(0.0, (started - sent_at) * 1000.0) if sent_at else 0.0
-            compute_ms = clock.compute_ms
-            if compute_ms is None:
-                compute_ms = max(0.0, (finished - started) * 1000.0 - clock.load_ms)
-            observe_stage(clock.model, stage, PRIORITY_NAMES[priority], clock.outcome, broker_ms + clock.engine_queue_ms,
-                          clock.load_ms, compute_ms, broker_ms + (finished - started) * 1000.0)
-            self.sink.record_stage(
-                job_id=job_id, task_id=task_id, stage=stage, model=clock.model, worker=self.worker_name,
-                device=self.device, priority=PRIORITY_NAMES[priority], batch_size=clock.batch_size,
-                items=clock.items, tokens=clock.tokens, enqueued_at=utc(sent_at), started_at=utc(started),
-                finished_at=utc(finished), queue_ms=broker_ms + clock.engine_queue_ms,
-                engine_queue_ms=clock.engine_queue_ms, load_ms=clock.load_ms,
-                compute_ms=compute_ms, outcome=clock.outcome, error=error,
-            )
-            clock.extra["queue_ms"] = broker_ms + clock.engine_queue_ms
-            clock.extra["compute_ms"] = compute_ms
+        with tracing.span(stage, priority=PRIORITY_NAMES[priority], job_id=job_id, task_id=task_id,
+                          worker=self.worker_name, device=self.device) as span:
+            try:
+                yield clock
+            except Exception as exc:
+                clock.outcome = "expired" if type(exc).__name__ == "RequestExpired" else "error"
+                error = f"{type(exc).__name__}: {exc}"[:2000]
+                raise
+            finally:
+                finished = time.time()
+                if span is not None:
+                    for key, value in (("model", clock.model or "-"), ("items", clock.items),
+                                       ("batch_size", clock.batch_size), ("engine_queue_ms", clock.engine_queue_ms),
+                                       ("load_ms", clock.load_ms), ("compute_ms", clock.compute_ms or 0.0),
+                                       ("outcome", clock.outcome)):
+                        span.set_attribute(f"ragq.{key}", value)
+                broker_ms = max(0.0, (started - sent_at) * 1000.0) if sent_at else 0.0
+                compute_ms = clock.compute_ms
+                if compute_ms is None:
+                    compute_ms = max(0.0, (finished - started) * 1000.0 - clock.load_ms)
+                observe_stage(clock.model, stage, PRIORITY_NAMES[priority], clock.outcome, broker_ms + clock.engine_queue_ms,
+                              clock.load_ms, compute_ms, broker_ms + (finished - started) * 1000.0)
+                self.sink.record_stage(
+                    job_id=job_id, task_id=task_id, stage=stage, model=clock.model, worker=self.worker_name,
+                    device=self.device, priority=PRIORITY_NAMES[priority], batch_size=clock.batch_size,
+                    items=clock.items, tokens=clock.tokens, enqueued_at=utc(sent_at), started_at=utc(started),
+                    finished_at=utc(finished), queue_ms=broker_ms + clock.engine_queue_ms,
+                    engine_queue_ms=clock.engine_queue_ms, load_ms=clock.load_ms,
+                    compute_ms=compute_ms, outcome=clock.outcome, error=error,
+                )
+                clock.extra["queue_ms"] = broker_ms + clock.engine_queue_ms
+                clock.extra["compute_ms"] = compute_ms
