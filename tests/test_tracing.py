@@ -88,3 +88,10 @@ def test_an_unwritable_trace_file_is_a_clear_config_error(ragq_home, tmp_path) -
     env = ragq_env(ragq_home, RAGQ_TRACING="console", RAGQ_TRACE_FILE=str(tmp_path / "missing" / "spans.jsonl"))
     out = run_ragq(env, "ask", "anything?", "--timeout", "5")
     assert out.returncode == 2 and "RAGQ_TRACE_FILE: cannot append to" in out.stderr + out.stdout
+
+
+def test_an_unknown_tracing_mode_is_a_config_error(ragq_home) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import ragq_env, run_ragq
+
+    out = run_ragq(ragq_env(ragq_home, RAGQ_TRACING="jaeger"), "alerts")
+    assert out.returncode == 2 and "RAGQ_TRACING" in out.stderr + out.stdout
