@@ -154,7 +154,7 @@ def run_variant(name: str, home: Path, device: str, args: argparse.Namespace, se
         print(f"{name}: ingested {status['chunks_total']} chunks in {ingest_s:.1f}s", flush=True)
         idle, idle_timeouts = ask_many(client, args.questions, 60.0)
         print(f"{name}: idle questions done", flush=True)
-        corpus_b = make_corpus(home / f"b-{name}", args.docs, seed + 100)
+        corpus_b = make_corpus(home / f"b-{name}", 2 * args.docs, seed + 100)  # outlasts the questions
         job_b = client.submit_ingest(corpus_b).job_id
         time.sleep(args.settle)
         loaded, loaded_timeouts = ask_many(client, args.questions, 60.0, busy_job=job_b)
@@ -182,7 +182,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("out"))
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--docs", type=int, default=400)
-    parser.add_argument("--questions", type=int, default=15)
+    parser.add_argument("--questions", type=int, default=20)
     parser.add_argument("--settle", type=float, default=2.0)
     parser.add_argument("--drain-s", type=float, default=60.0)
     parser.add_argument("--variants", default="ragq,naive",

@@ -42,8 +42,11 @@ class Settings(BaseSettings):
         None, gt=0, le=100, description="the worker's GIL switch interval (Python's default is 5 ms); lower lets "
         "the device loop win the GIL sooner from busy task threads")
     urgent_yield_s: float = Field(
-        10.0, ge=0, description="for this long after an urgent request, background micro-batches run at half "
-        "their tuned size, so questions wait behind shorter batches (0 = never)")
+        10.0, ge=0, description="for this long after an urgent request, background micro-batches run shorter "
+        "(see RAGQ_URGENT_YIELD_MS), so questions wait behind shorter batches (0 = never)")
+    urgent_yield_ms: float = Field(
+        150.0, ge=0, description="while urgent work is recent, background micro-batches are sized from their "
+        "measured rate to take about this long, at most half their tuned size (0 = half their tuned size)")
     metrics_port: int = Field(
         9400, ge=-1, le=65535, description="the worker's Prometheus endpoint (0 = any free port, -1 = none); "
         "`--device all` uses this port + the GPU index")

@@ -1,13 +1,14 @@
 """What goes into the next micro-batch, and how large micro-batches should be.
 
 - `form_batch`: token-aware batch forming. Urgent requests go in small, immediate batches of urgent items only;
-  background batches are large and group items of similar length (as text-embeddings-inference does) around the
-  oldest pending item, capped by a count and by padded tokens (items x the longest item).
+  background batches are large: the oldest request's items first (requests finish one after another), then
+  items of the next requests closest in length to it (as text-embeddings-inference groups by length), capped by
+  a count and by padded tokens (items x the longest item).
 - `BatchTuner`: the adaptive size of one model's background batches — start small, ramp up while throughput
   improves and the p95 batch time holds under its target, shrink on OOM or when the p95 passes the target.
 - `should_wait_for_fuller_batch`: the optional max_queue_delay of Triton's dynamic batcher.
-- `yield_to_urgent`: while questions keep coming, background batches run at half size, so each stage of a
-  question waits behind a shorter micro-batch.
+- `yield_to_urgent`: while questions keep coming, background batches shrink to a short time slice (or half
+  size), so each stage of a question waits behind a shorter micro-batch.
 """
 
 from __future__ import annotations
@@ -78,19 +79,28 @@ def form_batch(pending: Sequence[Pending], role: str, limits: BatchLimits) -> li
                 plan.setdefault(p.key, []).append(index)
                 lengths.append(tokens)
         return [(k, v) for k, v in plan.items()]
-    # background: look ahead over the oldest items and group those closest in length to the oldest one
+    # background: a request that fits goes in whole, the oldest first, so requests finish one after another rather
+    # than all together (tasks that finish together leave the engine idle while their threads store and fetch the
+    # next task); the rest of the batch is the items closest in length to the oldest item (padding), as
+    # text-embeddings-inference groups by length, looking ahead over the next-oldest items
+    head_lengths = [tokens for _, tokens in head.items]
+    whole = len(head_lengths) <= limits.max_items and padded_tokens(head_lengths) <= limits.max_tokens
     lookahead: list[tuple[int, int, int, int]] = []   # (order, key, index, tokens)
     for p in same:
         for index, tokens in p.items:
             lookahead.append((len(lookahead), p.key, index, tokens))
-            if len(lookahead) >= 4 * limits.max_items:
+            if len(lookahead) >= 2 * limits.max_items:
                 break
-        if len(lookahead) >= 4 * limits.max_items:
+        if len(lookahead) >= 2 * limits.max_items:
             break
-    anchor = lookahead[0]
-    chosen = [anchor]
-    lengths = [anchor[3]]
-    for entry in sorted(lookahead[1:], key=lambda e: (abs(e[3] - anchor[3]), e[0])):
+    if whole:
+        chosen = [e for e in lookahead if e[1] == head.key]
+        rest = [e for e in lookahead if e[1] != head.key]
+    else:
+        chosen, rest = lookahead[:1], lookahead[1:]
+    anchor = lookahead[0][3]
+    lengths = [e[3] for e in chosen]
+    for entry in sorted(rest, key=lambda e: (abs(e[3] - anchor), e[0])):
         if not _fits(lengths, entry[3], limits.max_items, limits.max_tokens):
             if len(lengths) >= limits.max_items:
                 break
@@ -98,7 +108,7 @@ def form_batch(pending: Sequence[Pending], role: str, limits: BatchLimits) -> li
         chosen.append(entry)
         lengths.append(entry[3])
     chosen.sort()
-    plan = {}
+    plan: dict[int, list[int]] = {}
     for _, key, index, _ in chosen:
         plan.setdefault(key, []).append(index)
     return list(plan.items())
@@ -118,13 +128,18 @@ def should_wait_for_fuller_batch(pending: Sequence[Pending], role: str, target_i
     return max(0.0, oldest + max_queue_delay_s - now)
 
 
-def yield_to_urgent(size: int, last_urgent: float | None, now: float, recent_s: float) -> int:
-    """The background batch size while urgent work was seen in the last `recent_s` seconds: half the tuned size
-    (an urgent request waits for at most the micro-batch already running; a question passes through up to three
-    models, so it may wait three times). Otherwise the tuned size."""
+def yield_to_urgent(size: int, last_urgent: float | None, now: float, recent_s: float,
+                    rate_per_s: float | None = None, yield_ms: float = 0.0) -> int:
+    """The background batch size while urgent work was seen in the last `recent_s` seconds: an urgent request
+    waits for at most the micro-batch already running, and a question passes through up to three models, so it may
+    wait three times. With the measured rate (items/s at the tuned size) and `yield_ms`, batches sized to take about
+    `yield_ms`; otherwise half the tuned size (never more than half). Without recent urgent work, the tuned size."""
     if recent_s <= 0 or last_urgent is None or now - last_urgent >= recent_s:
         return size
-    return max(1, size // 2)
+    half = max(1, size // 2)
+    if rate_per_s and yield_ms > 0:
+        return max(1, min(half, int(rate_per_s * yield_ms / 1000.0)))
+    return half
 
 
 @dataclass
@@ -147,6 +162,10 @@ class BatchTuner:
     def __post_init__(self) -> None:
         self.size = max(self.minimum, min(self.size, self.maximum))
         self.ceiling = self.ceiling or self.maximum
+
+    def rate(self) -> float | None:
+        """Measured items/s at the current size (smoothed), if any full batch of it ran."""
+        return self._throughput.get(self.size)
 
     def p95_ms(self) -> float:
         if not self._times:

@@ -35,6 +35,28 @@ def test_background_batches_fill_across_requests_up_to_the_count() -> None:
     assert sum(len(i) for _, i in plan) == 8 and plan[0] == (1, [0, 1, 2, 3, 4])
 
 
+def test_background_requests_finish_one_after_another_not_all_together() -> None:
+    """Eight ingest tasks' requests of 70 items, batches of 128: every batch finishes the oldest request, so the
+    tasks' threads return to store and fetch work staggered while the engine keeps running the others (run on a
+    GPU, requests mixed by length all finished in the same batch and the engine idled while they stored)."""
+    import random
+
+    rng = random.Random(3)
+    pending = [p(k, [rng.randint(150, 256) for _ in range(70)], enqueued=float(k)) for k in range(8)]
+    limits = BatchLimits(max_items=128, max_tokens=128 * 256, urgent_items=4)
+    finished_per_batch = []
+    while pending:
+        plan = form_batch(pending, "embed", limits)
+        taken = dict(plan)
+        assert taken[pending[0].key] == [i for i, _ in pending[0].items]  # the oldest goes in whole
+        left = [Pending(q.key, q.role, q.group, q.priority, q.enqueued,
+                        tuple(item for item in q.items if item[0] not in set(taken.get(q.key, ()))))
+                for q in pending]
+        finished_per_batch.append(sum(1 for q in left if not q.items))
+        pending = [q for q in left if q.items]
+    assert all(n >= 1 for n in finished_per_batch) and len(finished_per_batch) >= 5
+
+
 def test_background_groups_similar_lengths_around_the_oldest_item() -> None:
     lengths = [100, 10, 500, 110, 12, 95, 480, 105]
     plan = form_batch([p(1, lengths)], "embed", BatchLimits(max_items=4, max_tokens=100_000, urgent_items=4))
@@ -156,3 +178,8 @@ def test_background_batches_yield_to_recent_urgent_work() -> None:
     assert yield_to_urgent(64, last_urgent=89.0, now=100.0, recent_s=10.0) == 64
     assert yield_to_urgent(1, last_urgent=99.0, now=100.0, recent_s=10.0) == 1
     assert yield_to_urgent(64, last_urgent=99.0, now=100.0, recent_s=0.0) == 64
+    # with a measured rate: batches of about yield_ms (180 items/s, 150 ms: 27 items), never above half
+    assert yield_to_urgent(128, last_urgent=99.0, now=100.0, recent_s=10.0, rate_per_s=180.0, yield_ms=150) == 27
+    assert yield_to_urgent(16, last_urgent=99.0, now=100.0, recent_s=10.0, rate_per_s=180.0, yield_ms=150) == 8
+    assert yield_to_urgent(128, last_urgent=99.0, now=100.0, recent_s=10.0, rate_per_s=2.0, yield_ms=150) == 1
+    assert yield_to_urgent(128, last_urgent=80.0, now=100.0, recent_s=10.0, rate_per_s=180.0, yield_ms=150) == 128

@@ -309,3 +309,15 @@ def test_live_knobs_from_the_tuner_apply_to_the_engine() -> None:
     result = engine.run("embed", [str(i) for i in range(40)])
     h.engine.stop()
     assert len(result.outputs) == 40
+
+
+def test_the_stats_line_says_where_a_roles_run_time_went() -> None:
+    from workers.engine import EngineStats, thread_schedstat
+
+    stats = EngineStats()
+    role = stats.role("generate")
+    role.batches, role.items, role.wall_ms, role.device_ms, role.cpu_ms, role.runq_ms = 4, 4, 4000.0, 3900.0, 2500.0, 900.0
+    line = stats.summary()
+    assert "generate 4 batches 4 items (mean 1.0) run 4.0s device 3.9s (98%) on-cpu 2.5s cpu-wait 0.9s" in line
+    on_cpu, waiting = thread_schedstat()
+    assert on_cpu >= 0.0 and waiting >= 0.0

@@ -16,10 +16,16 @@ from ragq.chunking import ChunkText, chunk_document, make_chunker
 log = logging.getLogger(__name__)
 
 _chunker: Any = None  # one per pool process
+CHUNK_NICENESS = 10
 
 
 def _init(tokenizer_path: str, max_tokens: int) -> None:
     global _chunker
+    import os
+
+    # chunking is throughput work: the engine process (launching kernels, bound by one core when decoding) and the
+    # urgent consumer get the CPU first when the cores are busy
+    os.nice(CHUNK_NICENESS)
     from transformers import AutoTokenizer
 
     _chunker = make_chunker(AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True), max_tokens)

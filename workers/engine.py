@@ -112,6 +112,8 @@ class RoleStats:
     wall_ms: float = 0.0      # model.run on the engine thread
     device_ms: float = 0.0    # the same batches' span on the device (CUDA events; 0 where not measured)
     alloc_retries: int = 0    # allocations that first had to free cached device memory (synchronising)
+    cpu_ms: float = 0.0       # of wall_ms, the engine thread on a CPU (launching kernels, Python)
+    runq_ms: float = 0.0      # of wall_ms, the engine thread runnable but waiting for a CPU (contention)
     expired: int = 0
 
 
@@ -145,10 +147,23 @@ class EngineStats:
                 + (f" device {device / 1000:.1f}s ({device / wall:.0%})" if device and wall else "")
                 + (f" alloc retries {now.alloc_retries - before.alloc_retries}"
                    if now.alloc_retries > before.alloc_retries else "")
+                + (f" on-cpu {(now.cpu_ms - before.cpu_ms) / 1000:.1f}s cpu-wait {(now.runq_ms - before.runq_ms) / 1000:.1f}s"
+                   if now.cpu_ms > before.cpu_ms else "")
             )
         idle = self.idle_ms - (since.idle_ms if since else 0.0)
         load = self.load_ms - (since.load_ms if since else 0.0)
         return "; ".join(parts + [f"loading {load / 1000:.1f}s", f"idle {idle / 1000:.1f}s"])
+
+
+def thread_schedstat() -> tuple[float, float]:
+    """(ms on a CPU, ms runnable but waiting for one) of the calling thread so far, from Linux's schedstat; zeros
+    where the kernel does not expose it."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            on_cpu, waiting = f.read().split()[:2]
+        return int(on_cpu) / 1e6, int(waiting) / 1e6
+    except (OSError, ValueError):
+        return 0.0, 0.0
 
 
 class Engine:
@@ -170,6 +185,7 @@ class Engine:
         max_pending: int = 100_000,
         report_interval_s: float = 30.0,
         urgent_yield_s: float = 0.0,
+        urgent_yield_ms: float = 0.0,
         metrics: Any = None,
         memory_used: Callable[[], int] | None = None,
         on_sample: EventSink | None = None,
@@ -190,6 +206,7 @@ class Engine:
         self.max_pending = max_pending
         self.report_interval_s = report_interval_s
         self.urgent_yield_s = urgent_yield_s
+        self.urgent_yield_ms = urgent_yield_ms
         self.metrics = metrics                  # workers.metrics.EngineMetrics, or None
         self.memory_used = memory_used          # the device memory the engine holds (default: resident weights)
         self.on_sample = on_sample              # a device_samples row at most every sample_interval_s
@@ -392,7 +409,8 @@ class Engine:
                 else:
                     self._cond.wait(wait_s)
                 return False
-            size = yield_to_urgent(tuner.size, self._last_urgent, self.clock(), self.urgent_yield_s)
+            size = yield_to_urgent(tuner.size, self._last_urgent, self.clock(), self.urgent_yield_s,
+                                   tuner.rate(), self.urgent_yield_ms)
             limits = BatchLimits(
                 max_items=max(1, min(size, self._memory_cap(spec, snapshot))),
                 max_tokens=spec.max_batch_tokens, urgent_items=spec.urgent_batch,
@@ -551,7 +569,9 @@ class Engine:
             load_ms = (self.clock() - t0) * 1000.0
             t0 = self.clock()
             ooms = self.stats.ooms
+            sched0 = thread_schedstat()
             outputs = self._run_with_recovery(slot, model, items, params)
+            sched1 = thread_schedstat()
             clean_timing = clean_timing and self.stats.ooms == ooms  # a recovery's evictions are not its size
             compute_ms = (self.clock() - t0) * 1000.0
             if len(outputs) != len(items):
@@ -575,6 +595,8 @@ class Engine:
         counters.wall_ms += compute_ms
         counters.device_ms += getattr(model, "last_device_ms", None) or 0.0
         counters.alloc_retries += retries
+        counters.cpu_ms += sched1[0] - sched0[0]
+        counters.runq_ms += sched1[1] - sched0[1]
         self._report("batch", spec.name, role, len(items), sum(lengths), compute_ms / 1000.0, retries)
         self._publish_state()
         if quiet and not any(s.loading is not None for s in self._slots.values()):

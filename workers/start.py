@@ -80,7 +80,8 @@ def build_engine(settings: Settings, device: str, database_url: str, worker: str
         device, specs, load_model, budget, host_budget_bytes=host_budget, cooldown_s=settings.cooldown_s,
         on_model_event=sink.record_model_event, profiles=PostgresProfileStore(database_url),
         device_kind=device_kind(device), report_interval_s=settings.stats_interval_s,
-        urgent_yield_s=settings.urgent_yield_s, metrics=EngineMetrics(device, total), memory_used=memory_used,
+        urgent_yield_s=settings.urgent_yield_s, urgent_yield_ms=settings.urgent_yield_ms,
+        metrics=EngineMetrics(device, total), memory_used=memory_used,
         on_sample=lambda row: sink.record_device_sample({**row, "total_bytes": total or None}),
         knob_source=lambda: tuning.live_values(get_engine(database_url)),
     )
