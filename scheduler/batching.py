@@ -163,9 +163,12 @@ class BatchTuner:
         self.size = max(self.minimum, min(self.size, self.maximum))
         self.ceiling = self.ceiling or self.maximum
 
-    def rate(self) -> float | None:
-        """Measured items/s at the current size (smoothed), if any full batch of it ran."""
-        return self._throughput.get(self.size)
+    def rate(self, size: int | None = None) -> float | None:
+        """Measured items/s (smoothed) at `size` (default the current size), else at the nearest measured size
+        below it (a lower bound), else None."""
+        size = self.size if size is None else size
+        below = [s for s in self._throughput if s <= size]
+        return self._throughput[max(below)] if below else None
 
     def p95_ms(self) -> float:
         if not self._times:

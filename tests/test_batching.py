@@ -183,3 +183,11 @@ def test_background_batches_yield_to_recent_urgent_work() -> None:
     assert yield_to_urgent(16, last_urgent=99.0, now=100.0, recent_s=10.0, rate_per_s=180.0, yield_ms=150) == 8
     assert yield_to_urgent(128, last_urgent=99.0, now=100.0, recent_s=10.0, rate_per_s=2.0, yield_ms=150) == 1
     assert yield_to_urgent(128, last_urgent=80.0, now=100.0, recent_s=10.0, rate_per_s=180.0, yield_ms=150) == 128
+
+
+def test_the_rate_at_a_size_falls_back_to_the_nearest_measured_size_below() -> None:
+    tuner = BatchTuner(size=8, maximum=256, latency_target_ms=400)
+    assert tuner.rate() is None
+    feed(tuner, ms_per_item=5.0, fixed_ms=20.0, batches=4)  # 8 and 16 measured; now at 32
+    assert tuner.size == 32 and tuner.rate() == tuner.rate(16) and tuner.rate(8) < tuner.rate(16)
+    assert tuner.rate(4) is None

@@ -321,3 +321,41 @@ def test_the_stats_line_says_where_a_roles_run_time_went() -> None:
     assert "generate 4 batches 4 items (mean 1.0) run 4.0s device 3.9s (98%) on-cpu 2.5s cpu-wait 0.9s" in line
     on_cpu, waiting = thread_schedstat()
     assert on_cpu >= 0.0 and waiting >= 0.0
+
+
+def test_an_idle_model_makes_room_for_the_tuned_background_batch() -> None:
+    # the embedder's measured activations: 1 MiB an item. Beside the idle generator only 4 items fit in the
+    # budget; with the generator asleep the tuned 8 do (on the H200 the resident generator held ingestion at
+    # half its best batch for as long as it ran)
+    h = Harness(budget_mib=12, sizes={"embed": 4, "generate": 4}, batch=8, act_bytes_per_item=MiB)
+    h.engine.start()
+    h.engine.run("embed", ["a", "b"])
+    h.engine.run("embed", ["a", "b", "c", "d"])
+    h.engine.run("generate", ["g"])            # resident, then idle
+    h.runs.clear()
+    h.engine.run("embed", [str(i) for i in range(8)])
+    h.engine.stop()
+    assert [len(items) for role, items in h.runs] == [8]
+    assert h.engine.stats.ooms == 0
+    assert any(e["event"] == "evict" and e["model"] == "generate" and "room for larger" in e["reason"]
+               for e in h.events)
+    assert h.device.peak <= 12 * MiB
+
+
+def test_a_model_inside_its_cooldown_is_not_put_to_sleep_for_a_larger_batch() -> None:
+    clock = FakeClock()
+    h = Harness(budget_mib=12, sizes={"embed": 4, "generate": 4}, batch=8, act_bytes_per_item=MiB,
+                cooldown_s=30.0, clock=clock, real_time=False)
+    for items in (["a", "b"], ["a", "b", "c", "d"]):
+        future = h.engine.submit("embed", items)
+        while not future.done():
+            h.engine.step()
+    future = h.engine.submit("generate", ["g"], priority=URGENT)
+    while not future.done():
+        h.engine.step()
+    h.runs.clear()
+    future = h.engine.submit("embed", [str(i) for i in range(8)])
+    while not future.done():
+        h.engine.step()
+    assert [len(items) for role, items in h.runs] == [4, 4]  # the generator was used 0 s ago: it stays
+    assert not any("room for larger" in e.get("reason", "") for e in h.events)

@@ -409,10 +409,16 @@ class Engine:
                 else:
                     self._cond.wait(wait_s)
                 return False
-            size = yield_to_urgent(tuner.size, self._last_urgent, self.clock(), self.urgent_yield_s,
-                                   tuner.rate(), self.urgent_yield_ms)
+            cap = self._memory_cap(spec, snapshot)
+        if cap < tuner.size and self._make_room(spec, snapshot):
+            cap = self._memory_cap(spec, snapshot)  # idle models made way for the tuned batch size
+        with self._cond:
+            snapshot = [p for p in self._snapshot() if p.role == role]
+            effective = max(1, min(tuner.size, cap))
+            size = yield_to_urgent(effective, self._last_urgent, self.clock(), self.urgent_yield_s,
+                                   tuner.rate(effective), self.urgent_yield_ms)
             limits = BatchLimits(
-                max_items=max(1, min(size, self._memory_cap(spec, snapshot))),
+                max_items=max(1, min(size, cap)),
                 max_tokens=spec.max_batch_tokens, urgent_items=spec.urgent_batch,
             )
             plan = form_batch(snapshot, role, limits)
@@ -656,6 +662,23 @@ class Engine:
             middle = len(items) // 2
             return (self._run_with_recovery(slot, model, items[:middle], params)
                     + self._run_with_recovery(slot, model, items[middle:], params))
+
+    def _make_room(self, spec: ModelSpec, snapshot: list[Pending]) -> bool:
+        """Background work whose tuned batch does not fit beside the resident models: models no pending work needs
+        and unused for the cooldown go to sleep (a wake is ~0.2 s when a question needs one again; smaller
+        batches cost throughput for as long as ingestion runs). True if any went."""
+        if any(p.priority == URGENT for p in snapshot):
+            return False
+        now = self.clock()
+        with self._cond:
+            views = self._views(self._snapshot())
+        idle = [v for v in views.values() if v.tier == VRAM and v.name != spec.name and v.pending == 0
+                and now - (v.last_used or 0.0) >= self.policy.cooldown_s]
+        if not idle:
+            return False
+        self._apply(evict_moves(sorted(idle, key=lambda v: v.last_used), views, self.policy,
+                                f"idle: room for larger {spec.name} batches", keep=spec.name))
+        return True
 
     def _evict_idle(self, keep: str, everything: bool = False) -> bool:
         """Evict models no pending work needs (or, with `everything`, all but `keep`); True if any went."""
