@@ -3,7 +3,8 @@
 
 Measures, for ragq's configuration and for a naive one (Celery's default settings, one document per task):
   1. ingestion throughput through the stack (enqueue -> chunk -> embed -> vectors stored), against the raw
-     embedding forward pass at its best batch size on the same card and the same chunks;
+     embedding forward pass at its best batch size on the same card and the same chunks: cold (the batch tuner
+     starting from its initial size) and warm (a second corpus right after);
   2. urgent `ask` p50/p95 while idle and while a large ingestion saturates the worker.
 
     python3 bench/stack_gpu.py --models /tmp/ragq-models --out $OUT --variants ragq,naive
@@ -147,11 +148,16 @@ def run_variant(name: str, home: Path, device: str, args: argparse.Namespace, se
         print(f"{name}: worker consuming", flush=True)
         client.wait_for_job(client.submit_ingest(sample_paths()).job_id, timeout_s=600)
         client.ask(QUESTIONS[0], timeout_s=120)  # every model loaded once
-        corpus_a = make_corpus(home / f"a-{name}", args.docs, seed)
-        t0 = time.perf_counter()
-        status = client.wait_for_job(client.submit_ingest(corpus_a).job_id, timeout_s=1200)
-        ingest_s = time.perf_counter() - t0
-        print(f"{name}: ingested {status['chunks_total']} chunks in {ingest_s:.1f}s", flush=True)
+        # cold: the batch tuner starts from its initial size; warm: a second corpus right after, with the size it
+        # settled on (as a restarted worker has it from model_profiles)
+        timings = {}
+        for phase, folder, offset in (("cold", "a", 0), ("warm", "w", 50)):
+            corpus = make_corpus(home / f"{folder}-{name}", args.docs, seed + offset)
+            t0 = time.perf_counter()
+            status = client.wait_for_job(client.submit_ingest(corpus).job_id, timeout_s=1200)
+            timings[phase] = (status["chunks_total"], time.perf_counter() - t0)
+            print(f"{name}: {phase} ingestion of {status['chunks_total']} chunks in {timings[phase][1]:.1f}s",
+                  flush=True)
         idle, idle_timeouts = ask_many(client, args.questions, 60.0)
         print(f"{name}: idle questions done", flush=True)
         corpus_b = make_corpus(home / f"b-{name}", 2 * args.docs, seed + 100)  # outlasts the questions
@@ -168,8 +174,10 @@ def run_variant(name: str, home: Path, device: str, args: argparse.Namespace, se
         app.control.purge()
         stop_worker(worker)
     return {
-        "variant": name, "chunks": status["chunks_total"], "ingest_s": ingest_s,
-        "ingest_chunks_per_s": status["chunks_total"] / ingest_s,
+        "variant": name, "chunks": timings["warm"][0], "ingest_s": timings["warm"][1],
+        "ingest_chunks_per_s": timings["warm"][0] / timings["warm"][1],
+        "cold_chunks": timings["cold"][0], "cold_ingest_s": timings["cold"][1],
+        "cold_chunks_per_s": timings["cold"][0] / timings["cold"][1],
         "idle_ms": idle, "loaded_ms": loaded, "idle_p50": statistics.median(idle), "idle_p95": percentile(idle, 0.95),
         "loaded_p50": statistics.median(loaded) if loaded else float("nan"), "loaded_p95": percentile(loaded, 0.95),
         "timeouts": idle_timeouts + loaded_timeouts, "ingestion_running_after_questions": during["status"] == "running",
@@ -227,10 +235,11 @@ def main() -> int:
     raw = results["raw_forward"]["best_chunks_per_s"]
     print(f"\nraw embedding forward: {raw:.1f} chunks/s at batch {results['raw_forward']['best_batch']} "
           f"({results['raw_forward']['chunks']} chunks, {results['raw_forward']['mean_tokens']:.0f} tokens mean)")
-    print("| variant | stack chunks/s | stack / raw | idle p50 ms | idle p95 ms | loaded p50 ms | loaded p95 ms "
-          "| p95 loaded/idle | timeouts |\n|---|---|---|---|---|---|---|---|---|")
+    print("| variant | cold chunks/s | cold / raw | warm chunks/s | warm / raw | idle p50 ms | idle p95 ms | loaded p50 ms | loaded p95 ms "
+          "| p95 loaded/idle | timeouts |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results["variants"].items():
-        print(f"| {name} | {r['ingest_chunks_per_s']:.1f} | {r['ingest_chunks_per_s'] / raw:.2f} | {r['idle_p50']:.0f} "
+        print(f"| {name} | {r['cold_chunks_per_s']:.1f} | {r['cold_chunks_per_s'] / raw:.2f} "
+              f"| {r['ingest_chunks_per_s']:.1f} | {r['ingest_chunks_per_s'] / raw:.2f} | {r['idle_p50']:.0f} "
               f"| {r['idle_p95']:.0f} | {r['loaded_p50']:.0f} | {r['loaded_p95']:.0f} "
               f"| {r['loaded_p95'] / r['idle_p95']:.2f} | {r['timeouts']} |")
     return 0
