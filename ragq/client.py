@@ -57,55 +57,94 @@ class Client:
     def submit_ingest(self, sources: Iterable[Source], *, batch_docs: int | None = None) -> IngestSubmission:
         """Validate every input, record a job, and queue the valid documents on the background queue in batches.
 
+        Streams: the job row (with its total) is written first, and each task message is published as soon as
+        its documents are read, so workers start on the first documents while the rest are still being read.
         A bad input is recorded as a failed item with its error; the others are queued all the same."""
-        from tasks.ingest import ingest_documents
+        from tasks.ingest import FINISH_JOB, ingest_documents
 
-        loaded: list[LoadedDocument] = []
-        failures: list[Failure] = []
+        work: list[tuple[str, Any]] = []
         paths: list[str | Path] = []
         for index, source in enumerate(sources):
             if isinstance(source, DoclingDocument):
-                try:
-                    loaded.append(from_docling(source, source=f"<document {index}: {source.name}>"))
-                except BadInput as exc:
-                    failures.append(Failure(exc.source, exc.problem))
+                work.append((f"<document {index}: {source.name}>", source))
             else:
                 paths.append(source)
-        files, path_failures = expand_paths(paths)
-        failures.extend(path_failures)
-        for path in files:
-            try:
-                loaded.append(load_document(path))
-            except BadInput as exc:
-                failures.append(Failure(exc.source, exc.problem))
+        files, failures = expand_paths(paths)
+        work.extend((str(path), path) for path in files)
 
         job_id = str(uuid.uuid4())
-        batch = batch_docs or self.settings.ingest_batch_docs
-        messages: list[list[dict[str, Any]]] = []
         with self.db.begin() as conn:
-            status = "queued" if loaded else ("failed" if failures else "completed")
+            status = "queued" if work else ("failed" if failures else "completed")
             conn.execute(insert(Job).values(
-                id=job_id, kind="ingest", status=status, documents_total=len(loaded) + len(failures),
-                documents_failed=len(failures), finished_at=None if loaded else func.now(),
+                id=job_id, kind="ingest", status=status, documents_total=len(work) + len(failures),
+                documents_failed=len(failures), finished_at=None if work else func.now(),
             ))
             for failure in failures:
                 conn.execute(insert(JobItem).values(job_id=job_id, path=failure.path, status="failed",
                                                     error=failure.error))
-            items = []
-            for doc in loaded:
-                item_id = conn.execute(insert(JobItem).values(
-                    job_id=job_id, path=doc.source, document_id=doc.document_id, status="queued",
-                ).returning(JobItem.id)).scalar_one()
-                items.append({
-                    "item_id": item_id, "path": doc.source, "format": doc.format, "document_id": doc.document_id,
-                    "document": doc.document.export_to_dict(),
-                })
-            messages = pack_messages(items, [doc.text_chars for doc in loaded], batch,
-                                     self.settings.ingest_task_tokens * CHARS_PER_TOKEN)
-        with tracing.span("ingest", job_id=job_id, documents=len(loaded)):  # the root of the job's trace
-            for message in messages:  # after commit, so a fast worker finds its rows
-                ingest_documents.apply_async((job_id, message), queue="background")
-        return IngestSubmission(job_id=job_id, documents=len(loaded), failed=failures)
+        batch = batch_docs or self.settings.ingest_batch_docs
+        max_chars = self.settings.ingest_task_tokens * CHARS_PER_TOKEN
+        queued = 0
+        pending: list[LoadedDocument] = []
+        chars = 0
+
+        def publish() -> None:
+            nonlocal queued, pending, chars
+            with self.db.begin() as conn:
+                ids = conn.execute(
+                    insert(JobItem).returning(JobItem.id, sort_by_parameter_order=True),
+                    [{"job_id": job_id, "path": doc.source, "document_id": doc.document_id, "status": "queued"}
+                     for doc in pending],
+                ).scalars().all()
+            message = [
+                {"item_id": item_id, "path": doc.source, "format": doc.format, "document_id": doc.document_id,
+                 "document": doc.document.export_to_dict()}
+                for item_id, doc in zip(ids, pending)
+            ]
+            try:
+                ingest_documents.apply_async((job_id, message), queue="background")  # after commit: rows exist
+            except Exception as exc:
+                self._abandon(job_id, ids, f"not queued: {exc}")
+                raise
+            queued += len(pending)
+            pending, chars = [], 0
+
+        with tracing.span("ingest", job_id=job_id, documents=len(work)):  # the root of the job's trace
+            for label, source in work:
+                try:
+                    doc = from_docling(source, source=label) if isinstance(source, DoclingDocument) \
+                        else load_document(source)
+                except BadInput as exc:
+                    failures.append(Failure(exc.source, exc.problem))
+                    with self.db.begin() as conn:
+                        conn.execute(insert(JobItem).values(job_id=job_id, path=exc.source, status="failed",
+                                                            error=exc.problem))
+                        conn.execute(FINISH_JOB, {"job_id": job_id, "done": 0, "failed": 1, "chunks": 0, "added": 0})
+                    continue
+                except BaseException as exc:  # interrupted while reading: the job covers what was queued
+                    self._abandon(job_id, [], f"not queued: {exc!r}")
+                    raise
+                size = doc.text_chars
+                if pending and (len(pending) >= batch or chars + size > max_chars):
+                    publish()
+                pending.append(doc)
+                chars += size
+            if pending:
+                publish()
+        return IngestSubmission(job_id=job_id, documents=queued, failed=failures)
+
+    def _abandon(self, job_id: str, item_ids: list[int], error: str) -> None:
+        """Submission stopped part-way (the broker away, an interrupt): the items written but not queued fail
+        with the error, and the job's total becomes the items it has, so the job still finishes."""
+        from tasks.ingest import FINISH_JOB
+
+        with self.db.begin() as conn:
+            if item_ids:
+                conn.execute(JobItem.__table__.update().where(JobItem.id.in_(item_ids))
+                             .values(status="failed", error=error[:4000]))
+            rows = select(func.count()).select_from(JobItem).where(JobItem.job_id == job_id).scalar_subquery()
+            conn.execute(Job.__table__.update().where(Job.id == job_id).values(documents_total=rows))
+            conn.execute(FINISH_JOB, {"job_id": job_id, "done": 0, "failed": len(item_ids), "chunks": 0, "added": 0})
 
     def job_status(self, job_id: str) -> dict[str, Any]:
         with self.db.connect() as conn:
@@ -174,24 +213,6 @@ class Client:
                     "moving?") from None
         reply["total_ms"] = round((time.time() - started) * 1000.0, 2)
         return _public_reply(reply)
-
-
-def pack_messages(items: list[dict[str, Any]], sizes: list[int], max_docs: int, max_chars: int,
-                  ) -> list[list[dict[str, Any]]]:
-    """Group documents into task messages of at most `max_docs` documents and about `max_chars` of text; a
-    document larger than that travels alone."""
-    messages: list[list[dict[str, Any]]] = []
-    current: list[dict[str, Any]] = []
-    chars = 0
-    for item, size in zip(items, sizes):
-        if current and (len(current) >= max_docs or chars + size > max_chars):
-            messages.append(current)
-            current, chars = [], 0
-        current.append(item)
-        chars += size
-    if current:
-        messages.append(current)
-    return messages
 
 
 def _public_reply(state: dict[str, Any]) -> dict[str, Any]:

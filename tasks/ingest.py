@@ -25,7 +25,7 @@ from workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
 
-_FINISH_JOB = text("""
+FINISH_JOB = text("""
 UPDATE jobs SET
   documents_done = documents_done + :done,
   documents_failed = documents_failed + :failed,
@@ -54,7 +54,7 @@ def _claim_item(conn: Any, item_id: int, **values: Any) -> bool:
 def record_item_failure(rt_db: Any, job_id: str, item_id: int, error: str) -> None:
     with rt_db.begin() as conn:
         if _claim_item(conn, item_id, status="failed", error=error[:4000]):
-            conn.execute(_FINISH_JOB, {"job_id": job_id, "done": 0, "failed": 1, "chunks": 0, "added": 0})
+            conn.execute(FINISH_JOB, {"job_id": job_id, "done": 0, "failed": 1, "chunks": 0, "added": 0})
 
 
 def _store_document(rt: WorkerRuntime, job_id: str, item: dict[str, Any], chunks: list[ChunkText],
@@ -78,7 +78,7 @@ def _store_document(rt: WorkerRuntime, job_id: str, item: dict[str, Any], chunks
             added = len(conn.execute(pg_insert(Chunk).values(rows).on_conflict_do_nothing().returning(Chunk.id)).all())
         if _claim_item(conn, item["item_id"], status="done", document_id=item["document_id"], chunks=len(chunks),
                        chunks_added=added):
-            conn.execute(_FINISH_JOB, {"job_id": job_id, "done": 1, "failed": 0, "chunks": len(chunks), "added": added})
+            conn.execute(FINISH_JOB, {"job_id": job_id, "done": 1, "failed": 0, "chunks": len(chunks), "added": added})
     return added
 
 
