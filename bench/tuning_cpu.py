@@ -7,7 +7,12 @@ Real embedded Redis and Postgres, a real `ragq worker --device cpu` with all-Min
 Each ingests the same generated corpus; the script reports throughput over consecutive windows, the tuned run's
 last windows against static-best, and the tuner's action log.
 
+`--scenario tokens`: a generator allowed too many new tokens (tiny random-weight Qwen3 embedder and generator,
+`--tokens-start` new tokens) against a generation target (`RAGQ_TUNE_GENERATE_P95_MS`); questions are asked one
+after another while the tuner steps; reports each window's generate p95 and questions/s, and the action log.
+
     python bench/tuning_cpu.py --docs 1500 --out bench/results/tuning-cpu-2026-11-27.json
+    python bench/tuning_cpu.py --scenario tokens --out bench/results/tuning-tokens-cpu-2026-11-27.json
 """
 
 from __future__ import annotations
@@ -94,6 +99,67 @@ def run_variant(name: str, home: Path, batch: int, tune: bool, corpus: list[Path
             "tail_chunks_per_s": statistics.mean(tail) if tail else float("nan"), "actions": actions}
 
 
+def run_tokens(home: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """A generator allowed too many tokens: the tuner cuts max_new_tokens until generation meets its target."""
+    from bench.models import build_all
+    from ragq.client import Client
+    from ragq.demo import QUESTIONS, sample_paths, stop_worker, wait_until_consuming
+    from ragq.settings import Settings
+    from ragq.tuning import tick
+    from workers.models import load_model_specs
+
+    paths = build_all(home / "models", "cpu", tiny=True)
+    models = home / "models-tokens.toml"
+    models.write_text(
+        f'[embed]\npath = "{paths["embed"]}"\nname = "tiny-embed"\npooling = "last"\ndim = 48\nchunk_tokens = 200\n'
+        f'[generate]\npath = "{paths["generate"]}"\nname = "tiny-generate"\nmax_new_tokens = {args.tokens_start}\n'
+        f'max_length = 2048\n')
+    env = dict(os.environ, RAGQ_HOME=str(home), RAGQ_MODELS=str(models), RAGQ_TUNE_WINDOW_S=str(args.tune_window),
+               RAGQ_TUNE_SETTLE_S=str(args.tune_settle), RAGQ_TUNE_GENERATE_P95_MS=str(args.generate_target_ms))
+    os.environ.update({k: env[k] for k in ("RAGQ_MODELS", "RAGQ_TUNE_WINDOW_S", "RAGQ_TUNE_SETTLE_S",
+                                           "RAGQ_TUNE_GENERATE_P95_MS")})
+    settings = Settings(home=home)
+    client = Client(settings)
+    log = home / "worker-tokens.log"
+    worker = subprocess.Popen([sys.executable, "-m", "ragq.cli", "worker", "--device", "cpu", "--name", "tokens"],
+                              env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    specs = load_model_specs(settings.models)
+    actions: list[dict[str, Any]] = []
+    windows: list[dict[str, Any]] = []
+    try:
+        wait_until_consuming(worker, log, timeout_s=300)
+        client.wait_for_job(client.submit_ingest(sample_paths()).job_id, timeout_s=300)
+        t0 = time.monotonic()
+        next_tune, window_end = t0 + args.tune_interval, t0 + args.window
+        latencies: list[float] = []
+        asked = 0
+        while time.monotonic() - t0 < args.token_seconds:
+            q0 = time.monotonic()
+            reply = client.ask(QUESTIONS[asked % len(QUESTIONS)], timeout_s=120)
+            asked += 1
+            latencies.append(reply["timings"]["generate"]["compute_ms"])
+            now = time.monotonic()
+            if now >= window_end:
+                ordered = sorted(latencies)
+                windows.append({"t": round(now - t0, 1), "questions_per_s": round(len(latencies) / args.window, 2),
+                                "generate_p95_ms": round(ordered[int(0.95 * (len(ordered) - 1))]),
+                                "last_question_ms": round((now - q0) * 1000)})
+                print(f"tokens t={now - t0:5.1f}s {windows[-1]}", flush=True)
+                latencies, window_end = [], now + args.window
+            if now >= next_tune:
+                next_tune = now + args.tune_interval
+                _, moves = tick(client.db, settings, specs)
+                for m in moves:
+                    actions.append({"t": round(now - t0, 1), "knob": m.knob, "before": m.before, "after": m.after,
+                                    "symptom": m.symptom, "evidence": m.evidence})
+                    print(f"tokens t={now - t0:5.1f}s {m.knob}: {m.before:g} -> {m.after:g} ({m.symptom}: "
+                          f"{m.evidence})", flush=True)
+    finally:
+        stop_worker(worker)
+    return {"variant": "tokens", "tokens_start": args.tokens_start, "generate_target_ms": args.generate_target_ms,
+            "windows": windows, "actions": actions}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--docs", type=int, default=1500)
@@ -104,6 +170,10 @@ def main() -> int:
     parser.add_argument("--tune-settle", type=float, default=15.0)
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--out", type=Path, default=Path("tuning-cpu.json"))
+    parser.add_argument("--scenario", choices=("batch", "tokens"), default="batch")
+    parser.add_argument("--tokens-start", type=int, default=256)
+    parser.add_argument("--generate-target-ms", type=float, default=400.0)
+    parser.add_argument("--token-seconds", type=float, default=240.0)
     args = parser.parse_args()
     from ragq.services import EmbeddedServices
     from ragq.settings import Settings
@@ -113,6 +183,15 @@ def main() -> int:
     services.up()
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "cpu_cores": os.cpu_count(), "docs": args.docs,
                                "args": {k: str(v) for k, v in vars(args).items()}}
+    if args.scenario == "tokens":
+        try:
+            results["tokens"] = run_tokens(home, args)
+        finally:
+            services.down()
+            shutil.rmtree(home, ignore_errors=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+        return 0
     try:
         results["static-best"] = run_variant("static-best", home, 64, False,
                                              make_corpus(home / "a", args.docs, 1), args)

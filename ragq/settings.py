@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     tune_interval_s: float = Field(60.0, ge=0, description="how often `ragq beat` runs the tuner (0 = never)")
     tune_window_s: float = Field(300.0, gt=0, description="the evidence window of each tuner step")
     tune_settle_s: float = Field(120.0, ge=0, description="a knob moved less than this long ago is left alone")
+    tune_generate_p95_ms: float = Field(
+        4000.0, gt=0, description="generation p95 above this is the 'high generation latency' symptom")
     tuning_pinned: str = Field("", description="comma-separated knobs the tuner never moves, e.g. "
                                "cooldown_s,max_new_tokens")
     tracing: Literal["off", "console", "otlp"] = Field(

@@ -122,7 +122,7 @@ def tick(db: Any, settings: Any, specs: dict[str, Any], *, now: datetime | None 
 
     now = now or datetime.now(timezone.utc)
     start = now - timedelta(seconds=settings.tune_window_s)
-    thresholds = Thresholds(settle_s=settings.tune_settle_s)
+    thresholds = Thresholds(settle_s=settings.tune_settle_s, generate_p95_ms=settings.tune_generate_p95_ms)
     models = {role: spec.name for role, spec in specs.items()}
     with db.begin() as conn:
         if not dry_run and not conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _LOCK_KEY}).scalar():

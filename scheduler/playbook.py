@@ -154,6 +154,9 @@ def plan(symptoms: list[Symptom], knobs: dict[str, Knob], now: float, evidence_s
                 continue  # more of what did not pay last time: no
             if knob.last_moved_at is not None:
                 if now - knob.last_moved_at < t.settle_s:
+                    # settling: its last move is still taking effect, so the row's fallbacks wait too (they are
+                    # for when this knob can do no more: at its bound, pinned or stalled)
+                    chosen = chosen or when == ALWAYS
                     continue
                 if knob.last_direction == -direction and evidence_start < knob.last_moved_at:
                     continue  # the opposite of its last move needs evidence gathered after that move

@@ -64,6 +64,19 @@ def test_high_generation_latency_cuts_new_tokens_then_context_chunks() -> None:
     assert names(plan(symptoms, k, 1300.0, 1000.0)) == [("generate_chunks", 5, 4)]
 
 
+def test_a_fallback_waits_while_the_knob_before_it_settles() -> None:
+    # seen in bench/tuning_cpu.py --scenario tokens: with max_new_tokens settling after a cut, each step cut the
+    # passages instead, so both fell together
+    symptoms = diagnose(ev(generate_p95_ms=6000.0), MODELS)
+    settling = knobs(max_new_tokens=Knob("max_new_tokens", 171, 16, 256, 1.5, factor=True, last_direction=DOWN,
+                                         last_moved_at=1250.0))
+    assert plan(symptoms, settling, now=1300.0, evidence_start=1000.0) == []
+    assert names(plan(symptoms, settling, now=1500.0, evidence_start=1200.0)) == [("max_new_tokens", 171, 114)]
+    floor = knobs(max_new_tokens=Knob("max_new_tokens", 16, 16, 256, 1.5, factor=True, last_direction=DOWN,
+                                      last_moved_at=1000.0))
+    assert names(plan(symptoms, floor, now=1300.0, evidence_start=1000.0)) == [("generate_chunks", 5, 4)]
+
+
 def test_low_throughput_with_an_idle_device_grows_batches() -> None:
     symptoms = diagnose(ev(device_busy=0.2, background_pending=40, embed_items=300,
                            compute_ms={"background": 1000.0}, queue_ms={"background": 100.0}), MODELS)

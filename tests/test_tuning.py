@@ -88,6 +88,26 @@ def test_slow_generation_cuts_new_tokens_unless_pinned(db, settings) -> None:  #
     assert "max_new_tokens" not in live_values(db)
 
 
+def test_the_generation_latency_target_is_configurable(db, settings) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import insert
+
+    from ragq.db import StageTiming
+    from ragq.tuning import tick
+
+    with db.begin() as conn:
+        conn.execute(insert(StageTiming), [{"stage": "generate", "model": "tune-test-gen", "priority": "urgent",
+                                            "outcome": "ok", "finished_at": T0 + timedelta(seconds=i),
+                                            "queue_ms": 10.0, "load_ms": 0.0, "compute_ms": 1500.0}
+                                           for i in range(10)])
+    symptoms, _ = tick(db, settings, SPECS, now=T0 + timedelta(seconds=60), dry_run=True)
+    assert "high_generation_latency" not in {s.name for s in symptoms}  # under the default 4000 ms
+    strict = settings.model_copy(update={"tune_generate_p95_ms": 1000.0})
+    symptoms, moves = tick(db, strict, SPECS, now=T0 + timedelta(seconds=60), dry_run=True)
+    slow = [s for s in symptoms if s.name == "high_generation_latency"]
+    assert slow and slow[0].evidence == {"generate_p95_ms": 1500, "target_ms": 1000.0}
+    assert [(m.knob, m.before, m.after) for m in moves] == [("max_new_tokens", 128, 85)]
+
+
 @pytest.mark.integration
 def test_tune_cli(worker, ragq_home) -> None:  # type: ignore[no-untyped-def]
     from tests.conftest import ragq_env, run_ragq
