@@ -12,7 +12,8 @@ last windows against static-best, and the tuner's action log.
 after another while the tuner steps; reports each window's generate p95 and questions/s, and the action log.
 
     python bench/tuning_cpu.py --docs 1500 --out bench/results/tuning-cpu-2026-11-27.json
-    python bench/tuning_cpu.py --scenario tokens --out bench/results/tuning-tokens-cpu-2026-11-27.json
+    python bench/tuning_cpu.py --scenario tokens --generate-target-ms 150 --token-seconds 150 --static-tokens 76 \
+        --out bench/results/tuning-tokens-cpu-2026-11-27.json
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def run_variant(name: str, home: Path, batch: int, tune: bool, corpus: list[Path
             "tail_chunks_per_s": statistics.mean(tail) if tail else float("nan"), "actions": actions}
 
 
-def run_tokens(home: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_tokens(home: Path, args: argparse.Namespace, tokens: int, tune: bool) -> dict[str, Any]:
     """A generator allowed too many tokens: the tuner cuts max_new_tokens until generation meets its target."""
     from bench.models import build_all
     from ragq.client import Client
@@ -109,10 +110,10 @@ def run_tokens(home: Path, args: argparse.Namespace) -> dict[str, Any]:
     from workers.models import load_model_specs
 
     paths = build_all(home / "models", "cpu", tiny=True)
-    models = home / "models-tokens.toml"
+    models = home / f"models-tokens-{tokens}.toml"
     models.write_text(
         f'[embed]\npath = "{paths["embed"]}"\nname = "tiny-embed"\npooling = "last"\ndim = 48\nchunk_tokens = 200\n'
-        f'[generate]\npath = "{paths["generate"]}"\nname = "tiny-generate"\nmax_new_tokens = {args.tokens_start}\n'
+        f'[generate]\npath = "{paths["generate"]}"\nname = "tiny-generate"\nmax_new_tokens = {tokens}\n'
         f'max_length = 2048\n')
     env = dict(os.environ, RAGQ_HOME=str(home), RAGQ_MODELS=str(models), RAGQ_TUNE_WINDOW_S=str(args.tune_window),
                RAGQ_TUNE_SETTLE_S=str(args.tune_settle), RAGQ_TUNE_GENERATE_P95_MS=str(args.generate_target_ms))
@@ -146,7 +147,7 @@ def run_tokens(home: Path, args: argparse.Namespace) -> dict[str, Any]:
                                 "last_question_ms": round((now - q0) * 1000)})
                 print(f"tokens t={now - t0:5.1f}s {windows[-1]}", flush=True)
                 latencies, window_end = [], now + args.window
-            if now >= next_tune:
+            if tune and now >= next_tune:
                 next_tune = now + args.tune_interval
                 _, moves = tick(client.db, settings, specs)
                 for m in moves:
@@ -156,8 +157,10 @@ def run_tokens(home: Path, args: argparse.Namespace) -> dict[str, Any]:
                           f"{m.evidence})", flush=True)
     finally:
         stop_worker(worker)
-    return {"variant": "tokens", "tokens_start": args.tokens_start, "generate_target_ms": args.generate_target_ms,
-            "windows": windows, "actions": actions}
+    tail = [w["questions_per_s"] for w in windows[-args.tail:]]
+    return {"variant": "tuned" if tune else "static", "max_new_tokens": tokens, "tuner": tune,
+            "generate_target_ms": args.generate_target_ms, "windows": windows, "actions": actions,
+            "tail_questions_per_s": statistics.mean(tail) if tail else float("nan")}
 
 
 def main() -> int:
@@ -174,6 +177,8 @@ def main() -> int:
     parser.add_argument("--tokens-start", type=int, default=256)
     parser.add_argument("--generate-target-ms", type=float, default=400.0)
     parser.add_argument("--token-seconds", type=float, default=240.0)
+    parser.add_argument("--static-tokens", type=int, default=0,
+                        help="also run a static configuration with this many new tokens (no tuner)")
     args = parser.parse_args()
     from ragq.services import EmbeddedServices
     from ragq.settings import Settings
@@ -185,7 +190,13 @@ def main() -> int:
                                "args": {k: str(v) for k, v in vars(args).items()}}
     if args.scenario == "tokens":
         try:
-            results["tokens"] = run_tokens(home, args)
+            if args.static_tokens:  # first: a first run on fresh services was the slower one (order effect)
+                results["static"] = run_tokens(home, args, args.static_tokens, tune=False)
+            results["tuned"] = run_tokens(home, args, args.tokens_start, tune=True)
+            if args.static_tokens:
+                results["tail_ratio"] = results["tuned"]["tail_questions_per_s"] / results["static"]["tail_questions_per_s"]
+                print(f"tuned from {args.tokens_start} tokens / static at {args.static_tokens} tokens, questions/s "
+                      f"over the last {args.tail} windows: {results['tail_ratio']:.2f}", flush=True)
         finally:
             services.down()
             shutil.rmtree(home, ignore_errors=True)

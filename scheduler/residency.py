@@ -1,8 +1,9 @@
 """Model residency across three tiers: VRAM (active), pinned host RAM (asleep), disk (cold).
 
 Pure decisions over a snapshot and a clock:
-- `admit`: the moves that make a model active within the VRAM budget — evict least recently used models that no
-  pending work needs first; never evict a model inside its cooldown (minimum residency: a model that was just
+- `admit`: the moves that make a model active within the VRAM budget — evict the cheapest set of models
+  (`choose_victims`: none that pending work needs or an urgent question expects next if avoidable, then the
+  fewest bytes, then least recently used); never evict a model inside its cooldown (minimum residency: a model that was just
   brought in stays at least that long, which is what stops load/unload oscillation under an alternating load),
   unless the request is urgent; otherwise the answer is `Deferred` and the caller runs resident work meanwhile.
   Evicted models go to sleep in pinned host RAM when the host budget has room, else they are unloaded.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from itertools import combinations
 
 from ragq.errors import BudgetExceeded
 
@@ -36,6 +38,7 @@ class ModelView:
     last_used: float = 0.0
     resident_since: float | None = None
     pending: int = 0           # pending requests that need it
+    expected: bool = False     # a later stage of an urgent question in flight will need it soon
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,39 @@ def host_used(models: Mapping[str, ModelView]) -> int:
 
 
 def _eviction_order(candidates: list[ModelView], policy: ResidencyPolicy, now: float) -> list[ModelView]:
-    return sorted(candidates, key=lambda m: (m.pending > 0, in_cooldown(m, policy, now), m.last_used, m.name))
+    return sorted(candidates, key=lambda m: (m.pending > 0, in_cooldown(m, policy, now), m.expected, m.last_used,
+                                             m.name))
+
+
+def choose_victims(candidates: list[ModelView], missing: int, policy: ResidencyPolicy, now: float
+                   ) -> list[ModelView]:
+    """The cheapest set of resident models whose eviction frees `missing` bytes: fewest models that pending work
+    needs, then fewest inside their cooldown, then fewest that an urgent question in flight expects next, then the
+    fewest bytes (a wake costs about its bytes in copy time), then the least recently used. A question through
+    three models that do not fit together thus sleeps the small reranker between questions instead of a 7.5 GiB
+    model, and never the model its next stage needs. If even all of them are not enough, all of them."""
+    if missing <= 0:
+        return []
+    if sum(m.vram_bytes for m in candidates) < missing or len(candidates) > 12:
+        ordered, victims = _eviction_order(candidates, policy, now), []
+        for m in ordered:
+            if missing <= 0:
+                break
+            victims.append(m)
+            missing -= m.vram_bytes
+        return victims
+    best: tuple[tuple[float, ...], tuple[ModelView, ...]] | None = None
+    for size in range(1, len(candidates) + 1):
+        for combo in combinations(candidates, size):
+            freed = sum(m.vram_bytes for m in combo)
+            if freed < missing:
+                continue
+            key = (sum(m.pending > 0 for m in combo), sum(in_cooldown(m, policy, now) for m in combo),
+                   sum(m.expected for m in combo), freed, sum(m.last_used for m in combo))
+            if best is None or key < best[0]:
+                best = (key, combo)
+    assert best is not None
+    return sorted(best[1], key=lambda m: (m.last_used, m.name))
 
 
 def evict_moves(
@@ -133,17 +168,12 @@ def admit(
     used = sum(m.vram_bytes for m in others) + (target.vram_bytes if target.tier == VRAM else 0)
     free = policy.budget_bytes - used
     missing = (extra_bytes if target.tier == VRAM else need) - free
-    victims: list[ModelView] = []
-    for candidate in _eviction_order(others, policy, now):
-        if missing <= 0:
-            break
-        victims.append(candidate)
-        missing -= candidate.vram_bytes
+    victims = choose_victims(others, missing, policy, now)
     protected = [v for v in victims if in_cooldown(v, policy, now)]
     if protected and not urgent:
         until = min((v.resident_since or now) + policy.cooldown_s for v in protected)
         return Deferred(tuple(v.name for v in protected), until)
-    moves = evict_moves(victims, models, policy, f"evicted (LRU) to fit {incoming}", keep=incoming)
+    moves = evict_moves(victims, models, policy, f"evicted to fit {incoming}", keep=incoming)
     if target.tier == HOST:
         moves.append(Move(incoming, WAKE, "needed by pending work"))
     elif target.tier == DISK:

@@ -359,3 +359,18 @@ def test_a_model_inside_its_cooldown_is_not_put_to_sleep_for_a_larger_batch() ->
         h.engine.step()
     assert [len(items) for role, items in h.runs] == [4, 4]  # the generator was used 0 s ago: it stays
     assert not any("room for larger" in e.get("reason", "") for e in h.events)
+
+
+def test_questions_through_three_models_that_do_not_fit_swap_the_small_one() -> None:
+    # embed 7.5 + rerank 1.1 + generate 7.5 in a 16 budget (the reference case's shape): each question wakes the
+    # embedder and the small reranker once; the generator, expected by the question's later stages, stays
+    h = Harness(budget_mib=16, sizes={"embed": 7.5, "rerank": 1.1, "generate": 7.5}, host_mib=100)
+    h.engine.start()
+    for i in range(5):
+        for role in ("embed", "rerank", "generate"):
+            h.engine.run(role, [f"q{i}"], priority=URGENT)
+    h.engine.stop()
+    brought_in = [(e["model"]) for e in h.events if e["event"] in ("load", "wake")]
+    assert brought_in.count("generate") == 1                  # loaded once, never slept
+    assert brought_in.count("embed") <= 5 and brought_in.count("rerank") <= 5
+    assert h.device.peak <= 16 * MiB

@@ -38,14 +38,30 @@ def test_sleeping_model_is_woken() -> None:
     assert actions(admit(state, "rerank", POLICY, now=10)) == [("rerank", WAKE)]
 
 
-def test_least_recently_used_idle_model_sleeps_to_make_room() -> None:
+def test_the_cheapest_set_of_idle_models_sleeps_to_make_room() -> None:
     state = models(view("embed", VRAM, 7.5, last_used=5, since=0), view("rerank", VRAM, 1.1, last_used=1, since=0),
                    view("generate", DISK, 7.5))
-    # evicting rerank (used longest ago) is not enough: embed must go too
-    assert actions(admit(state, "generate", POLICY, now=10)) == [("rerank", SLEEP), ("embed", SLEEP),
-                                                                 ("generate", LOAD)]
+    # evicting rerank (used longest ago) is not enough, and embed alone is: the reranker stays
+    assert actions(admit(state, "generate", POLICY, now=10)) == [("embed", SLEEP), ("generate", LOAD)]
     roomy = ResidencyPolicy(16 * GiB, 20 * GiB, 2.0)
     assert actions(admit(state, "generate", roomy, now=10)) == [("rerank", SLEEP), ("generate", LOAD)]
+
+
+def test_a_question_through_three_models_swaps_the_small_one_and_keeps_its_next_stage() -> None:
+    # 16 GiB: embed 7.5 + rerank 1.1 + generate 7.5 do not fit together. LRU slept a 7.5 GiB model at every stage
+    # change (two big wakes a question); by cost, the reranker goes when the embedder comes back, and the embedder
+    # (not the expected generator) when the reranker comes
+    budget = ResidencyPolicy(16 * GiB, 20 * GiB, 0.0)
+    after_question = models(view("embed", HOST, 7.5, last_used=1), view("rerank", VRAM, 1.1, last_used=2, since=0),
+                            view("generate", VRAM, 7.5, last_used=3, since=0))
+    embed_in = admit(after_question, "embed", budget, now=10)
+    assert actions(embed_in) == [("rerank", SLEEP), ("embed", WAKE)]
+    at_rerank = models(view("embed", VRAM, 7.5, last_used=10, since=10), view("rerank", HOST, 1.1, last_used=2),
+                       ModelView("generate", VRAM, int(7.5 * GiB), int(7.5 * GiB), 3, 0, 0, expected=True))
+    assert actions(admit(at_rerank, "rerank", budget, now=11)) == [("embed", SLEEP), ("rerank", WAKE)]
+    # without the expectation, least recently used decides between the two equal models
+    plain = dict(at_rerank, generate=view("generate", VRAM, 7.5, last_used=3, since=0))
+    assert actions(admit(plain, "rerank", budget, now=11)) == [("generate", SLEEP), ("rerank", WAKE)]
 
 
 def test_models_needed_by_pending_work_go_last() -> None:

@@ -155,6 +155,10 @@ class EngineStats:
         return "; ".join(parts + [f"loading {load / 1000:.1f}s", f"idle {idle / 1000:.1f}s"])
 
 
+QUESTION_STAGES = ("embed", "rerank", "generate")  # an urgent question's model stages, in order
+EXPECT_S = 5.0  # how long an urgent stage marks its question's later stages' models as expected
+
+
 def thread_schedstat() -> tuple[float, float]:
     """(ms on a CPU, ms runnable but waiting for one) of the calling thread so far, from Linux's schedstat; zeros
     where the kernel does not expose it."""
@@ -217,6 +221,7 @@ class Engine:
         self.knob_interval_s = knob_interval_s
         self._unload_seen: float | None = None
         self._last_urgent: float | None = None
+        self._expected_until: dict[str, float] = {}  # model -> until when a question in flight expects it
         self.stats = EngineStats()
         self._pending: dict[int, _Request] = {}
         self._slots: dict[str, _Slot] = {}
@@ -308,6 +313,10 @@ class Engine:
             key = next(self._ids)
             if priority == URGENT:
                 self._last_urgent = self.clock()
+                if role in QUESTION_STAGES:  # the question's later stages come within seconds: keep their models
+                    for later in QUESTION_STAGES[QUESTION_STAGES.index(role) + 1:]:
+                        if later in self.specs:
+                            self._expected_until[self.specs[later].name] = self._last_urgent + EXPECT_S
             self._pending[key] = _Request(
                 key, role, list(items), tokens, dict(params or {}), priority, deadline, self.clock(), future,
                 todo=list(range(len(items))),
@@ -498,9 +507,10 @@ class Engine:
         for p in snapshot:
             name = self.specs[p.role].name
             pending[name] = pending.get(name, 0) + 1
+        now = self.clock()
         return {
             name: ModelView(name, s.tier, s.vram_bytes, s.host_bytes, s.last_used, s.resident_since,
-                            pending.get(name, 0))
+                            pending.get(name, 0), self._expected_until.get(name, 0.0) > now)
             for name, s in self._slots.items()
         }
 
