@@ -190,7 +190,7 @@ def main() -> int:
                                "args": {k: str(v) for k, v in vars(args).items()}}
     if args.scenario == "tokens":
         try:
-            if args.static_tokens:  # first: a first run on fresh services was the slower one (order effect)
+            if args.static_tokens:  # static first: the tuned-first run was 2x slower per token (run order?)
                 results["static"] = run_tokens(home, args, args.static_tokens, tune=False)
             results["tuned"] = run_tokens(home, args, args.tokens_start, tune=True)
             if args.static_tokens:
