@@ -65,7 +65,9 @@ def gather(conn: Any, start: datetime, end: datetime, background_pending: int = 
     swaps: dict[str, int] = {}
     for row in conn.execute(text("""
             SELECT model, event, count(*) AS n FROM model_events WHERE ts >= :since AND ts < :until
-              AND event IN ('oom', 'load', 'wake') GROUP BY 1, 2"""), window).mappings():
+              AND (event = 'oom' OR (event IN ('load', 'wake') AND coalesce(reason, '') NOT LIKE '%urgent%'))
+            GROUP BY 1, 2"""), window).mappings():
+        # swaps for urgent work pass any cooldown, so only the others count towards oscillation
         target = ooms if row["event"] == "oom" else swaps
         target[row["model"]] = target.get(row["model"], 0) + int(row["n"])
     queue: dict[str, float] = {}

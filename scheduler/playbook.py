@@ -9,8 +9,8 @@
 | low_throughput_low_util      | increase batch sizes                                                          |
 | oscillating_loads            | add cooldown                                                                  |
 
-Every knob has bounds and a step. Hysteresis: a knob moved less than `settle_s` ago is left alone, and a move
-opposite to the knob's last move needs evidence gathered entirely after that move. A knob whose last move did not
+Every knob has bounds and a step. Hysteresis: a knob moved less than `settle_s` ago is left alone, and its next
+move (either way) needs evidence gathered entirely after its last move. A knob whose last move did not
 raise throughput (`stalled`) is not moved further that way. Pinned knobs never move.
 `plan` returns the moves with the symptom and the evidence numbers that justify each (the audit trail).
 """
@@ -53,7 +53,7 @@ class Evidence:
     start: float                                   # window start and end, epoch seconds
     end: float
     ooms: dict[str, int] = field(default_factory=dict)                 # model -> OOM events
-    swaps: dict[str, int] = field(default_factory=dict)                # model -> loads + wakes
+    swaps: dict[str, int] = field(default_factory=dict)                # model -> loads + wakes (not for urgent work)
     queue_ms: dict[str, float] = field(default_factory=dict)           # priority -> summed queue time in the
                                                                        # engine (the broker's backlog is no knob's)
     compute_ms: dict[str, float] = field(default_factory=dict)         # priority -> summed compute time
@@ -158,8 +158,12 @@ def plan(symptoms: list[Symptom], knobs: dict[str, Knob], now: float, evidence_s
                     # for when this knob can do no more: at its bound, pinned or stalled)
                     chosen = chosen or when == ALWAYS
                     continue
-                if knob.last_direction == -direction and evidence_start < knob.last_moved_at:
-                    continue  # the opposite of its last move needs evidence gathered after that move
+                if evidence_start < knob.last_moved_at:
+                    # any move needs evidence gathered entirely after its last one: a window that still holds
+                    # samples from before a cut asks for the cut again (overshoot), and the opposite move for
+                    # a swing back
+                    chosen = chosen or when == ALWAYS
+                    continue
             after = knob.moved(direction)
             if after == knob.value:
                 continue  # at its bound: the next action of the row

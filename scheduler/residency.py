@@ -174,10 +174,11 @@ def admit(
         until = min((v.resident_since or now) + policy.cooldown_s for v in protected)
         return Deferred(tuple(v.name for v in protected), until)
     moves = evict_moves(victims, models, policy, f"evicted to fit {incoming}", keep=incoming)
+    need = "needed by urgent work" if urgent else "needed by pending work"  # the tuner tells them apart
     if target.tier == HOST:
-        moves.append(Move(incoming, WAKE, "needed by pending work"))
+        moves.append(Move(incoming, WAKE, need))
     elif target.tier == DISK:
-        moves.append(Move(incoming, LOAD, "needed by pending work"))
+        moves.append(Move(incoming, LOAD, need))
     return moves
 
 

@@ -71,7 +71,9 @@ def test_a_fallback_waits_while_the_knob_before_it_settles() -> None:
     settling = knobs(max_new_tokens=Knob("max_new_tokens", 171, 16, 256, 1.5, factor=True, last_direction=DOWN,
                                          last_moved_at=1250.0))
     assert plan(symptoms, settling, now=1300.0, evidence_start=1000.0) == []
-    assert names(plan(symptoms, settling, now=1500.0, evidence_start=1200.0)) == [("max_new_tokens", 171, 114)]
+    # settled, but the window still holds samples from before the cut: cutting again would overshoot
+    assert plan(symptoms, settling, now=1500.0, evidence_start=1200.0) == []
+    assert names(plan(symptoms, settling, now=1500.0, evidence_start=1260.0)) == [("max_new_tokens", 171, 114)]
     floor = knobs(max_new_tokens=Knob("max_new_tokens", 16, 16, 256, 1.5, factor=True, last_direction=DOWN,
                                       last_moved_at=1000.0))
     assert names(plan(symptoms, floor, now=1300.0, evidence_start=1000.0)) == [("generate_chunks", 5, 4)]

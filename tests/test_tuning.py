@@ -88,6 +88,30 @@ def test_slow_generation_cuts_new_tokens_unless_pinned(db, settings) -> None:  #
     assert "max_new_tokens" not in live_values(db)
 
 
+def test_swaps_for_urgent_work_are_not_oscillation_a_cooldown_could_stop(db, settings) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import insert
+
+    from ragq.db import ModelEvent
+    from ragq.tuning import tick
+
+    def swaps(offset: float, reason: str) -> None:
+        with db.begin() as conn:
+            conn.execute(insert(ModelEvent), [
+                {"ts": T0 + timedelta(seconds=offset + 4 * i), "device": "cuda:0", "model": model, "event": "wake",
+                 "ms": 150.0, "reason": reason}
+                for i in range(15) for model in ("tune-test-emb", "tune-test-gen")])
+
+    settings = settings.model_copy(update={"tune_window_s": 60.0})  # 15 wakes of each model in the window
+    swaps(0, "needed by urgent work")  # questions wake both models in turn: urgent work passes any cooldown
+    symptoms, moves = tick(db, settings, SPECS, now=T0 + timedelta(seconds=60), dry_run=True)
+    assert "oscillating_loads" not in {s.name for s in symptoms} and not moves
+    swaps(0.5, "needed by pending work")  # background work bringing its model back at once: a cooldown helps
+    symptoms, moves = tick(db, settings, SPECS, now=T0 + timedelta(seconds=60), dry_run=True)
+    assert "oscillating_loads" in {s.name for s in symptoms}
+    assert [(m.knob, m.before, m.after) for m in moves] == [("cooldown_s", settings.cooldown_s,
+                                                            settings.cooldown_s + 2)]
+
+
 def test_the_generation_latency_target_is_configurable(db, settings) -> None:  # type: ignore[no-untyped-def]
     from sqlalchemy import insert
 
