@@ -46,6 +46,18 @@ def events(engine, seconds: float, model: str, event: str, n: int) -> None:  # t
                                            "model": model, "event": event, "ms": 1.0} for i in range(n)])
 
 
+def generations(engine, compute_ms: float, n: int = 10) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import insert
+
+    from ragq.db import StageTiming
+
+    with engine.begin() as conn:
+        conn.execute(insert(StageTiming), [{"stage": "generate", "model": "tune-test-gen", "priority": "urgent",
+                                            "outcome": "ok", "finished_at": T0 + timedelta(seconds=i),
+                                            "queue_ms": 10.0, "load_ms": 0.0, "compute_ms": compute_ms}
+                                           for i in range(n)])
+
+
 def test_an_oom_shrinks_the_batch_cap_unloads_idle_models_and_is_audited(db, settings) -> None:  # type: ignore[no-untyped-def]
     from sqlalchemy import text
 
@@ -72,16 +84,9 @@ def test_an_oom_shrinks_the_batch_cap_unloads_idle_models_and_is_audited(db, set
 
 
 def test_slow_generation_cuts_new_tokens_unless_pinned(db, settings) -> None:  # type: ignore[no-untyped-def]
-    from sqlalchemy import insert
-
-    from ragq.db import StageTiming
     from ragq.tuning import live_values, tick
 
-    with db.begin() as conn:
-        conn.execute(insert(StageTiming), [{"stage": "generate", "model": "tune-test-gen", "priority": "urgent",
-                                            "outcome": "ok", "finished_at": T0 + timedelta(seconds=i),
-                                            "queue_ms": 10.0, "load_ms": 0.0, "compute_ms": 9000.0}
-                                           for i in range(10)])
+    generations(db, compute_ms=9000.0)
     pinned = settings.model_copy(update={"tuning_pinned": "max_new_tokens"})
     _, moves = tick(db, pinned, SPECS, now=T0 + timedelta(seconds=60))
     assert [(m.knob, m.before, m.after) for m in moves] == [("generate_chunks", settings.top_k, settings.top_k - 1)]
@@ -113,16 +118,9 @@ def test_swaps_for_urgent_work_are_not_oscillation_a_cooldown_could_stop(db, set
 
 
 def test_the_generation_latency_target_is_configurable(db, settings) -> None:  # type: ignore[no-untyped-def]
-    from sqlalchemy import insert
-
-    from ragq.db import StageTiming
     from ragq.tuning import tick
 
-    with db.begin() as conn:
-        conn.execute(insert(StageTiming), [{"stage": "generate", "model": "tune-test-gen", "priority": "urgent",
-                                            "outcome": "ok", "finished_at": T0 + timedelta(seconds=i),
-                                            "queue_ms": 10.0, "load_ms": 0.0, "compute_ms": 1500.0}
-                                           for i in range(10)])
+    generations(db, compute_ms=1500.0)
     symptoms, _ = tick(db, settings, SPECS, now=T0 + timedelta(seconds=60), dry_run=True)
     assert "high_generation_latency" not in {s.name for s in symptoms}  # under the default 4000 ms
     strict = settings.model_copy(update={"tune_generate_p95_ms": 1000.0})
