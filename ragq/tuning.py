@@ -65,9 +65,11 @@ def gather(conn: Any, start: datetime, end: datetime, background_pending: int = 
     swaps: dict[str, int] = {}
     for row in conn.execute(text("""
             SELECT model, event, count(*) AS n FROM model_events WHERE ts >= :since AND ts < :until
-              AND (event = 'oom' OR (event IN ('load', 'wake') AND coalesce(reason, '') NOT LIKE '%urgent%'))
+              AND (event = 'oom' OR (event IN ('load', 'wake') AND coalesce(reason, '') NOT LIKE '%urgent%'
+                                     AND coalesce(reason, '') NOT LIKE 'prewarm%'))
             GROUP BY 1, 2"""), window).mappings():
-        # swaps for urgent work pass any cooldown, so only the others count towards oscillation
+        # swaps for urgent work (and prewarms of a question's next stage) pass any cooldown or come anyway:
+        # only the others count towards oscillation
         target = ooms if row["event"] == "oom" else swaps
         target[row["model"]] = target.get(row["model"], 0) + int(row["n"])
     queue: dict[str, float] = {}

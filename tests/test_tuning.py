@@ -108,6 +108,7 @@ def test_swaps_for_urgent_work_are_not_oscillation_a_cooldown_could_stop(db, set
 
     settings = settings.model_copy(update={"tune_window_s": 60.0})  # 15 wakes of each model in the window
     swaps(0, "needed by urgent work")  # questions wake both models in turn: urgent work passes any cooldown
+    swaps(0.2, "prewarm: needed by pending work")  # and the next stage of a question, woken early
     symptoms, moves = tick(db, settings, SPECS, now=T0 + timedelta(seconds=60), dry_run=True)
     assert "oscillating_loads" not in {s.name for s in symptoms} and not moves
     swaps(0.5, "needed by pending work")  # background work bringing its model back at once: a cooldown helps
