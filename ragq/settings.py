@@ -10,7 +10,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from scheduler.budget import parse_size
@@ -37,7 +37,11 @@ class Settings(BaseSettings):
     urgent_concurrency: int = Field(
         4, ge=0, le=64, description="task threads of the worker's urgent consumer, a process of their own so that "
         "questions never wait for a thread held by ingestion (0 = one consumer for both queues)")
-    visibility_timeout_s: int = Field(3600, ge=60)
+    visibility_timeout_s: int = Field(
+        3600, ge=60, description="a task held this long without its worker's lease being refreshed runs again "
+        "elsewhere (a worker that restarts puts back what it held at once)")
+    lease_interval_s: float = Field(
+        10.0, gt=0, description="how often a worker refreshes the broker entries of the tasks it holds")
     switch_interval_ms: float | None = Field(
         None, gt=0, le=100, description="the worker's GIL switch interval (Python's default is 5 ms); lower lets "
         "the device loop win the GIL sooner from busy task threads")
@@ -95,6 +99,13 @@ class Settings(BaseSettings):
             raise ValueError(f"models file {value} does not exist")
         return value
 
+    @model_validator(mode="after")
+    def _leases_refresh_within_the_timeout(self) -> Settings:
+        if self.lease_interval_s >= self.visibility_timeout_s:
+            raise ValueError(f"RAGQ_LEASE_INTERVAL_S ({self.lease_interval_s:g}) must be shorter than "
+                             f"RAGQ_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s})")
+        return self
+
     @cached_property
     def run_dir(self) -> Path:
         return self.home / "run"
@@ -115,6 +126,7 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         problems = "; ".join(
-            f"RAGQ_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
+            (f"RAGQ_{'_'.join(str(p) for p in err['loc']).upper()}: " if err["loc"] else "") + err["msg"]
+            for err in exc.errors()
         )
         raise ConfigError(f"invalid configuration: {problems}") from None

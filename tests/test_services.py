@@ -65,3 +65,7 @@ def test_invalid_configuration_exits_non_zero_naming_the_variable(tmp_path: Path
     result = run_ragq(ragq_env(tmp_path, RAGQ_VRAM_BUDGET="lots"), "services", "status")
     assert result.returncode == 2
     assert "RAGQ_VRAM_BUDGET" in result.stderr
+    result = run_ragq(ragq_env(tmp_path, RAGQ_LEASE_INTERVAL_S="120", RAGQ_VISIBILITY_TIMEOUT_S="60"),
+                      "services", "status")
+    assert result.returncode == 2
+    assert "RAGQ_LEASE_INTERVAL_S (120) must be shorter than RAGQ_VISIBILITY_TIMEOUT_S (60)" in result.stderr

@@ -220,6 +220,7 @@ def run_worker(
     configure_app(settings, runtime.endpoints)
     app.runtime = runtime
     urgent = None
+    leases = None
     try:
         if BACKGROUND_QUEUE in queues.split(","):
             runtime.chunk_pool  # noqa: B018 - start chunking processes before the first task, not during it
@@ -229,6 +230,12 @@ def run_worker(
             metrics.serve(settings.metrics_port, settings.metrics_host, runtime.endpoints.broker_url,
                           metrics.worker_state_dir(settings.home) / f"{runtime.worker_name}.json",
                           {"worker": runtime.worker_name, "device": device, "engine_pid": runtime.engine.pid})
+        if settings.celery_profile == "ragq":  # late acks: keep this consumer's tasks leased (workers/leases.py)
+            from workers.leases import TaskLeases
+
+            leases = TaskLeases(app, runtime.endpoints.broker_url, runtime.worker_name, settings.lease_interval_s)
+            leases.restore_previous()  # before consuming: what a killed predecessor held runs again now
+            leases.start()
         if split:
             urgent = UrgentConsumer(runtime, settings.urgent_concurrency, loglevel)
         app.worker_main([
@@ -239,6 +246,8 @@ def run_worker(
     finally:
         if urgent is not None:
             urgent.stop()
+        if leases is not None:
+            leases.stop()
         runtime.engine.stop()
         runtime.sink.close()
         if "chunk_pool" in runtime.__dict__:

@@ -1,0 +1,78 @@
+"""Faults with real processes: a worker SIGKILLed mid-ingestion again and again (tests/kill_drill.py, in its own
+process with its own Redis and Postgres), and the task leases that bring a killed worker's tasks back."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_worker_sigkilled_mid_ingestion_20_times_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.kill_drill", "--kills", "20", "--docs", "240", "--home", str(tmp_path / "h")],
+        cwd=ROOT, capture_output=True, text=True, timeout=1500, stdin=subprocess.DEVNULL,
+    )
+    assert result.stdout.strip(), result.stderr[-4000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["kills"] == 20 and not summary.get("finished_before_all_kills"), summary
+    assert summary["restored"] >= 1, summary          # restarts put back what the killed worker held
+    assert summary["job_status"] == "completed" and summary["documents_done"] == 240, summary
+    assert summary["chunks_stored"] == summary["distinct_document_seq"] and not summary["documents_incomplete"]
+    assert summary["answer"] and summary["orphans"] == 0, summary
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_a_lease_keeps_a_long_task_from_looking_expired_and_forgets_acked_ones(settings, client) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    import redis
+
+    from workers.leases import UNACKED_HASH, UNACKED_INDEX, TaskLeases, lease_key
+
+    broker = client.endpoints.broker_url
+    r = redis.Redis.from_url(broker)
+    old = time.time() - 7200  # delivered two hours ago: past any visibility timeout
+    r.hset(UNACKED_HASH, mapping={"lease-test-running": "[]", "lease-test-done-x": "[]"})
+    r.zadd(UNACKED_INDEX, {"lease-test-running": old, "lease-test-done-x": old})
+    leases = TaskLeases(client.app, broker, "lease-test@host")
+    try:
+        leases.hold("lease-test-running")
+        leases.hold("lease-test-done")        # acked meanwhile: no longer in the broker's unacked hash
+        leases.refresh()
+        assert r.zscore(UNACKED_INDEX, "lease-test-running") > time.time() - 5   # fresh: kombu will not restore it
+        assert {m.decode() for m in r.smembers(lease_key("lease-test@host"))} == {"lease-test-running"}
+        assert r.zscore(UNACKED_INDEX, "lease-test-done-x") == old               # not ours: left alone
+    finally:
+        leases.stop()
+        r.hdel(UNACKED_HASH, "lease-test-running", "lease-test-done-x")
+        r.zrem(UNACKED_INDEX, "lease-test-running", "lease-test-done-x")
+    assert not r.exists(lease_key("lease-test@host"))  # a clean stop leaves no lease behind
+
+
+def test_a_pickle_message_is_refused_and_not_redelivered(worker, client) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    import redis
+
+    result = client.app.send_task("ragq.probe", args=["pickled"], serializer="pickle", queue="background")
+    deadline = time.monotonic() + 30
+    log = ""
+    while time.monotonic() < deadline:
+        log = worker.log_path.read_text(errors="replace")
+        if "pickle" in log and ("ContentDisallowed" in log or "untrusted content" in log):
+            break
+        time.sleep(0.5)
+    assert "untrusted content" in log or "ContentDisallowed" in log, log[-3000:]
+    time.sleep(2)
+    r = redis.Redis.from_url(client.endpoints.broker_url)
+    assert r.llen("background") == 0                      # not left on the queue
+    assert not any(result.id.encode() in (v or b"") for v in r.hvals("unacked"))  # nor held for redelivery
+    assert result.state == "PENDING"                       # and never run

@@ -1,0 +1,134 @@
+"""Task leases on the Redis broker: a killed worker's tasks come back at once, a live worker's never expire.
+
+kombu's Redis transport emulates acks: a delivered message stays in the `unacked` hash, indexed by delivery time in
+the `unacked_index` sorted set, until the task acks it (ragq acks late, after the task). Any consumer puts back the
+entries older than the visibility timeout. Left alone, that means a task of a SIGKILLed worker waits the whole
+visibility timeout (an hour by default) before it runs again, and a task that runs longer than the timeout runs
+twice. So each Celery consumer of a ragq worker keeps a lease:
+
+- it records each task's delivery tag under its worker name as it receives it (Celery's task_received signal),
+  and every `interval_s` refreshes the index entries of those still unacked to now, so they never look expired
+  while it lives (acked ones leave the record);
+- when a worker of the same name starts again (one worker per device and name), it first puts the tags its dead
+  predecessor recorded back on their queues, before it consumes anything.
+
+A worker that never comes back leaves its tasks to the visibility timeout, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+UNACKED_HASH = "unacked"          # kombu.transport.redis.Channel.unacked_key
+UNACKED_INDEX = "unacked_index"   # kombu.transport.redis.Channel.unacked_index_key
+LEASE_TTL_S = 7 * 24 * 3600
+
+
+def lease_key(worker_name: str) -> str:
+    return f"ragq:leases:{worker_name}"
+
+
+def held_delivery_tags() -> list[str]:
+    """Delivery tags of the tasks this process's Celery worker has reserved or is running."""
+    from celery.worker import state
+
+    tags = []
+    for request in list(state.reserved_requests) + list(state.active_requests):
+        message = getattr(request, "message", None)
+        tag = getattr(message, "delivery_tag", None)
+        if tag is not None:
+            tags.append(str(tag))
+    return tags
+
+
+class TaskLeases:
+    def __init__(self, app: Any, broker_url: str, worker_name: str, interval_s: float = 10.0) -> None:
+        import redis
+
+        self.app = app
+        self.worker_name = worker_name
+        self.interval_s = interval_s
+        self.redis = redis.Redis.from_url(broker_url)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def restore_previous(self) -> int:
+        """Put the tasks a previous incarnation of this worker held back on their queues; returns how many."""
+        key = lease_key(self.worker_name)
+        tags = [t.decode() if isinstance(t, bytes) else str(t) for t in self.redis.smembers(key)]
+        restored = 0
+        if tags:
+            with self.app.connection_for_write() as conn:
+                qos = conn.default_channel.qos
+                for tag in tags:
+                    if self.redis.hexists(UNACKED_HASH, tag):
+                        qos.restore_by_tag(tag)  # kombu's own restore: back on its queue, marked redelivered
+                        restored += 1
+        self.redis.delete(key)
+        if restored:
+            log.warning("worker %s: put back %d task(s) its previous run held when it stopped", self.worker_name,
+                        restored)
+        return restored
+
+    def hold(self, tag: str) -> None:
+        """Record a task this worker just received (Celery's task_received signal), before it can be lost."""
+        key = lease_key(self.worker_name)
+        self.redis.pipeline().sadd(key, tag).expire(key, LEASE_TTL_S).execute()
+
+    def refresh(self) -> None:
+        """Bump the index entries of the tasks still unacked to now; forget those acked (the broker's word)."""
+        key = lease_key(self.worker_name)
+        for tag in held_delivery_tags():  # a safety net for a receipt the signal missed
+            self.redis.sadd(key, tag)
+        tags = [t.decode() if isinstance(t, bytes) else str(t) for t in self.redis.smembers(key)]
+        if not tags:
+            return
+        pipe = self.redis.pipeline()
+        for tag in tags:
+            pipe.hexists(UNACKED_HASH, tag)
+        live = [tag for tag, exists in zip(tags, pipe.execute()) if exists]
+        done = sorted(set(tags) - set(live))
+        pipe = self.redis.pipeline()
+        if live:
+            pipe.zadd(UNACKED_INDEX, {tag: time.time() for tag in live}, xx=True)
+        if done:
+            pipe.srem(key, *done)
+        pipe.expire(key, LEASE_TTL_S)
+        pipe.execute()
+
+    def start(self) -> TaskLeases:
+        from celery.signals import task_received
+
+        def on_received(sender: Any = None, request: Any = None, **_: Any) -> None:
+            tag = getattr(getattr(request, "message", None), "delivery_tag", None)
+            if tag is not None:
+                try:
+                    self.hold(str(tag))
+                except Exception as exc:
+                    log.warning("worker %s: could not record task %s in its lease: %s", self.worker_name, tag, exc)
+
+        task_received.connect(on_received, weak=False)
+
+        def loop() -> None:
+            while not self._stop.wait(self.interval_s):
+                try:
+                    self.refresh()
+                except Exception as exc:  # the broker away for a moment: the next round tries again
+                    log.warning("worker %s: could not refresh task leases: %s", self.worker_name, exc)
+
+        self._thread = threading.Thread(target=loop, name="ragq-task-leases", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """A clean stop: Celery has acked or requeued what it held, so the lease goes."""
+        self._stop.set()
+        try:
+            self.redis.delete(lease_key(self.worker_name))
+        except Exception:
+            pass
