@@ -15,6 +15,7 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.timeout(1500)  # 20 worker starts: ~7.5 min on a 2-core machine
 def test_a_worker_sigkilled_mid_ingestion_20_times_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "tests.kill_drill", "--kills", "20", "--docs", "240", "--home", str(tmp_path / "h")],

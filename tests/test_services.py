@@ -30,6 +30,12 @@ def test_up_is_idempotent_status_reports_and_down_stops_exactly_its_processes(tm
         conn.commit()
         assert conn.execute(sqlalchemy.text("select extversion from pg_extension where extname='vector'")).scalar_one()
 
+    # nothing listens beyond this machine: Redis on loopback only, Postgres on a Unix socket (or loopback)
+    for pid in (up["redis_pid"], up["postgres_pid"]):
+        listening = [c.laddr.ip for c in psutil.Process(pid).net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN]
+        assert all(ip in ("127.0.0.1", "::1") for ip in listening), (pid, listening)
+
     again = json.loads(run_ragq(env, "services", "up", "--json").stdout)
     assert (again["redis_pid"], again["postgres_pid"]) == (up["redis_pid"], up["postgres_pid"])
 
