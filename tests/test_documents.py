@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ragq.chunking import chunk_document, make_chunker
 from ragq.documents import expand_paths, load_document, markdown_to_docling
@@ -101,3 +103,46 @@ def test_docling_json_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "copy.json"
     path.write_text(json.dumps(original.document.export_to_dict()))
     assert load_document(path).document_id == original.document_id
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(
+    base=st.sampled_from(["sample", "empty"]),
+    mutations=st.lists(st.tuples(st.sampled_from(
+        ["name", "texts", "body", "groups", "origin", "schema_name", "version", "furniture", "pages", "tables",
+         "pictures", "key_value_items", "texts.0", "texts.0.text", "texts.0.label", "body.children"]), _json_values),
+        min_size=1, max_size=4),
+)
+def test_fuzzed_docling_json_is_loaded_or_refused_clearly(tmp_path_factory, base, mutations) -> None:  # type: ignore[no-untyped-def]
+    """Any DoclingDocument JSON, however mangled, either loads or raises BadInput naming the file: never another
+    exception (which would kill a whole ingestion batch instead of failing one document)."""
+    sample = json.loads((SAMPLES / "celery-queues.json").read_text()) if base == "sample" else {
+        "schema_name": "DoclingDocument", "name": "x"}
+    for dotted, value in mutations:
+        target, *path = dotted.split(".")
+        node = sample
+        for part in [target, *path][:-1]:
+            node = node.get(part) if isinstance(node, dict) else (
+                node[int(part)] if isinstance(node, list) and part.isdigit() and int(part) < len(node) else None)
+            if node is None:
+                break
+        leaf = [target, *path][-1]
+        if isinstance(node, dict):
+            node[leaf] = value
+        elif isinstance(node, list) and leaf.isdigit() and int(leaf) < len(node):
+            node[int(leaf)] = value
+    path = tmp_path_factory.mktemp("fuzz") / "doc.json"
+    path.write_text(json.dumps(sample))
+    try:
+        loaded = load_document(path)
+    except BadInput as exc:
+        assert exc.source == str(path) and exc.problem
+    else:
+        assert loaded.document_id and loaded.text_chars > 0
