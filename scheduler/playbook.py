@@ -152,18 +152,14 @@ def plan(symptoms: list[Symptom], knobs: dict[str, Knob], now: float, evidence_s
                 continue
             if knob.stalled and direction == knob.last_direction:
                 continue  # more of what did not pay last time: no
-            if knob.last_moved_at is not None:
-                if now - knob.last_moved_at < t.settle_s:
-                    # settling: its last move is still taking effect, so the row's fallbacks wait too (they are
-                    # for when this knob can do no more: at its bound, pinned or stalled)
-                    chosen = chosen or when == ALWAYS
-                    continue
-                if evidence_start < knob.last_moved_at:
-                    # any move needs evidence gathered entirely after its last one: a window that still holds
-                    # samples from before a cut asks for the cut again (overshoot), and the opposite move for
-                    # a swing back
-                    chosen = chosen or when == ALWAYS
-                    continue
+            if knob.last_moved_at is not None and (now - knob.last_moved_at < t.settle_s
+                                                   or evidence_start < knob.last_moved_at):
+                # settling, or no evidence gathered entirely after its last move yet (a window that still holds
+                # samples from before a cut asks for the cut again; the opposite move would be a swing back).
+                # The row's fallbacks wait too: they are for when this knob can do no more (at its bound, pinned
+                # or stalled)
+                chosen = chosen or when == ALWAYS
+                continue
             after = knob.moved(direction)
             if after == knob.value:
                 continue  # at its bound: the next action of the row

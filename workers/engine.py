@@ -419,10 +419,10 @@ class Engine:
                     self._cond.wait(wait_s)
                 return False
             cap = self._memory_cap(spec, snapshot)
+        # outside the lock (sleeping a model copies); the snapshot stays valid: only this thread takes work out
         if cap < tuner.size and self._make_room(spec, snapshot):
             cap = self._memory_cap(spec, snapshot)  # idle models made way for the tuned batch size
         with self._cond:
-            snapshot = [p for p in self._snapshot() if p.role == role]
             effective = max(1, min(tuner.size, cap))
             size = yield_to_urgent(effective, self._last_urgent, self.clock(), self.urgent_yield_s,
                                    tuner.rate(effective), self.urgent_yield_ms)
@@ -679,27 +679,22 @@ class Engine:
         batches cost throughput for as long as ingestion runs). True if any went."""
         if any(p.priority == URGENT for p in snapshot):
             return False
+        return self._evict_idle(keep=spec.name, unused_for_s=self.policy.cooldown_s,
+                                reason=f"idle: room for larger {spec.name} batches")
+
+    def _evict_idle(self, keep: str, everything: bool = False, unused_for_s: float | None = None,
+                    reason: str = "evicted after an out-of-memory error") -> bool:
+        """Evict models no pending work needs (or, with `everything`, all but `keep`), least recently used first;
+        with `unused_for_s`, only those unused for that long. True if any went."""
         now = self.clock()
         with self._cond:
             views = self._views(self._snapshot())
-        idle = [v for v in views.values() if v.tier == VRAM and v.name != spec.name and v.pending == 0
-                and now - (v.last_used or 0.0) >= self.policy.cooldown_s]
-        if not idle:
-            return False
-        self._apply(evict_moves(sorted(idle, key=lambda v: v.last_used), views, self.policy,
-                                f"idle: room for larger {spec.name} batches", keep=spec.name))
-        return True
-
-    def _evict_idle(self, keep: str, everything: bool = False) -> bool:
-        """Evict models no pending work needs (or, with `everything`, all but `keep`); True if any went."""
-        with self._cond:
-            views = self._views(self._snapshot())
         idle = [v for v in views.values()
-                if v.tier == VRAM and v.name != keep and (everything or v.pending == 0)]
+                if v.tier == VRAM and v.name != keep and (everything or v.pending == 0)
+                and (unused_for_s is None or now - (v.last_used or 0.0) >= unused_for_s)]
         if not idle:
             return False
-        self._apply(evict_moves(sorted(idle, key=lambda v: v.last_used), views, self.policy,
-                                "evicted after an out-of-memory error", keep=keep))
+        self._apply(evict_moves(sorted(idle, key=lambda v: v.last_used), views, self.policy, reason, keep=keep))
         return True
 
     # -- residency moves ---------------------------------------------------------------------------------------------

@@ -83,8 +83,9 @@ class TaskLeases:
     def refresh(self) -> None:
         """Bump the index entries of the tasks still unacked to now; forget those acked (the broker's word)."""
         key = lease_key(self.worker_name)
-        for tag in held_delivery_tags():  # a safety net for a receipt the signal missed
-            self.redis.sadd(key, tag)
+        held = held_delivery_tags()
+        if held:  # a safety net for a receipt the signal missed
+            self.redis.sadd(key, *held)
         tags = [t.decode() if isinstance(t, bytes) else str(t) for t in self.redis.smembers(key)]
         if not tags:
             return
