@@ -24,8 +24,9 @@ ROLES = {
 }
 
 
-def build_all(root: Path, device: str = "cuda", tiny: bool = False) -> dict[str, Path]:
-    """Build (once) and save the three models; returns role -> directory."""
+def build_all(root: Path, device: str = "cuda", tiny: bool = False,
+              roles: tuple[str, ...] = tuple(ROLES)) -> dict[str, Path]:
+    """Build (once) and save the models of `roles` (default all three); returns role -> directory."""
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, Qwen3Config
 
@@ -33,6 +34,8 @@ def build_all(root: Path, device: str = "cuda", tiny: bool = False) -> dict[str,
 
     paths = {}
     for role, (name, shape, causal) in ROLES.items():
+        if role not in roles:
+            continue
         out = root / (name + ("-tiny" if tiny else ""))
         paths[role] = out
         if (out / "config.json").exists():

@@ -6,6 +6,9 @@
   a count and by padded tokens (items x the longest item).
 - `BatchTuner`: the adaptive size of one model's background batches — start small, ramp up while throughput
   improves and the p95 batch time holds under its target, shrink on OOM or when the p95 passes the target.
+- `length_groups`: how one micro-batch runs on the device: its items sorted by length and cut into forward passes
+  of similar lengths, where the padding a cut saves is worth a pass's fixed cost. The batch former can then keep
+  requests whole (no lockstep) without padding every item to the longest one.
 - `should_wait_for_fuller_batch`: the optional max_queue_delay of Triton's dynamic batcher.
 - `yield_to_urgent`: while questions keep coming, background batches shrink to a short time slice (or half
   size), so each stage of a question waits behind a shorter micro-batch.
@@ -112,6 +115,39 @@ def form_batch(pending: Sequence[Pending], role: str, limits: BatchLimits) -> li
     for _, key, index, _ in chosen:
         plan.setdefault(key, []).append(index)
     return list(plan.items())
+
+
+def length_groups(lengths: Sequence[int], pass_overhead_tokens: int) -> list[list[int]]:
+    """Indices of `lengths` split into forward passes: sorted by length, cut into contiguous runs that minimise the
+    padded tokens of all passes plus `pass_overhead_tokens` for each pass (the fixed cost of one more forward,
+    counted in tokens). Exact, by dynamic programming over the points where the length changes (equal lengths
+    never gain from a cut). Passes come shortest first; each pass lists its indices in ascending length."""
+    if not lengths:
+        return []
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    ordered = [lengths[i] for i in order]
+    # candidate ends of a pass: after the last item of each distinct length
+    ends = [j + 1 for j in range(len(ordered)) if j + 1 == len(ordered) or ordered[j + 1] != ordered[j]]
+    overhead = max(0, pass_overhead_tokens)
+    best = [0] + [0] * len(ends)      # best[k]: cost of the first ends[k-1] items
+    cut = [0] * (len(ends) + 1)       # cut[k]: the k' whose end starts the last pass
+    for k, end in enumerate(ends, start=1):
+        longest = ordered[end - 1]
+        choice, cost = 0, None
+        for j in range(k):
+            start = ends[j - 1] if j else 0
+            c = best[j] + (end - start) * longest + overhead
+            if cost is None or c < cost:
+                choice, cost = j, c
+        best[k], cut[k] = cost or 0, choice
+    groups: list[list[int]] = []
+    k = len(ends)
+    while k:
+        j = cut[k]
+        start = ends[j - 1] if j else 0
+        groups.append(order[start:ends[k - 1]])
+        k = j
+    return groups[::-1]
 
 
 def should_wait_for_fuller_batch(pending: Sequence[Pending], role: str, target_items: int, now: float,

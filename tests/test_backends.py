@@ -84,6 +84,33 @@ def test_qwen3_last_token_embedding(tiny_models) -> None:  # type: ignore[no-unt
         assert b == pytest.approx(s, abs=1e-5)
 
 
+MIXED = ["yes", "a short one", "Redis is the broker; " * 3, "The GPU worker loads the embedder. " * 6, "no",
+         "Celery routes urgent questions ahead of background ingestion.", "Postgres " * 20, "x y z"]
+
+
+@pytest.mark.parametrize("overhead", [0, 16])
+def test_length_sorted_passes_give_what_one_padded_pass_gives(tiny_models, overhead: int) -> None:  # type: ignore[no-untyped-def]
+    """A micro-batch of mixed lengths split into length-sorted forward passes returns, in input order, what one
+    pass padded to the longest item returns: Qwen3 last-token (left padding), MiniLM mean (right padding, token
+    type ids) and the Qwen3 reranker."""
+    import dataclasses
+
+    from scheduler.batching import length_groups
+
+    cases = [
+        (ModelSpec(role="embed", path=tiny_models["embed"], name="tiny-embed", kind="last"), MIXED),
+        (default_embed_spec(), MIXED),
+        (ModelSpec(role="rerank", path=tiny_models["lm"], name="tiny-rerank"), [("q", t) for t in MIXED]),
+    ]
+    for spec, items in cases:
+        split = load_torch_model(dataclasses.replace(spec, pass_overhead_tokens=overhead), "cpu")
+        whole = load_torch_model(dataclasses.replace(spec, pass_overhead_tokens=10**9), "cpu")
+        lengths = split.count_tokens(items)
+        assert len(length_groups(lengths, overhead)) >= 3, spec.name   # really several passes
+        for a, b in zip(split.run(items, {}), whole.run(items, {})):
+            assert a == pytest.approx(b, abs=1e-5), spec.name
+
+
 def test_minilm_puts_related_sentences_closer() -> None:
     embedder = load_torch_model(default_embed_spec(), "cpu")
     a, b, c = embedder.run([

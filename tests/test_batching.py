@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scheduler.batching import (
-    BACKGROUND, URGENT, BatchLimits, BatchTuner, Pending, expired, form_batch, padded_tokens,
+    BACKGROUND, URGENT, BatchLimits, BatchTuner, Pending, expired, form_batch, length_groups, padded_tokens,
     should_wait_for_fuller_batch,
 )
 
@@ -191,3 +191,39 @@ def test_the_rate_at_a_size_falls_back_to_the_nearest_measured_size_below() -> N
     feed(tuner, ms_per_item=5.0, fixed_ms=20.0, batches=4)  # 8 and 16 measured; now at 32
     assert tuner.size == 32 and tuner.rate() == tuner.rate(16) and tuner.rate(8) < tuner.rate(16)
     assert tuner.rate(4) is None
+
+
+def _passes_cost(lengths: list[int], groups: list[list[int]], overhead: int) -> int:
+    return sum(len(g) * max(lengths[i] for i in g) + overhead for g in groups)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=9), st.integers(0, 200))
+def test_length_groups_is_the_cheapest_split_into_sorted_passes(lengths: list[int], overhead: int) -> None:
+    """Against every split of the length-sorted items into contiguous passes (brute force)."""
+    groups = length_groups(lengths, overhead)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))   # each item in exactly one pass
+    ordered = sorted(lengths)
+    n = len(ordered)
+    best = None
+    for mask in range(1 << (n - 1)):   # bit k set: a cut after the k-th item
+        cost, start = 0, 0
+        for k in range(n):
+            if k == n - 1 or mask >> k & 1:
+                cost += (k + 1 - start) * ordered[k] + overhead
+                start = k + 1
+        best = cost if best is None else min(best, cost)
+    assert _passes_cost(lengths, groups, overhead) == best
+    flat = [lengths[i] for g in groups for i in g]
+    assert flat == sorted(flat)   # passes shortest first, each sorted
+
+
+def test_length_groups_cuts_a_mixed_batch_only_where_padding_outweighs_a_pass() -> None:
+    lengths = [140 + (i * 37) % 121 for i in range(128)]   # 140..260, as the stack's chunks
+    assert length_groups(lengths, 10**9) == [sorted(range(128), key=lambda i: (lengths[i], i))]   # one pass
+    groups = length_groups(lengths, 1024)
+    assert 2 <= len(groups) <= 6
+    real = sum(lengths)
+    assert real / padded_tokens(lengths) < 0.8 < 0.9 < real / sum(padded_tokens([lengths[i] for i in g]) for g in groups)
+    assert length_groups([50] * 10, 0) == [list(range(10))]   # equal lengths never gain from a cut
+    assert length_groups([], 1024) == []

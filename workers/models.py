@@ -45,6 +45,8 @@ class ModelSpec:
     initial_batch: int | None = None  # where the adaptive size starts (default: embed 8, rerank 8, generate 1)
     urgent_batch: int = 8             # urgent requests go in small, immediate batches of at most this many
     max_batch_tokens: int = 32768     # cap on padded tokens (items x longest) per micro-batch
+    pass_overhead_tokens: int = 1024  # embed/rerank: a micro-batch runs as length-sorted forward passes, cut where
+                                      # the padding saved exceeds this fixed cost of one more pass (in tokens)
     latency_target_ms: float | None = None  # p95 micro-batch time to stay under (default by role)
     max_queue_delay_ms: float = 0.0   # background work may wait this long for a fuller batch (as Triton's)
     dtype: str = "auto"               # auto = float32 on cpu, bfloat16 on cuda
@@ -111,9 +113,10 @@ def spec_from_table(role: str, table: dict[str, Any], source: str) -> ModelSpec:
         raise ConfigError(f"{source}: [{role}] {exc}") from None
     if not spec.name:
         spec = ModelSpec(**{**spec.__dict__, "name": path.name})
-    if spec.batch_size < 1 or spec.max_length < 8 or spec.urgent_batch < 1 or spec.max_batch_tokens < spec.max_length:
-        raise ConfigError(f"{source}: [{role}] needs batch_size >= 1, urgent_batch >= 1, max_length >= 8 and "
-                          "max_batch_tokens >= max_length")
+    if spec.batch_size < 1 or spec.max_length < 8 or spec.urgent_batch < 1 or spec.max_batch_tokens < spec.max_length \
+            or spec.pass_overhead_tokens < 0:
+        raise ConfigError(f"{source}: [{role}] needs batch_size >= 1, urgent_batch >= 1, max_length >= 8, "
+                          "max_batch_tokens >= max_length and pass_overhead_tokens >= 0")
     return spec
 
 

@@ -5,7 +5,8 @@ rerank   Qwen3-Reranker: p(yes) from the last-token logits of "yes" and "no" und
          or a sequence-classification cross-encoder
 generate causal LM, greedy or sampled, max_new_tokens, stop strings
 Batches are padded on the left for the causal models, with position ids from the attention mask, so a batch of
-mixed lengths gives what each input gives alone.
+mixed lengths gives what each input gives alone. Embed and rerank batches run as length-sorted forward passes
+(`scheduler.batching.length_groups`): a batch of mixed lengths is not padded to its longest item.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import logging
 import os
 import threading
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from ragq.errors import DeviceOutOfMemory, ModelLoadFailed
+from scheduler.batching import length_groups
 from workers.models import ModelSpec
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -147,6 +150,22 @@ class _TorchModel:
     def _run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
         raise NotImplementedError
 
+    def _passes(self, rows: list[dict[str, list[int]]], forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+                padding_side: str | None = None) -> torch.Tensor:
+        """`forward` over unpadded rows in length-sorted passes (each padded to its own longest row), launched
+        back to back with no synchronisation between them; one output row per input row, in input order."""
+        groups = length_groups([len(row["input_ids"]) for row in rows], self.spec.pass_overhead_tokens)
+        parts, order = [], []
+        for group in groups:
+            batch = self.tokenizer.pad([rows[i] for i in group], padding=True, return_tensors="pt",
+                                       padding_side=padding_side or self.tokenizer.padding_side)
+            parts.append(forward({k: v.to(self.device) for k, v in batch.items()}))
+            order.extend(group)
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        return out[inverse.to(out.device)]
+
     def prepare_host_copy(self) -> None:
         """Make the pinned host copy that `sleep` switches to, ahead of time (the engine calls this from its loader
         thread after a load): pinning gigabytes of host memory takes seconds, which a sleep must not spend while
@@ -235,28 +254,29 @@ class _TorchModel:
 class TorchEmbedder(_TorchModel):
     def _run(self, items: list[str], params: dict[str, Any]) -> list[list[float]]:
         prefix = self.spec.query_prefix if params.get("kind") == "query" else self.spec.document_prefix
-        texts = [prefix + text for text in items]
-        batch = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.spec.max_length, return_tensors="pt"
-        ).to(self.device)
+        encoded = self.tokenizer([prefix + text for text in items], truncation=True, max_length=self.spec.max_length)
+        rows = [{key: encoded[key][i] for key in encoded.keys()} for i in range(len(items))]
         with torch.inference_mode():
-            hidden = self.model(**batch).last_hidden_state
-            mask = batch["attention_mask"]
-            if self.spec.pooling == "mean":
-                weights = mask.unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-            elif self.spec.pooling == "cls":
-                pooled = hidden[:, 0]
-            else:  # last token: the last real token of each row, whichever side the padding is on
-                if self.tokenizer.padding_side == "left":
-                    pooled = hidden[:, -1]
-                else:
-                    last = mask.sum(1) - 1
-                    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-            if self.spec.dim:
-                pooled = pooled[:, : self.spec.dim]
-            pooled = torch.nn.functional.normalize(pooled.float(), p=2, dim=-1)
+            pooled = self._passes(rows, self._pool)
         return pooled.cpu().tolist()
+
+    def _pool(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"]
+        if self.spec.pooling == "mean":
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        elif self.spec.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:  # last token: the last real token of each row, whichever side the padding is on
+            if self.tokenizer.padding_side == "left":
+                pooled = hidden[:, -1]
+            else:
+                last = mask.sum(1) - 1
+                pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        if self.spec.dim:
+            pooled = pooled[:, : self.spec.dim]
+        return torch.nn.functional.normalize(pooled.float(), p=2, dim=-1)
 
     @property
     def dim(self) -> int:
@@ -277,26 +297,29 @@ class TorchQwen3Reranker(_TorchModel):
         if self.yes_id is None or self.no_id is None or self.yes_id == tok.unk_token_id:
             raise ModelLoadFailed(f"model {self.name}: tokenizer has no single 'yes'/'no' tokens for reranking")
 
-    def _encode(self, items: list[tuple[str, str]], instruction: str) -> dict[str, torch.Tensor]:
+    def _encode(self, items: list[tuple[str, str]], instruction: str) -> list[dict[str, list[int]]]:
         room = max(8, self.spec.max_length - len(self.prefix_ids) - len(self.suffix_ids))
         rows = []
         for query, document in items:
             content = f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
             ids = self.tokenizer.encode(content, add_special_tokens=False, truncation=True, max_length=room)
-            rows.append({"input_ids": self.prefix_ids + ids + self.suffix_ids})
-        batch = self.tokenizer.pad(rows, padding=True, return_tensors="pt", padding_side="left")
-        return {k: v.to(self.device) for k, v in batch.items()}
+            full = self.prefix_ids + ids + self.suffix_ids
+            rows.append({"input_ids": full, "attention_mask": [1] * len(full)})
+        return rows
+
+    def _score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            position_ids=_left_padded_positions(batch["attention_mask"]), logits_to_keep=1,
+        )
+        last = out.logits[:, -1, :].float()
+        pair = torch.stack([last[:, self.no_id], last[:, self.yes_id]], dim=1)
+        return torch.log_softmax(pair, dim=1)[:, 1].exp()
 
     def _run(self, items: list[Any], params: dict[str, Any]) -> list[float]:
-        batch = self._encode([tuple(item) for item in items], params.get("instruction") or self.spec.instruction)
+        rows = self._encode([tuple(item) for item in items], params.get("instruction") or self.spec.instruction)
         with torch.inference_mode():
-            out = self.model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=_left_padded_positions(batch["attention_mask"]), logits_to_keep=1,
-            )
-            last = out.logits[:, -1, :].float()
-            pair = torch.stack([last[:, self.no_id], last[:, self.yes_id]], dim=1)
-            scores = torch.log_softmax(pair, dim=1)[:, 1].exp()
+            scores = self._passes(rows, self._score, padding_side="left")
         return scores.cpu().tolist()
 
     def count_tokens(self, items: list[Any]) -> list[int]:
@@ -306,15 +329,16 @@ class TorchQwen3Reranker(_TorchModel):
 
 class TorchCrossEncoder(_TorchModel):
     def _run(self, items: list[Any], params: dict[str, Any]) -> list[float]:
-        queries = [q for q, _ in items]
-        docs = [d for _, d in items]
-        batch = self.tokenizer(
-            queries, docs, padding=True, truncation=True, max_length=self.spec.max_length, return_tensors="pt"
-        ).to(self.device)
+        encoded = self.tokenizer([q for q, _ in items], [d for _, d in items], truncation=True,
+                                 max_length=self.spec.max_length)
+        rows = [{key: encoded[key][i] for key in encoded.keys()} for i in range(len(items))]
         with torch.inference_mode():
-            logits = self.model(**batch).logits.float()
-            scores = logits[:, 0].sigmoid() if logits.shape[1] == 1 else logits.softmax(-1)[:, 1]
+            scores = self._passes(rows, self._score)
         return scores.cpu().tolist()
+
+    def _score(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self.model(**batch).logits.float()
+        return logits[:, 0].sigmoid() if logits.shape[1] == 1 else logits.softmax(-1)[:, 1]
 
 
 class TorchGenerator(_TorchModel):

@@ -1,0 +1,159 @@
+"""How a micro-batch of mixed lengths should run on the device (issue [3 of 8]): one forward pass padded to its
+longest item, or length-sorted passes (`scheduler.batching.length_groups`) with a given fixed cost per pass.
+
+The micro-batches are the ones the stack forms: the chunks of a generated corpus, split into ingest tasks as
+`submit_ingest` splits them, and batched by `form_batch` (the oldest request whole, then items closest in length)
+with eight requests in flight, at the settled size of 128 items and the 32768-token cap. Each variant runs all of
+them on the full-size random-weight Qwen3-Embedding-4B; the variants alternate over `--rounds` rounds (drift of the
+card's clocks falls on all of them), and the raw pass — all chunks length-sorted, batches of 128 — runs in each
+round too.
+
+    python3 bench/passes_gpu.py --models /tmp/ragq-models --out $OUT
+    python bench/passes_gpu.py --tiny --device cpu --docs 20 --out /tmp/out      # dry run of the logic
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.models import build_all  # noqa: E402
+from bench.stack_gpu import models_toml  # noqa: E402
+from bench.urgent_cpu import make_corpus  # noqa: E402
+
+ONE_PASS = 10**9
+
+
+def stack_batches(requests: list[list[int]], max_items: int, max_tokens: int, in_flight: int) -> list[list[tuple[int, int]]]:
+    """The micro-batches `form_batch` makes of these requests (item token lengths), `in_flight` at a time; each
+    batch as [(request, item index)]."""
+    from scheduler.batching import BACKGROUND, BatchLimits, Pending, form_batch
+
+    limits = BatchLimits(max_items=max_items, max_tokens=max_tokens, urgent_items=8)
+    left = {k: list(range(len(r))) for k, r in enumerate(requests)}
+    waiting = list(range(len(requests)))
+    active: list[int] = []
+    batches = []
+    while waiting or active:
+        while waiting and len(active) < in_flight:
+            active.append(waiting.pop(0))
+        pending = [Pending(k, "embed", (), BACKGROUND, float(k), tuple((i, requests[k][i]) for i in left[k]))
+                   for k in active]
+        plan = form_batch(pending, "embed", limits)
+        batch = []
+        for key, indices in plan:
+            batch += [(key, i) for i in indices]
+            left[key] = [i for i in left[key] if i not in set(indices)]
+        active = [k for k in active if left[k]]
+        batches.append(batch)
+    return batches
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", type=Path, default=Path("/tmp/ragq-models"))
+    parser.add_argument("--out", type=Path, default=Path("out"))
+    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--docs", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--overheads", default="256,512,1024,2048,4096")
+    parser.add_argument("--tiny", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    import torch
+    import transformers
+
+    from ragq.chunking import chunk_document, make_chunker
+    from ragq.documents import load_document
+    from workers.backends.torch_backend import load_torch_model
+    from workers.models import load_model_specs
+
+    cuda = args.device.startswith("cuda")
+    home = Path(tempfile.mkdtemp(prefix="ragq-passes-"))
+    paths = build_all(args.models, "cuda" if cuda else "cpu", tiny=args.tiny, roles=("embed",))
+    (home / "models.toml").write_text(models_toml({**paths, "rerank": Path("-"), "generate": Path("-")}, args.tiny))
+    spec = load_model_specs(home / "models.toml")["embed"]
+    from transformers import AutoTokenizer
+
+    chunker = make_chunker(AutoTokenizer.from_pretrained(spec.path), spec.chunk_tokens)
+    model = load_torch_model(spec, args.device)
+    # ingest tasks as submit_ingest makes them: 8 documents or ~8192 tokens of text each
+    texts: list[list[str]] = [[]]
+    docs_in_task, tokens_in_task = 0, 0
+    for path in make_corpus(home / "corpus", args.docs, 1):
+        doc = load_document(path)
+        chunks = [c.embed_text for c in chunk_document(doc.document, chunker, spec.name, doc.document_id)]
+        if docs_in_task >= 8 or tokens_in_task >= 8192:
+            texts.append([])
+            docs_in_task, tokens_in_task = 0, 0
+        texts[-1] += chunks
+        docs_in_task += 1
+        tokens_in_task += sum(model.count_tokens(chunks))
+    lengths = [model.count_tokens(t) for t in texts]
+    formed = stack_batches(lengths, 128, spec.max_batch_tokens, 8)
+    batches = [[texts[k][i] for k, i in b] for b in formed]
+    batch_lengths = [[lengths[k][i] for k, i in b] for b in formed]
+    every = [t for request in texts for t in request]
+    every_len = [n for request in lengths for n in request]
+    ordered = [t for _, t in sorted(zip(every_len, every))]
+    raw_batches = [ordered[i:i + 128] for i in range(0, len(ordered), 128)]
+    chunks = len(every)
+    print(f"{chunks} chunks in {len(texts)} tasks; {len(batches)} stack batches "
+          f"(mean {chunks / len(batches):.1f} items), {len(raw_batches)} raw batches", flush=True)
+
+    from scheduler.batching import length_groups, padded_tokens
+
+    variants: dict[str, Any] = {"one pass": ONE_PASS, **{f"passes, overhead {o}": int(o) for o in args.overheads.split(",")}}
+    real = sum(every_len)
+    efficiency = {name: real / sum(sum(padded_tokens([b[i] for i in g]) for g in length_groups(b, o))
+                                   for b in batch_lengths) for name, o in variants.items()}
+    passes = {name: sum(len(length_groups(b, o)) for b in batch_lengths) for name, o in variants.items()}
+    rates: dict[str, list[float]] = {name: [] for name in [*variants, "raw (sorted, 128)"]}
+
+    def timed(run_batches: list[list[str]]) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for b in run_batches:
+            model.run(b, {})
+        if cuda:
+            torch.cuda.synchronize()
+        return chunks / (time.perf_counter() - t0)
+
+    model.run(batches[0], {})   # warm-up
+    for r in range(args.rounds):
+        for name, overhead in variants.items():
+            model.spec = dataclasses.replace(spec, pass_overhead_tokens=overhead)
+            rates[name].append(timed(batches))
+            print(f"round {r + 1} {name}: {rates[name][-1]:.1f} chunks/s", flush=True)
+        model.spec = dataclasses.replace(spec, pass_overhead_tokens=ONE_PASS)
+        rates["raw (sorted, 128)"].append(timed(raw_batches))
+        print(f"round {r + 1} raw: {rates['raw (sorted, 128)'][-1]:.1f} chunks/s", flush=True)
+    raw = max(rates["raw (sorted, 128)"])
+    results = {
+        "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__, "transformers": transformers.__version__, "docs": args.docs, "chunks": chunks,
+        "mean_tokens": real / chunks, "stack_batches": len(batches), "rates": rates,
+        "real_over_padded": efficiency, "forward_passes": passes,
+    }
+    (args.out / "passes.json").write_text(json.dumps(results, indent=2))
+    print("\n| variant | forward passes | real / padded tokens | best chunks/s | / raw |\n|---|---|---|---|---|")
+    for name in rates:
+        best = max(rates[name])
+        print(f"| {name} | {passes.get(name, len(raw_batches))} | {efficiency.get(name, 1.0):.3f} | {best:.1f} "
+              f"| {best / raw:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
