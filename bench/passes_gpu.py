@@ -59,6 +59,13 @@ def stack_batches(requests: list[list[int]], max_items: int, max_tokens: int, in
     return batches
 
 
+def _burn() -> None:
+    os.nice(10)
+    x = 0
+    while True:
+        x = (x * 31 + 7) % 1000003
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", type=Path, default=Path("/tmp/ragq-models"))
@@ -67,6 +74,15 @@ def main() -> int:
     parser.add_argument("--docs", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--overheads", default="256,512,1024,2048,4096")
+    parser.add_argument("--sustain-s", type=float, default=0.0,
+                        help="then run the stack batches (default passes) this long, rate and clocks per 5 s window")
+    parser.add_argument("--budget-gib", type=float, default=0.0,
+                        help="cap the process's device memory as the worker does (set_per_process_memory_fraction)")
+    parser.add_argument("--ballast-gib", type=float, default=0.0,
+                        help="device memory held by other resident models (a tensor of this size)")
+    parser.add_argument("--cpu-load", type=int, default=0,
+                        help="this many busy processes at nice 10 during the timings (as the chunking processes, "
+                             "Postgres and the consumers load the host during an ingestion)")
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -86,6 +102,12 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     chunker = make_chunker(AutoTokenizer.from_pretrained(spec.path), spec.chunk_tokens)
+    if cuda and args.budget_gib:
+        index = torch.device(args.device).index or 0
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.budget_gib * 2**30 / total, index)
+    ballast = torch.empty(int(args.ballast_gib * 2**30), dtype=torch.uint8, device=args.device) \
+        if args.ballast_gib else None
     model = load_torch_model(spec, args.device)
     # ingest tasks as submit_ingest makes them: 8 documents or ~8192 tokens of text each
     texts: list[list[str]] = [[]]
@@ -128,9 +150,14 @@ def main() -> int:
             model.run(b, {})
         if cuda:
             torch.cuda.synchronize()
-        return chunks / (time.perf_counter() - t0)
+        return sum(len(b) for b in run_batches) / (time.perf_counter() - t0)
 
     model.run(batches[0], {})   # warm-up
+    import multiprocessing
+
+    burners = [multiprocessing.get_context("spawn").Process(target=_burn, daemon=True) for _ in range(args.cpu_load)]
+    for b in burners:
+        b.start()
     for r in range(args.rounds):
         for name, overhead in variants.items():
             model.spec = dataclasses.replace(spec, pass_overhead_tokens=overhead)
@@ -139,12 +166,29 @@ def main() -> int:
         model.spec = dataclasses.replace(spec, pass_overhead_tokens=ONE_PASS)
         rates["raw (sorted, 128)"].append(timed(raw_batches))
         print(f"round {r + 1} raw: {rates['raw (sorted, 128)'][-1]:.1f} chunks/s", flush=True)
+    sustained = []
+    if args.sustain_s > 0:   # does the card hold its rate over a stack-length run (clocks, power)?
+        import subprocess
+
+        model.spec = spec
+        t_end = time.perf_counter() + args.sustain_s
+        while time.perf_counter() < t_end:
+            rate = timed(batches[: max(1, len(batches) // 2)])
+            query = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,power.draw,temperature.gpu",
+                                    "--format=csv,noheader"], capture_output=True, text=True).stdout.strip() \
+                if cuda else ""
+            sustained.append({"chunks_per_s": rate, "sm_clock_power_temp": query})
+            print(f"sustained: {rate:.1f} chunks/s  {query}", flush=True)
+    for b in burners:
+        b.terminate()
     raw = max(rates["raw (sorted, 128)"])
     results = {
         "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__, "docs": args.docs, "chunks": chunks,
         "mean_tokens": real / chunks, "stack_batches": len(batches), "rates": rates,
-        "real_over_padded": efficiency, "forward_passes": passes,
+        "cpu_load": args.cpu_load, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "budget_gib": args.budget_gib,
+        "ballast_gib": args.ballast_gib if ballast is not None else 0.0,
+        "real_over_padded": efficiency, "forward_passes": passes, "sustained": sustained,
     }
     (args.out / "passes.json").write_text(json.dumps(results, indent=2))
     print("\n| variant | forward passes | real / padded tokens | best chunks/s | / raw |\n|---|---|---|---|---|")
