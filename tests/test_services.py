@@ -22,7 +22,7 @@ def test_up_is_idempotent_status_reports_and_down_stops_exactly_its_processes(tm
     up = json.loads(first.stdout)
     for key in ("broker_url", "result_backend", "database_url", "redis_pid", "postgres_pid"):
         assert up[key], key
-    assert up["broker_url"].startswith("redis://127.0.0.1:")  # loopback only
+    assert up["broker_url"].startswith("redis://:") and "@127.0.0.1:" in up["broker_url"]  # loopback only
     assert redis.Redis.from_url(up["broker_url"]).ping()
     with sqlalchemy.create_engine(up["database_url"]).connect() as conn:
         assert "PostgreSQL 16" in conn.execute(sqlalchemy.text("select version()")).scalar_one()
@@ -75,3 +75,42 @@ def test_invalid_configuration_exits_non_zero_naming_the_variable(tmp_path: Path
                       "services", "status")
     assert result.returncode == 2
     assert "RAGQ_LEASE_INTERVAL_S (120) must be shorter than RAGQ_VISIBILITY_TIMEOUT_S (60)" in result.stderr
+
+
+def test_embedded_redis_needs_its_password_which_is_never_shown_or_on_a_command_line(tmp_path: Path) -> None:
+    import os
+    import stat
+    from urllib.parse import urlsplit
+
+    password = "s3cret-Pass/word"
+    env = ragq_env(tmp_path / "home", RAGQ_REDIS_PASSWORD=password)
+    up = json.loads(run_ragq(env, "services", "up", "--json").stdout)
+    try:
+        url = urlsplit(up["broker_url"])
+        with pytest.raises(redis.AuthenticationError):   # no password: refused
+            redis.Redis(host="127.0.0.1", port=url.port).ping()
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=url.port, password="guess").ping()
+        assert redis.Redis.from_url(up["broker_url"]).ping()        # the URL ragq hands out carries it
+        assert redis.Redis(host="127.0.0.1", port=url.port, password=password).ping()
+        assert password not in " ".join(psutil.Process(up["redis_pid"]).cmdline())   # ps shows command lines
+        run_dir = tmp_path / "home" / "run"
+        for name in ("redis.json", "redis.conf"):   # where ragq keeps it: readable by the owner only
+            assert stat.S_IMODE(os.stat(run_dir / name).st_mode) == 0o600, name
+        shown = run_ragq(env, "services", "status")
+        assert shown.returncode == 0 and ":***@127.0.0.1" in shown.stdout and password not in shown.stdout
+        for log in run_dir.glob("*.log"):
+            assert password not in log.read_text(errors="replace"), log
+    finally:
+        run_ragq(env, "services", "down")
+
+    # without RAGQ_REDIS_PASSWORD a random one is made, and kept across a restart (clients reconnect with it)
+    env = ragq_env(tmp_path / "home2")
+    first = json.loads(run_ragq(env, "services", "up", "--json").stdout)["broker_url"]
+    try:
+        assert len(urlsplit(first).password or "") >= 24
+        run_ragq(env, "services", "down")
+        again = json.loads(run_ragq(env, "services", "up", "--json").stdout)["broker_url"]
+        assert again == first
+    finally:
+        run_ragq(env, "services", "down")
