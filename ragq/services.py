@@ -79,6 +79,8 @@ def _free_port() -> int:
 
 def _port_is_free(port: int) -> bool:
     with socket.socket() as sock:
+        # as redis-server binds: connections of a server just stopped (TIME_WAIT) do not keep its port from it
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -211,6 +213,9 @@ class EmbeddedServices:
         if info is not None:
             return info
         pgserver = _import_pgserver()
+        # pgserver keeps one handle per data directory for the life of the process, and a handle of a server
+        # stopped since would not start it again: drop it (a restart within one process, as the outage drill does)
+        pgserver.PostgresServer._instances.pop(self.pgdata.expanduser().resolve(), None)
         try:
             server = pgserver.get_server(self.pgdata, cleanup_mode=None)
         except Exception as exc:  # pgserver raises bare CalledProcessError/AssertionError

@@ -31,6 +31,30 @@ def test_a_worker_sigkilled_mid_ingestion_20_times_loses_and_duplicates_nothing(
     assert result.returncode == 0, result.stderr[-4000:]
 
 
+@pytest.mark.parametrize("fault", ["redis", "postgres"])
+@pytest.mark.timeout(600)
+def test_an_outage_mid_ingestion_loses_nothing_and_the_worker_reconnects(tmp_path: Path, fault: str) -> None:
+    """tests/outage_drill.py: Redis restarted (append-only file) or Postgres away for 10 s in the middle of an
+    80-document ingestion, with the worker running throughout."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.outage_drill", "--fault", fault, "--docs", "80", "--outage-s", "10",
+         "--home", str(tmp_path / "h")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
+    )
+    assert result.stdout.strip(), result.stderr[-4000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["worker_survived"], summary                       # reconnected, not restarted
+    assert summary["job_status"] == "completed" and summary["documents_done"] == 80, summary
+    assert summary["chunks_stored"] == summary["distinct_document_seq"] and not summary["documents_incomplete"]
+    assert summary["answer"] and summary["second_job"] == "completed", summary
+    if fault == "redis":   # tasks queued and reserved when it stopped were there when it came back (and the job
+        # could not have completed without them)
+        assert summary["queued_after_restart"] + summary["unacked_after_restart"] > 0, summary
+    else:                  # timing rows of the outage were buffered and written afterwards
+        assert summary["timing_rows_during_outage"] > 0, summary
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 def test_a_lease_keeps_a_long_task_from_looking_expired_and_forgets_acked_ones(settings, client) -> None:  # type: ignore[no-untyped-def]
     import time
 

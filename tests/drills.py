@@ -1,0 +1,78 @@
+"""Helpers shared by the drills (tests/kill_drill.py, tests/outage_drill.py): a real worker started and stopped as
+a user runs it, and the checks that a job came through a fault whole."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_worker(home: Path, name: str, log: Path) -> subprocess.Popen[bytes]:
+    from tests.conftest import ragq_env
+
+    return subprocess.Popen([sys.executable, "-m", "ragq.cli", "worker", "--device", "cpu", "--name", name],
+                            env=ragq_env(home), stdout=open(log, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                            stdin=subprocess.DEVNULL, cwd=ROOT)
+
+
+def wait_ready(app: Any, proc: subprocess.Popen[bytes], name: str, timeout_s: float = 180) -> None:
+    names = [f"{name}@{os.uname().nodename}", f"{name}-urgent@{os.uname().nodename}"]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"worker exited {proc.returncode}")
+        if len(app.control.ping(destination=names, timeout=0.5)) == len(names):
+            return
+    raise RuntimeError("worker not ready")
+
+
+def kill_hard(proc: subprocess.Popen[bytes]) -> int:
+    """SIGKILL the worker's main process (no clean shutdown, no acks); its children (engine process, urgent
+    consumer) must die with it. Returns how many outlived it (then killed here, and counted as a failure)."""
+    import psutil
+
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _, alive = psutil.wait_procs(children, timeout=30)
+    for child in alive:
+        child.kill()
+    return len(alive)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+
+
+def job_integrity(client: Any, job: str, docs: int, status: dict[str, Any]) -> dict[str, Any]:
+    """Every document of the job stored whole, each chunk once: no gap in sequence numbers, no (document, seq)
+    twice. Returns the summary fields and `ok`."""
+    from sqlalchemy import text
+
+    with client.db.connect() as conn:
+        rows = conn.execute(text("""
+            SELECT count(c.id) AS n, count(DISTINCT (c.document_id, c.seq)) AS distinct_seq
+            FROM job_items i LEFT JOIN chunks c ON c.document_id = i.document_id
+            WHERE i.job_id = :job"""), {"job": job}).mappings().one()
+        per_doc = conn.execute(text("""
+            SELECT i.document_id, i.chunks, count(c.id) AS stored, min(c.seq) AS lo, max(c.seq) AS hi
+            FROM job_items i LEFT JOIN chunks c ON c.document_id = i.document_id
+            WHERE i.job_id = :job GROUP BY 1, 2"""), {"job": job}).mappings().all()
+    incomplete = [dict(r) for r in per_doc if not (r["stored"] == r["chunks"] and r["lo"] == 0
+                                                 and r["hi"] == r["chunks"] - 1)]
+    summary = {
+        "job_status": status["status"], "documents_done": status["documents_done"], "docs": docs,
+        "chunks_stored": int(rows["n"]), "distinct_document_seq": int(rows["distinct_seq"]),
+        "documents_incomplete": incomplete[:5],
+    }
+    summary["ok"] = (status["status"] == "completed" and status["documents_done"] == docs and not incomplete
+                     and rows["n"] == rows["distinct_seq"])
+    return summary
