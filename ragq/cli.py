@@ -31,18 +31,33 @@ EXIT_SERVICE = 3
 
 
 def _setup_logging(level: str = "WARNING") -> None:
-    from rich.logging import RichHandler
+    """Rich on a terminal; one plain line per record (time, level, process, logger) when stderr goes to a file,
+    journald or a container log, so that logs are not wrapped at 80 columns and grep finds whole records."""
+    if err.is_terminal:
+        from rich.logging import RichHandler
 
-    logging.basicConfig(
-        level=level, format="%(name)s: %(message)s", datefmt="[%X]",
-        handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)], force=True,
-    )
+        logging.basicConfig(
+            level=level, format="%(name)s: %(message)s", datefmt="[%X]",
+            handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)], force=True,
+        )
+    else:
+        logging.basicConfig(
+            level=level, format="%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s",
+            stream=sys.stderr, force=True,
+        )
     for noisy in ("pgserver", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _error_line(message: str) -> None:
+    from rich.markup import escape
+
+    # escaped: messages name things like "[embed]" or a file "notes[1].md", which rich would take for markup
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def _fail(message: str, code: int) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    _error_line(message)
     raise typer.Exit(code)
 
 
@@ -182,13 +197,13 @@ def ingest(
     submission = client.submit_ingest(paths)
     result: dict[str, Any] = {**submission.as_dict(), "chunks": None, "chunks_added": None, "status": "queued"}
     for failure in submission.failed:
-        err.print(f"[bold red]error:[/] {failure.path}: {failure.error}", highlight=False, soft_wrap=True)
+        _error_line(f"{failure.path}: {failure.error}")
     if wait and submission.documents:
         status = _wait_with_progress(client, submission.job_id, timeout, show=not as_json)
         already = {f.path for f in submission.failed}
         for failure in status["failed"]:
             if failure["path"] not in already:
-                err.print(f"[bold red]error:[/] {failure['error']}", highlight=False, soft_wrap=True)
+                _error_line(str(failure["error"]))
         result.update(
             status=status["status"], chunks=status["chunks_total"], chunks_added=status["chunks_added"],
             documents=status["documents_done"], failed=status["failed"],
@@ -237,7 +252,7 @@ def job(job_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -
     out.print(f"job {job_id}: {status['status']} — {status['documents_done']}/{status['documents_total']} documents, "
               f"{status['chunks_total']} chunks ({status['chunks_added']} new), {status['documents_failed']} failed")
     for failure in status["failed"]:
-        out.print(f"  failed: {failure['error']}", highlight=False)
+        out.print(f"  failed: {failure['error']}", highlight=False, markup=False)
 
 
 # -- operations ---------------------------------------------------------------------------------------------------

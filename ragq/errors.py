@@ -47,3 +47,7 @@ class QuestionTimeout(RagqError):
 class DeviceOutOfMemory(RagqError):
     """A backend ran out of device memory (torch.cuda.OutOfMemoryError and the like). The engine treats it as an
     event: it evicts idle models, splits the batch and retries."""
+
+
+class PoisonMessage(RagqError):
+    """A task that started too many times without finishing (its worker died each time): failed, not run again."""

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
         "elsewhere (a worker that restarts puts back what it held at once)")
     lease_interval_s: float = Field(
         10.0, gt=0, description="how often a worker refreshes the broker entries of the tasks it holds")
+    max_deliveries: int = Field(
+        5, ge=1, description="a task started this many times without finishing (its worker died each time: a "
+        "message that kills its worker) fails with its error instead of running again")
     switch_interval_ms: float | None = Field(
         None, gt=0, le=100, description="the worker's GIL switch interval (Python's default is 5 ms); lower lets "
         "the device loop win the GIL sooner from busy task threads")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import Task
 from sqlalchemy import select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import OperationalError
@@ -20,7 +19,7 @@ from ragq.db import Chunk, Document, JobItem, ensure_vector_index
 from ragq.errors import BadInput
 from scheduler.batching import BACKGROUND
 from tasks.common import sent_at
-from workers.celery_app import app
+from workers.celery_app import RagqTask, app
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -82,7 +81,7 @@ def _store_document(rt: WorkerRuntime, job_id: str, item: dict[str, Any], chunks
     return added
 
 
-class IngestTask(Task):  # type: ignore[misc]
+class IngestTask(RagqTask):
     """When an ingest task fails for good (an unexpected error, or retries exhausted), its documents still
     queued are marked failed with the error, so the job finishes and says why instead of waiting forever."""
 

@@ -14,11 +14,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def start_worker(home: Path, name: str, log: Path) -> subprocess.Popen[bytes]:
+def start_worker(home: Path, name: str, log: Path, **env: str) -> subprocess.Popen[bytes]:
     from tests.conftest import ragq_env
 
     return subprocess.Popen([sys.executable, "-m", "ragq.cli", "worker", "--device", "cpu", "--name", name],
-                            env=ragq_env(home), stdout=open(log, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                            env=ragq_env(home, **env), stdout=open(log, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
                             stdin=subprocess.DEVNULL, cwd=ROOT)
 
 

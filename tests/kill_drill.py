@@ -48,7 +48,10 @@ def main() -> int:
         client = Client(settings)
         job = client.submit_ingest(make_corpus(args.home / "corpus", args.docs, args.seed)).job_id
         for _ in range(args.kills):
-            proc = start_worker(args.home, name, log)
+            # the drill kills faster than a task can finish, so the oldest tasks die with the worker every time: as a
+            # message that kills its worker would. Lift the poison cap (RAGQ_MAX_DELIVERIES) above the kills here;
+            # tests/test_reliability.py tests the cap itself.
+            proc = start_worker(args.home, name, log, RAGQ_MAX_DELIVERIES="1000")
             wait_ready(client.app, proc, name)
             time.sleep(rng.uniform(0.5, 2.0))  # mid-ingestion: tasks reserved, batches in the engine
             if client.job_status(job)["status"] not in ("queued", "running"):
@@ -57,7 +60,12 @@ def main() -> int:
                 break
             summary["orphans"] = summary.get("orphans", 0) + kill_hard(proc)
             summary["kills"] += 1
-        proc = start_worker(args.home, name, log)
+        import redis
+
+        broker = redis.Redis.from_url(client.endpoints.broker_url)
+        starts = [int(broker.get(k) or 0) for k in broker.scan_iter("ragq:deliveries:*")]
+        summary["most_starts_of_one_task"] = max(starts, default=0)
+        proc = start_worker(args.home, name, log, RAGQ_MAX_DELIVERIES="1000")
         try:
             wait_ready(client.app, proc, name)
             status = client.wait_for_job(job, timeout_s=900)

@@ -146,3 +146,16 @@ def test_fuzzed_docling_json_is_loaded_or_refused_clearly(tmp_path_factory, base
         assert exc.source == str(path) and exc.problem
     else:
         assert loaded.document_id and loaded.text_chars > 0
+
+
+@pytest.mark.parametrize("suffix", [".md", ".txt", ".json"])
+def test_a_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path: Path, suffix: str) -> None:
+    from ragq.documents import MAX_DOCUMENT_BYTES
+
+    path = tmp_path / f"huge{suffix}"
+    with open(path, "wb") as f:   # sparse: the size is there, the bytes are not (reading it would take a while)
+        f.truncate(MAX_DOCUMENT_BYTES + 1)
+    with pytest.raises(BadInput) as info:
+        load_document(path)
+    assert info.value.source == str(path)
+    assert "over the 64 MiB limit" in info.value.problem

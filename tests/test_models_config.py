@@ -51,3 +51,31 @@ def test_invalid_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("RAGQ_MODELS", "/nonexistent/models.toml")
     with pytest.raises(ConfigError, match="RAGQ_MODELS"):
         load_settings()
+
+
+def test_a_worker_with_a_missing_or_broken_model_directory_exits_2_naming_it(tmp_path: Path, tiny_models) -> None:  # type: ignore[no-untyped-def]
+    """One clear error at start, before any service or engine starts (not a failure at the first request, nor a
+    worker that crashes again and again)."""
+    import shutil
+
+    from tests.conftest import ragq_env, run_ragq
+
+    broken_json = tmp_path / "broken-json"
+    shutil.copytree(tiny_models["lm"], broken_json)
+    (broken_json / "config.json").write_text("{ not json")
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text("{}")
+    cases = {
+        tmp_path / "missing": "does not exist",
+        broken_json: "config.json is not readable JSON",
+        no_tokenizer: "has no tokenizer",
+    }
+    for path, problem in cases.items():
+        models = tmp_path / "models.toml"
+        models.write_text(f'[embed]\npath = "{tiny_models["embed"]}"\n[generate]\npath = "{path}"\n')
+        result = run_ragq(ragq_env(tmp_path / "home", RAGQ_MODELS=str(models)), "worker", "--device", "cpu",
+                          timeout=120)
+        assert result.returncode == 2, (path, result.stderr[-2000:])
+        assert f"[generate] {path.name}: model directory {path}" in result.stderr and problem in result.stderr
+        assert not (tmp_path / "home" / "pgdata").exists()   # refused before starting anything

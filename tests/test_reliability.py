@@ -111,3 +111,54 @@ def test_the_worker_never_logs_the_broker_password(worker, client) -> None:  # t
     assert client.ask("which queue is urgent?", timeout_s=120)  # the worker has connected, logged its banner, worked
     log = worker.log_path.read_text(errors="replace")
     assert "redis://" in log and password not in log
+
+
+def _settled(result, timeout_s: float = 60) -> str:  # type: ignore[no-untyped-def]
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and result.state in ("PENDING", "STARTED", "RECEIVED"):
+        time.sleep(0.2)
+    return str(result.state)
+
+
+def test_a_message_that_killed_its_worker_too_often_fails_visibly_instead_of_running_again(worker, client) -> None:  # type: ignore[no-untyped-def]
+    """The delivery counter says this attempt already started RAGQ_MAX_DELIVERIES times (its worker died each
+    time, as the kill drill shows a restarted worker takes such tasks back): it fails with an error that says so,
+    is acked, and its counter is cleared."""
+    import uuid
+
+    import redis
+
+    from workers.leases import delivery_key
+
+    r = redis.Redis.from_url(client.endpoints.broker_url)
+    task_id = str(uuid.uuid4())
+    r.set(delivery_key(task_id, 0), 5)   # RAGQ_MAX_DELIVERIES defaults to 5
+    result = client.app.send_task("ragq.probe", args=["poison"], task_id=task_id, queue="background")
+    assert _settled(result) == "FAILURE"
+    error = str(result.result)
+    assert "started 6 times without finishing" in error and "RAGQ_MAX_DELIVERIES=5" in error, error
+    assert not r.exists(delivery_key(task_id, 0))
+    assert not any(task_id.encode() in (v or b"") for v in r.hvals("unacked"))   # acked: never comes back
+
+    fine = client.app.send_task("ragq.probe", args=["fine"], queue="background")   # an ordinary task runs once
+    assert _settled(fine) == "SUCCESS" and fine.result["tag"] == "fine"
+    assert not r.exists(delivery_key(fine.id, 0))
+
+
+def test_a_task_that_always_fails_ends_failed_with_its_error_once_not_redelivered(worker, client) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    import redis
+
+    result = client.app.send_task("ragq.ingest_documents", args=["no-such-job", "not a list of documents"],
+                                  queue="background")
+    assert _settled(result) == "FAILURE"
+    assert "TypeError" in type(result.result).__name__ + str(result.result) or result.traceback, result.result
+    time.sleep(3)
+    r = redis.Redis.from_url(client.endpoints.broker_url)
+    assert not any(result.id.encode() in (v or b"") for v in r.hvals("unacked"))
+    assert r.llen("background") == 0
+    received = worker.log_path.read_text(errors="replace").count(f"ragq.ingest_documents[{result.id}] received")
+    assert received == 1   # one delivery: no redelivery loop

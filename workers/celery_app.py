@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from celery import Celery
+from celery import Celery, Task
 from celery.signals import before_task_publish
 from kombu import Exchange, Queue
 
@@ -36,7 +36,31 @@ class RagqCelery(Celery):
         return self.runtime
 
 
-app = RagqCelery("ragq", include=TASK_MODULES)
+class RagqTask(Task):  # type: ignore[misc]
+    """Base of every ragq task: an attempt that has started more than RAGQ_MAX_DELIVERIES times without finishing
+    (its worker died each time) fails with PoisonMessage instead of running again (workers/leases.py)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        runtime = self.app.runtime
+        request = self.request
+        if runtime is not None and not request.called_directly and request.id:
+            starts = runtime.deliveries.arrive(request.id, request.retries or 0)
+            if starts > runtime.deliveries.limit:
+                from ragq.errors import PoisonMessage
+
+                raise PoisonMessage(
+                    f"task {self.name}[{request.id}] started {starts} times without finishing (its worker died "
+                    f"each time); failed instead of run again (RAGQ_MAX_DELIVERIES={runtime.deliveries.limit})")
+        return super().__call__(*args, **kwargs)
+
+    def after_return(self, status: str, retval: Any, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        runtime = self.app.runtime
+        if runtime is not None and not self.request.called_directly:
+            runtime.deliveries.finished(task_id, self.request.retries or 0)
+        super().after_return(status, retval, task_id, args, kwargs, einfo)
+
+
+app = RagqCelery("ragq", include=TASK_MODULES, task_cls=RagqTask)
 
 
 def celery_config(settings: Settings, endpoints: Endpoints) -> dict[str, Any]:

@@ -13,6 +13,11 @@ twice. So each Celery consumer of a ragq worker keeps a lease:
   predecessor recorded back on their queues, before it consumes anything.
 
 A worker that never comes back leaves its tasks to the visibility timeout, as before.
+
+Bringing tasks back at once has a risk: a message that kills its worker (a poison message) would come back with
+every restart, for ever. `DeliveryCounter` counts the starts of each attempt of a task (its id and retry number) in
+Redis; the task base class (`workers.celery_app.RagqTask`) fails an attempt that has started more than
+`RAGQ_MAX_DELIVERIES` times, with an error that says so, instead of running it again.
 """
 
 from __future__ import annotations
@@ -133,3 +138,38 @@ class TaskLeases:
             self.redis.delete(lease_key(self.worker_name))
         except Exception:
             pass
+
+
+DELIVERY_TTL_S = 7 * 24 * 3600
+
+
+def delivery_key(task_id: str, retries: int) -> str:
+    return f"ragq:deliveries:{task_id}:{retries}"
+
+
+class DeliveryCounter:
+    """How many times each attempt of a task has started (kept in the broker's Redis, so it outlives a worker)."""
+
+    def __init__(self, broker_url: str, limit: int) -> None:
+        import redis
+
+        self.redis = redis.Redis.from_url(broker_url, socket_timeout=5)
+        self.limit = limit
+
+    def arrive(self, task_id: str, retries: int) -> int:
+        """Count a start; returns the count (1 if Redis cannot say: never refuse work for want of a counter)."""
+        key = delivery_key(task_id, retries)
+        try:
+            with self.redis.pipeline() as pipe:
+                pipe.incr(key)
+                pipe.expire(key, DELIVERY_TTL_S)
+                return int(pipe.execute()[0])
+        except Exception as exc:  # noqa: BLE001 - the broker away for a moment
+            log.warning("could not count the delivery of task %s: %s", task_id, exc)
+            return 1
+
+    def finished(self, task_id: str, retries: int) -> None:
+        try:
+            self.redis.delete(delivery_key(task_id, retries))
+        except Exception as exc:  # noqa: BLE001 - the key expires by itself
+            log.warning("could not clear the delivery count of task %s: %s", task_id, exc)

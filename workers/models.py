@@ -135,3 +135,24 @@ def load_model_specs(models_file: Path | None) -> dict[str, ModelSpec]:
     if "embed" not in specs:
         specs["embed"] = default_embed_spec()
     return specs
+
+
+def check_model_dirs(specs: dict[str, ModelSpec]) -> None:
+    """Before a worker starts: every model's directory exists and has a readable config.json and a tokenizer,
+    so that a wrong path is one clear error at start (exit 2), not a failure at the first request. Weights are
+    checked when they load: a corrupted file fails that model's requests with ModelLoadFailed naming it."""
+    import json
+
+    for role, spec in specs.items():
+        where = f"[{role}] {spec.name}: model directory {spec.path}"
+        if not spec.path.is_dir():
+            raise ConfigError(f"{where} does not exist" if not spec.path.exists() else f"{where} is not a directory")
+        config = spec.path / "config.json"
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{where} has no config.json") from None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ConfigError(f"{where}: config.json is not readable JSON ({exc})") from None
+        if not any((spec.path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+            raise ConfigError(f"{where} has no tokenizer (tokenizer.json, tokenizer_config.json or vocab.txt)")

@@ -61,6 +61,12 @@ class WorkerRuntime:
     indexed_dims: set[int] = field(default_factory=set)
 
     @cached_property
+    def deliveries(self):  # type: ignore[no-untyped-def]
+        from workers.leases import DeliveryCounter
+
+        return DeliveryCounter(self.endpoints.broker_url, self.settings.max_deliveries)
+
+    @cached_property
     def db(self):  # type: ignore[no-untyped-def]
         from ragq.db import get_engine
 

@@ -100,13 +100,14 @@ def build_runtime(settings: Settings, device: str, name: str | None = None, log_
     transformers.AutoTokenizer  # noqa: B018 - resolve the lazy import here, before task threads race for it
     from workers.backends.tokens import count_tokens
     from workers.engine_process import EngineClient
-    from workers.models import load_model_specs
+    from workers.models import check_model_dirs, load_model_specs
     from workers.runtime import WorkerRuntime
     from workers.timing import PostgresSink
 
+    specs = load_model_specs(settings.models)
+    check_model_dirs(specs)
     endpoints = ensure_services(settings)
     ensure_schema(endpoints.database_url)
-    specs = load_model_specs(settings.models)
     name = worker_name(device, name)
     sink = PostgresSink(endpoints.database_url, worker=name)
     if attach:
