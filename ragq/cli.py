@@ -180,6 +180,24 @@ def worker(
                                 attach))
 
 
+@app.command()
+@_guard
+def flower(
+    read_only: Annotated[bool, typer.Option(help="views and read API only: endpoints that act on workers or "
+                                                 "tasks answer 403")] = False,
+) -> None:
+    """Flower on ragq's broker, always with authentication: basic auth from RAGQ_FLOWER_USER and
+    RAGQ_FLOWER_PASSWORD, or OAuth from RAGQ_FLOWER_AUTH (a regex of the e-mail addresses let in) with Flower's
+    FLOWER_AUTH_PROVIDER and FLOWER_OAUTH2_KEY / _SECRET / _REDIRECT_URI. Listens on RAGQ_FLOWER_ADDRESS
+    (127.0.0.1) and RAGQ_FLOWER_PORT (5555)."""
+    from ragq import flower as flower_module
+
+    _setup_logging("INFO")
+    settings = _settings()
+    flower_module.auth_arguments(settings)   # refuse before starting anything
+    flower_module.run(settings, read_only=read_only)
+
+
 # -- ingestion ----------------------------------------------------------------------------------------------------
 @app.command()
 @_guard

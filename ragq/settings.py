@@ -45,6 +45,13 @@ class Settings(BaseSettings):
         "elsewhere (a worker that restarts puts back what it held at once)")
     lease_interval_s: float = Field(
         10.0, gt=0, description="how often a worker refreshes the broker entries of the tasks it holds")
+    flower_user: str | None = Field(None, description="`ragq flower` basic auth user (with RAGQ_FLOWER_PASSWORD)")
+    flower_password: SecretStr | None = Field(None, description="`ragq flower` basic auth password")
+    flower_auth: str | None = Field(
+        None, description="`ragq flower` OAuth instead: a regex of the e-mail addresses let in (Flower's --auth; "
+        "the provider from FLOWER_AUTH_PROVIDER, FLOWER_OAUTH2_KEY, FLOWER_OAUTH2_SECRET, FLOWER_OAUTH2_REDIRECT_URI)")
+    flower_address: str = Field("127.0.0.1", description="`ragq flower` listens here (loopback unless set)")
+    flower_port: int = Field(5555, ge=1, le=65535, description="`ragq flower` port")
     max_deliveries: int = Field(
         5, ge=1, description="a task started this many times without finishing (its worker died each time: a "
         "message that kills its worker) fails with its error instead of running again")

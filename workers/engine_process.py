@@ -272,7 +272,8 @@ class EngineClient:
         code = None
         if process is not None:  # wait for its end without reaping it (stop() joins; two joins race)
             wait([process.sentinel], 10)
-            code = process.exitcode
+            if not self._stopping:   # reading exitcode reaps the child: leave that to stop()'s join when stopping
+                code = process.exitcode
         with self._lock:
             if self._conn is conn:
                 self._conn = None

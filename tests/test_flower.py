@@ -1,0 +1,110 @@
+"""`ragq flower`: a real Flower on the session's broker, with the session's worker; never without authentication."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import ROOT, ragq_env, run_ragq
+
+pytestmark = pytest.mark.integration
+
+USER, PASSWORD = "ops", "flower-Pa55:word"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class FlowerProcess:
+    def __init__(self, home: Path, log: Path, *args: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = ragq_env(home, RAGQ_FLOWER_USER=USER, RAGQ_FLOWER_PASSWORD=PASSWORD, RAGQ_FLOWER_PORT=str(self.port))
+        self.proc = subprocess.Popen([sys.executable, "-m", "ragq.cli", "flower", *args], env=env, cwd=ROOT,
+                                     stdout=open(log, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                                     stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, log.read_text(errors="replace")[-3000:]
+            try:
+                requests.get(self.url + "/healthcheck", timeout=1)
+                return
+            except requests.ConnectionError:
+                time.sleep(0.3)
+        raise RuntimeError("flower did not start")
+
+    def workers(self) -> dict[str, object]:
+        """/api/workers with the credentials, once Flower has heard from the workers."""
+        deadline = time.monotonic() + 60
+        while True:
+            reply = requests.get(self.url + "/api/workers", auth=(USER, PASSWORD), params={"refresh": "1"}, timeout=30)
+            assert reply.status_code == 200, reply.text
+            if reply.json() or time.monotonic() > deadline:
+                return dict(reply.json())
+            time.sleep(1)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def flower(ragq_home: Path, worker, tmp_path_factory) -> Iterator[FlowerProcess]:  # type: ignore[no-untyped-def]
+    proc = FlowerProcess(ragq_home, tmp_path_factory.mktemp("flower") / "flower.log", "--read-only")
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_flower_answers_only_with_credentials_and_lists_ragqs_worker(flower: FlowerProcess, worker) -> None:  # type: ignore[no-untyped-def]
+    assert requests.get(flower.url + "/api/workers", timeout=10).status_code == 401
+    assert requests.get(flower.url + "/api/workers", auth=(USER, "wrong"), timeout=10).status_code == 401
+    assert requests.get(flower.url + "/", timeout=10).status_code == 401          # the pages too
+    workers = flower.workers()
+    assert any(name.startswith(f"{worker.name}@") for name in workers), list(workers)
+    page = requests.get(flower.url + "/", auth=(USER, PASSWORD), timeout=10)
+    assert page.status_code == 200 and worker.name in page.text
+    queues = requests.get(flower.url + "/api/queues/length", auth=(USER, PASSWORD), timeout=10).json()
+    assert {q["name"] for q in queues["active_queues"]} >= {"urgent", "background"}
+
+
+def test_read_only_flower_refuses_every_action(flower: FlowerProcess, worker) -> None:  # type: ignore[no-untyped-def]
+    host = next(iter(flower.workers()))
+    for path in (f"/api/task/revoke/some-task", f"/api/worker/shutdown/{host}", f"/api/worker/pool/grow/{host}",
+                 "/api/task/async-apply/ragq.probe", f"/api/worker/queue/cancel-consumer/{host}"):
+        assert requests.post(flower.url + path, timeout=10).status_code == 401, path   # a stranger: 401
+        reply = requests.post(flower.url + path, auth=(USER, PASSWORD), timeout=10)
+        assert reply.status_code == 403 and "read-only" in reply.text, (path, reply.status_code, reply.text)
+    assert worker.proc.poll() is None   # the worker is still there
+
+
+def test_the_password_is_not_logged_and_not_on_the_command_line(flower: FlowerProcess) -> None:
+    import psutil
+
+    assert PASSWORD not in " ".join(psutil.Process(flower.proc.pid).cmdline())
+    log = flower.log.read_text(errors="replace")
+    assert "Visit me at" in log and PASSWORD not in log and "redis://:**@" in log
+
+
+def test_flower_without_authentication_refuses_to_start(tmp_path: Path) -> None:
+    result = run_ragq(ragq_env(tmp_path / "home"), "flower", timeout=60)
+    assert result.returncode == 2
+    assert "Flower runs only with authentication" in result.stderr
+    assert not (tmp_path / "home" / "pgdata").exists()   # refused before starting anything
+    half = run_ragq(ragq_env(tmp_path / "home", RAGQ_FLOWER_USER="ops"), "flower", timeout=60)
+    assert half.returncode == 2 and "go together" in half.stderr
