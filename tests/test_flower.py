@@ -77,15 +77,21 @@ def test_flower_answers_only_with_credentials_and_lists_ragqs_worker(flower: Flo
     assert requests.get(flower.url + "/", timeout=10).status_code == 401          # the pages too
     workers = flower.workers()
     assert any(name.startswith(f"{worker.name}@") for name in workers), list(workers)
-    page = requests.get(flower.url + "/", auth=(USER, PASSWORD), timeout=10)
-    assert page.status_code == 200 and worker.name in page.text
+    deadline = time.monotonic() + 60
+    while True:   # the page lists workers Flower has heard from through their events (heartbeats every 2 s)
+        page = requests.get(flower.url + "/", auth=(USER, PASSWORD), timeout=10)
+        assert page.status_code == 200
+        if worker.name in page.text or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert worker.name in page.text
     queues = requests.get(flower.url + "/api/queues/length", auth=(USER, PASSWORD), timeout=10).json()
     assert {q["name"] for q in queues["active_queues"]} >= {"urgent", "background"}
 
 
 def test_read_only_flower_refuses_every_action(flower: FlowerProcess, worker) -> None:  # type: ignore[no-untyped-def]
     host = next(iter(flower.workers()))
-    for path in (f"/api/task/revoke/some-task", f"/api/worker/shutdown/{host}", f"/api/worker/pool/grow/{host}",
+    for path in ("/api/task/revoke/some-task", f"/api/worker/shutdown/{host}", f"/api/worker/pool/grow/{host}",
                  "/api/task/async-apply/ragq.probe", f"/api/worker/queue/cancel-consumer/{host}"):
         assert requests.post(flower.url + path, timeout=10).status_code == 401, path   # a stranger: 401
         reply = requests.post(flower.url + path, auth=(USER, PASSWORD), timeout=10)

@@ -162,3 +162,32 @@ def test_a_task_that_always_fails_ends_failed_with_its_error_once_not_redelivere
     assert r.llen("background") == 0
     received = worker.log_path.read_text(errors="replace").count(f"ragq.ingest_documents[{result.id}] received")
     assert received == 1   # one delivery: no redelivery loop
+
+
+def test_a_question_whose_caller_timed_out_never_reaches_the_device(worker, client, settings, db_engine) -> None:  # type: ignore[no-untyped-def]
+    """The urgent consumer's threads all busy (probes sleeping 6 s), a question asked with a 1.5 s timeout: the
+    caller gets QuestionTimeout, and when the threads free up the question's tasks are dropped (Celery's expires
+    at the question's deadline), so no urgent embed runs for it."""
+    import time
+    from datetime import datetime, timezone
+
+    from sqlalchemy import text
+
+    from ragq.errors import QuestionTimeout
+
+    since = datetime.now(timezone.utc)
+    blockers = [client.app.send_task("ragq.probe", args=[f"block-{i}", 6.0], queue="urgent")
+                for i in range(settings.urgent_concurrency)]
+    time.sleep(1.0)   # the probes hold every urgent thread
+    with pytest.raises(QuestionTimeout):
+        client.ask("does a late question still run?", timeout_s=1.5)
+    for blocker in blockers:
+        blocker.get(timeout=60)
+    time.sleep(3.0)   # the question's first task has been taken off the queue and dropped by now
+    with db_engine.connect() as conn:
+        embeds = conn.execute(text("SELECT count(*) FROM stage_timings WHERE stage = 'embed' AND priority = 'urgent' "
+                                   "AND outcome = 'ok' AND finished_at > :since"), {"since": since}).scalar_one()
+    assert embeds == 0
+    log = worker.log_path.read_text(errors="replace")
+    assert "ragq.query.embed" in log and ("expired" in log.lower() or "revoked" in log.lower())
+    assert client.ask("and an ordinary question?", timeout_s=60)["answer"] is not None   # the queue moves on
