@@ -142,12 +142,18 @@ def main() -> int:
     passes = {name: sum(len(length_groups(b, o)) for b in batch_lengths) for name, o in variants.items()}
     rates: dict[str, list[float]] = {name: [] for name in [*variants, "raw (sorted, 128)"]}
 
-    def timed(run_batches: list[list[str]]) -> float:
+    phases: dict[str, dict[str, float]] = {}
+
+    def timed(run_batches: list[list[str]], name: str = "") -> float:
+        sums: dict[str, float] = {}
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for b in run_batches:
             model.run(b, {})
+            for key, value in model.last_phases.items():
+                sums[key] = sums.get(key, 0.0) + value
+        phases[name] = sums   # the last round's
         if cuda:
             torch.cuda.synchronize()
         return sum(len(b) for b in run_batches) / (time.perf_counter() - t0)
@@ -161,10 +167,10 @@ def main() -> int:
     for r in range(args.rounds):
         for name, overhead in variants.items():
             model.spec = dataclasses.replace(spec, pass_overhead_tokens=overhead)
-            rates[name].append(timed(batches))
+            rates[name].append(timed(batches, name))
             print(f"round {r + 1} {name}: {rates[name][-1]:.1f} chunks/s", flush=True)
         model.spec = dataclasses.replace(spec, pass_overhead_tokens=ONE_PASS)
-        rates["raw (sorted, 128)"].append(timed(raw_batches))
+        rates["raw (sorted, 128)"].append(timed(raw_batches, "raw (sorted, 128)"))
         print(f"round {r + 1} raw: {rates['raw (sorted, 128)'][-1]:.1f} chunks/s", flush=True)
     sustained = []
     if args.sustain_s > 0:   # does the card hold its rate over a stack-length run (clocks, power)?
@@ -188,7 +194,7 @@ def main() -> int:
         "mean_tokens": real / chunks, "stack_batches": len(batches), "rates": rates,
         "cpu_load": args.cpu_load, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "budget_gib": args.budget_gib,
         "ballast_gib": args.ballast_gib if ballast is not None else 0.0,
-        "real_over_padded": efficiency, "forward_passes": passes, "sustained": sustained,
+        "phases_ms": phases, "real_over_padded": efficiency, "forward_passes": passes, "sustained": sustained,
     }
     (args.out / "passes.json").write_text(json.dumps(results, indent=2))
     print("\n| variant | forward passes | real / padded tokens | best chunks/s | / raw |\n|---|---|---|---|---|")
@@ -196,6 +202,9 @@ def main() -> int:
         best = max(rates[name])
         print(f"| {name} | {passes.get(name, len(raw_batches))} | {efficiency.get(name, 1.0):.3f} | {best:.1f} "
               f"| {best / raw:.3f} |")
+    for name, sums in phases.items():
+        if name:
+            print(f"phases of {name} (ms, all batches): " + " ".join(f"{k} {v:.0f}" for k, v in sums.items()))
     return 0
 
 

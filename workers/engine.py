@@ -115,6 +115,9 @@ class RoleStats:
     cpu_ms: float = 0.0       # of wall_ms, the engine thread on a CPU (launching kernels, Python)
     runq_ms: float = 0.0      # of wall_ms, the engine thread runnable but waiting for a CPU (contention)
     expired: int = 0
+    # where run time went, from the backend's last_phases (torch: embed and rerank): tokenise+pad, queue the
+    # forward passes (CPU), the passes on the device, wait+copy out; real and padded tokens of the passes
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -149,10 +152,21 @@ class EngineStats:
                    if now.alloc_retries > before.alloc_retries else "")
                 + (f" on-cpu {(now.cpu_ms - before.cpu_ms) / 1000:.1f}s cpu-wait {(now.runq_ms - before.runq_ms) / 1000:.1f}s"
                    if now.cpu_ms > before.cpu_ms else "")
+                + _phases_text(now.phases, before.phases)
             )
         idle = self.idle_ms - (since.idle_ms if since else 0.0)
         load = self.load_ms - (since.load_ms if since else 0.0)
         return "; ".join(parts + [f"loading {load / 1000:.1f}s", f"idle {idle / 1000:.1f}s"])
+
+
+def _phases_text(now: dict[str, float], before: dict[str, float]) -> str:
+    delta = {k: v - before.get(k, 0.0) for k, v in now.items()}
+    if not delta.get("padded_tokens"):
+        return ""
+    text = f" [prep {delta.get('prep', 0) / 1000:.2f}s launch {delta.get('launch', 0) / 1000:.2f}s"
+    if "passes_gpu" in delta:
+        text += f" passes {delta['passes_gpu'] / 1000:.2f}s"
+    return text + f" tail {delta.get('tail', 0) / 1000:.2f}s real/padded {delta['real_tokens'] / delta['padded_tokens']:.2f}]"
 
 
 QUESTION_STAGES = ("embed", "rerank", "generate")  # an urgent question's model stages, in order
@@ -613,6 +627,8 @@ class Engine:
         counters.alloc_retries += retries
         counters.cpu_ms += sched1[0] - sched0[0]
         counters.runq_ms += sched1[1] - sched0[1]
+        for key, value in (getattr(model, "last_phases", None) or {}).items():
+            counters.phases[key] = counters.phases.get(key, 0.0) + value
         self._report("batch", spec.name, role, len(items), sum(lengths), compute_ms / 1000.0, retries)
         self._publish_state()
         if quiet and not any(s.loading is not None for s in self._slots.values()):

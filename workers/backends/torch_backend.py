@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -110,6 +111,11 @@ class _TorchModel:
         self.last_peak_bytes: int | None = None
         self.last_device_ms: float | None = None  # the last batch's span on the device's stream (CUDA events)
         self.last_alloc_retries = 0
+        # where the last batch's time went (ms): prep = tokenising and padding before the first forward is queued,
+        # launch = queuing the forward passes (the CPU's part), passes_gpu = the passes on the device (CUDA
+        # events), tail = waiting for the device and copying out; plus real and padded tokens
+        self.last_phases: dict[str, float] = {}
+        self._mark: tuple[float, float, Any, Any, int, int] | None = None
         self._host: dict[int, torch.Tensor] | None = None
         self._host_buffer: torch.Tensor | None = None
         self._registered = False
@@ -127,8 +133,13 @@ class _TorchModel:
         return list(seen.values())
 
     def run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
+        self._mark = None
         if not self.is_cuda:
-            return self._run(items, params)
+            t_start = time.perf_counter()
+            outputs = self._run(items, params)
+            self._phases(t_start, time.perf_counter())
+            return outputs
+        t_start = time.perf_counter()
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
         retries = torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0)
@@ -141,6 +152,7 @@ class _TorchModel:
             raise DeviceOutOfMemory(f"{self.name}: batch of {len(items)}: {str(exc).splitlines()[0]}") from None
         end.record(stream)
         end.synchronize()  # the outputs are on the host already; this returns at once
+        self._phases(t_start, time.perf_counter())
         self.last_peak_bytes = int(torch.cuda.max_memory_allocated(self.device) - before)
         self.last_device_ms = start.elapsed_time(end)
         # allocations that had to free cached blocks first (each a device synchronisation): churn near the budget
@@ -150,17 +162,38 @@ class _TorchModel:
     def _run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
         raise NotImplementedError
 
+    def _phases(self, t_start: float, t_end: float) -> None:
+        if self._mark is None:
+            self.last_phases = {}
+            return
+        t0, t1, e0, e1, real, padded = self._mark
+        phases = {"prep": (t0 - t_start) * 1000.0, "launch": (t1 - t0) * 1000.0, "tail": (t_end - t1) * 1000.0,
+                  "real_tokens": float(real), "padded_tokens": float(padded)}
+        if e0 is not None:
+            phases["passes_gpu"] = e0.elapsed_time(e1)
+        self.last_phases = phases
+
     def _passes(self, rows: list[dict[str, list[int]]], forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
                 padding_side: str | None = None) -> torch.Tensor:
         """`forward` over unpadded rows in length-sorted passes (each padded to its own longest row), launched
         back to back with no synchronisation between them; one output row per input row, in input order."""
-        groups = length_groups([len(row["input_ids"]) for row in rows], self.spec.pass_overhead_tokens)
+        lengths = [len(row["input_ids"]) for row in rows]
+        groups = length_groups(lengths, self.spec.pass_overhead_tokens)
+        padded = [self.tokenizer.pad([rows[i] for i in group], padding=True, return_tensors="pt",
+                                     padding_side=padding_side or self.tokenizer.padding_side) for group in groups]
+        t0 = time.perf_counter()
+        e0 = e1 = None
+        if self.is_cuda:
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record(torch.cuda.current_stream(self.device))
         parts, order = [], []
-        for group in groups:
-            batch = self.tokenizer.pad([rows[i] for i in group], padding=True, return_tensors="pt",
-                                       padding_side=padding_side or self.tokenizer.padding_side)
-            parts.append(forward({k: v.to(self.device) for k, v in batch.items()}))
+        for group, batch in zip(groups, padded):
+            parts.append(forward({k: v.to(self.device, non_blocking=True) for k, v in batch.items()}))
             order.extend(group)
+        if e1 is not None:
+            e1.record(torch.cuda.current_stream(self.device))
+        self._mark = (t0, time.perf_counter(), e0, e1, sum(lengths),
+                      sum(len(g) * max(lengths[i] for i in g) for g in groups))
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
