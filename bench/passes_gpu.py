@@ -166,10 +166,10 @@ def main() -> int:
         b.start()
     for r in range(args.rounds):
         for name, overhead in variants.items():
-            model.spec = dataclasses.replace(spec, pass_overhead_tokens=overhead)
+            model.spec = dataclasses.replace(spec, pass_overhead_tokens=overhead, fit_pass_overhead=False)
             rates[name].append(timed(batches, name))
             print(f"round {r + 1} {name}: {rates[name][-1]:.1f} chunks/s", flush=True)
-        model.spec = dataclasses.replace(spec, pass_overhead_tokens=ONE_PASS)
+        model.spec = dataclasses.replace(spec, pass_overhead_tokens=ONE_PASS, fit_pass_overhead=False)
         rates["raw (sorted, 128)"].append(timed(raw_batches, "raw (sorted, 128)"))
         print(f"round {r + 1} raw: {rates['raw (sorted, 128)'][-1]:.1f} chunks/s", flush=True)
     sustained = []
@@ -194,7 +194,7 @@ def main() -> int:
         "mean_tokens": real / chunks, "stack_batches": len(batches), "rates": rates,
         "cpu_load": args.cpu_load, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "budget_gib": args.budget_gib,
         "ballast_gib": args.ballast_gib if ballast is not None else 0.0,
-        "phases_ms": phases, "real_over_padded": efficiency, "forward_passes": passes, "sustained": sustained,
+        "fitted_pass_overhead_tokens": model.pass_costs.overhead_tokens(), "phases_ms": phases, "real_over_padded": efficiency, "forward_passes": passes, "sustained": sustained,
     }
     (args.out / "passes.json").write_text(json.dumps(results, indent=2))
     print("\n| variant | forward passes | real / padded tokens | best chunks/s | / raw |\n|---|---|---|---|---|")
@@ -202,6 +202,7 @@ def main() -> int:
         best = max(rates[name])
         print(f"| {name} | {passes.get(name, len(raw_batches))} | {efficiency.get(name, 1.0):.3f} | {best:.1f} "
               f"| {best / raw:.3f} |")
+    print(f"pass overhead fitted from all the batches above: {model.pass_costs.overhead_tokens()} tokens")
     for name, sums in phases.items():
         if name:
             print(f"phases of {name} (ms, all batches): " + " ".join(f"{k} {v:.0f}" for k, v in sums.items()))

@@ -150,6 +150,43 @@ def length_groups(lengths: Sequence[int], pass_overhead_tokens: int) -> list[lis
     return groups[::-1]
 
 
+@dataclass
+class PassCostModel:
+    """What one more forward pass costs, in padded tokens, fitted from the batches that ran: their time is
+    a x padded tokens + b x passes (least squares over the last `window` batches), so b / a is the fixed cost of a
+    pass (launching its kernels, the syncs in it) in the tokens the same time would process. Batches of one pass
+    identify it too, as long as their sizes vary. None until `min_samples` batches, or when the fit is degenerate."""
+
+    window: int = 64
+    min_samples: int = 12
+    maximum: int = 65536
+    _samples: deque[tuple[float, float, float]] = field(default_factory=lambda: deque(maxlen=64))
+
+    def __post_init__(self) -> None:
+        self._samples = deque(self._samples, maxlen=self.window)
+
+    def observe(self, padded_tokens: float, passes: int, ms: float) -> None:
+        if padded_tokens > 0 and passes > 0 and ms > 0:
+            self._samples.append((float(padded_tokens), float(passes), float(ms)))
+
+    def overhead_tokens(self) -> int | None:
+        if len(self._samples) < self.min_samples:
+            return None
+        s11 = sum(x * x for x, _, _ in self._samples)
+        s12 = sum(x * p for x, p, _ in self._samples)
+        s22 = sum(p * p for _, p, _ in self._samples)
+        s1y = sum(x * y for x, _, y in self._samples)
+        s2y = sum(p * y for _, p, y in self._samples)
+        det = s11 * s22 - s12 * s12
+        if det <= 1e-9 * s11 * s22:   # no variation to tell tokens from passes
+            return None
+        a = (s1y * s22 - s2y * s12) / det
+        b = (s11 * s2y - s12 * s1y) / det
+        if a <= 0:
+            return None
+        return int(min(self.maximum, max(0.0, b / a)))
+
+
 def should_wait_for_fuller_batch(pending: Sequence[Pending], role: str, target_items: int, now: float,
                                  max_queue_delay_s: float) -> float:
     """Seconds to wait before running a background batch of `role` that is not full yet (0 = run now)."""

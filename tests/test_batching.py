@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scheduler.batching import (
-    BACKGROUND, URGENT, BatchLimits, BatchTuner, Pending, expired, form_batch, length_groups, padded_tokens,
+    BACKGROUND, URGENT, BatchLimits, BatchTuner, PassCostModel, Pending, expired, form_batch, length_groups,
+    padded_tokens,
     should_wait_for_fuller_batch,
 )
 
@@ -227,3 +228,27 @@ def test_length_groups_cuts_a_mixed_batch_only_where_padding_outweighs_a_pass() 
     assert real / padded_tokens(lengths) < 0.8 < 0.9 < real / sum(padded_tokens([lengths[i] for i in g]) for g in groups)
     assert length_groups([50] * 10, 0) == [list(range(10))]   # equal lengths never gain from a cut
     assert length_groups([], 1024) == []
+
+
+def test_pass_cost_model_finds_the_fixed_cost_of_a_pass_in_tokens() -> None:
+    import random
+
+    rng = random.Random(3)
+    model = PassCostModel()
+    assert model.overhead_tokens() is None                      # nothing seen yet
+    for _ in range(40):   # 0.02 ms a token, 60 ms a pass: one pass costs what 3000 tokens cost
+        padded, passes = rng.randint(2000, 30000), rng.randint(1, 4)
+        model.observe(padded, passes, (0.02 * padded + 60 * passes) * rng.uniform(0.97, 1.03))
+    assert 2500 <= (model.overhead_tokens() or 0) <= 3500
+    single = PassCostModel()   # batches of one pass each still tell the fixed cost, when their sizes vary
+    for padded in range(2000, 30000, 2000):
+        single.observe(padded, 1, 0.02 * padded + 60)
+    assert 2900 <= (single.overhead_tokens() or 0) <= 3100
+    same = PassCostModel()     # no variation: nothing to tell tokens from passes
+    for _ in range(20):
+        same.observe(8000, 2, 200.0)
+    assert same.overhead_tokens() is None
+    free = PassCostModel()     # passes cost nothing (or the fit says less): never a negative cost
+    for padded in range(2000, 30000, 2000):
+        free.observe(padded, 1 + padded % 3, 0.02 * padded)
+    assert free.overhead_tokens() == 0

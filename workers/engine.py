@@ -166,7 +166,8 @@ def _phases_text(now: dict[str, float], before: dict[str, float]) -> str:
     text = f" [prep {delta.get('prep', 0) / 1000:.2f}s launch {delta.get('launch', 0) / 1000:.2f}s"
     if "passes_gpu" in delta:
         text += f" passes {delta['passes_gpu'] / 1000:.2f}s"
-    return text + f" tail {delta.get('tail', 0) / 1000:.2f}s real/padded {delta['real_tokens'] / delta['padded_tokens']:.2f}]"
+    return text + (f" tail {delta.get('tail', 0) / 1000:.2f}s passes/batch {delta.get('batches_seen', 0) and delta.get('passes', 0) / delta['batches_seen']:.1f}"
+                   f" real/padded {delta['real_tokens'] / delta['padded_tokens']:.2f}]")
 
 
 QUESTION_STAGES = ("embed", "rerank", "generate")  # an urgent question's model stages, in order
@@ -627,8 +628,11 @@ class Engine:
         counters.alloc_retries += retries
         counters.cpu_ms += sched1[0] - sched0[0]
         counters.runq_ms += sched1[1] - sched0[1]
-        for key, value in (getattr(model, "last_phases", None) or {}).items():
+        phases = getattr(model, "last_phases", None) or {}
+        for key, value in phases.items():
             counters.phases[key] = counters.phases.get(key, 0.0) + value
+        if phases:
+            counters.phases["batches_seen"] = counters.phases.get("batches_seen", 0.0) + 1
         self._report("batch", spec.name, role, len(items), sum(lengths), compute_ms / 1000.0, retries)
         self._publish_state()
         if quiet and not any(s.loading is not None for s in self._slots.values()):

@@ -45,8 +45,9 @@ class ModelSpec:
     initial_batch: int | None = None  # where the adaptive size starts (default: embed 8, rerank 8, generate 1)
     urgent_batch: int = 8             # urgent requests go in small, immediate batches of at most this many
     max_batch_tokens: int = 32768     # cap on padded tokens (items x longest) per micro-batch
-    pass_overhead_tokens: int = 1024  # embed/rerank: a micro-batch runs as length-sorted forward passes, cut where
-                                      # the padding saved exceeds this fixed cost of one more pass (in tokens)
+    pass_overhead_tokens: int = 4096  # embed/rerank: a micro-batch runs as length-sorted forward passes, cut where
+                                      # the padding saved exceeds this fixed cost of one more pass (in tokens)...
+    fit_pass_overhead: bool = True    # ...measured from the batches that ran, once there are enough (this first)
     latency_target_ms: float | None = None  # p95 micro-batch time to stay under (default by role)
     max_queue_delay_ms: float = 0.0   # background work may wait this long for a fuller batch (as Triton's)
     dtype: str = "auto"               # auto = float32 on cpu, bfloat16 on cuda

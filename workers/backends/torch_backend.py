@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ragq.errors import DeviceOutOfMemory, ModelLoadFailed
-from scheduler.batching import length_groups
+from scheduler.batching import PassCostModel, length_groups
 from workers.models import ModelSpec
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -115,7 +115,8 @@ class _TorchModel:
         # launch = queuing the forward passes (the CPU's part), passes_gpu = the passes on the device (CUDA
         # events), tail = waiting for the device and copying out; plus real and padded tokens
         self.last_phases: dict[str, float] = {}
-        self._mark: tuple[float, float, Any, Any, int, int] | None = None
+        self._mark: tuple[float, float, Any, Any, int, int, int] | None = None
+        self.pass_costs = PassCostModel()
         self._host: dict[int, torch.Tensor] | None = None
         self._host_buffer: torch.Tensor | None = None
         self._registered = False
@@ -166,19 +167,26 @@ class _TorchModel:
         if self._mark is None:
             self.last_phases = {}
             return
-        t0, t1, e0, e1, real, padded = self._mark
+        t0, t1, e0, e1, real, padded, passes = self._mark
         phases = {"prep": (t0 - t_start) * 1000.0, "launch": (t1 - t0) * 1000.0, "tail": (t_end - t1) * 1000.0,
-                  "real_tokens": float(real), "padded_tokens": float(padded)}
+                  "real_tokens": float(real), "padded_tokens": float(padded), "passes": float(passes)}
         if e0 is not None:
             phases["passes_gpu"] = e0.elapsed_time(e1)
         self.last_phases = phases
+        self.pass_costs.observe(padded, passes, phases.get("passes_gpu", phases["launch"] + phases["tail"]))
+
+    def pass_overhead_tokens(self) -> int:
+        """The fixed cost of one more forward pass, in tokens: measured once enough batches ran (unless the spec
+        turns that off), else the spec's value."""
+        fitted = self.pass_costs.overhead_tokens() if self.spec.fit_pass_overhead else None
+        return self.spec.pass_overhead_tokens if fitted is None else fitted
 
     def _passes(self, rows: list[dict[str, list[int]]], forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
                 padding_side: str | None = None) -> torch.Tensor:
         """`forward` over unpadded rows in length-sorted passes (each padded to its own longest row), launched
         back to back with no synchronisation between them; one output row per input row, in input order."""
         lengths = [len(row["input_ids"]) for row in rows]
-        groups = length_groups(lengths, self.spec.pass_overhead_tokens)
+        groups = length_groups(lengths, self.pass_overhead_tokens())
         padded = [self.tokenizer.pad([rows[i] for i in group], padding=True, return_tensors="pt",
                                      padding_side=padding_side or self.tokenizer.padding_side) for group in groups]
         t0 = time.perf_counter()
@@ -193,7 +201,7 @@ class _TorchModel:
         if e1 is not None:
             e1.record(torch.cuda.current_stream(self.device))
         self._mark = (t0, time.perf_counter(), e0, e1, sum(lengths),
-                      sum(len(g) * max(lengths[i] for i in g) for g in groups))
+                      sum(len(g) * max(lengths[i] for i in g) for g in groups), len(groups))
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
