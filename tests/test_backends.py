@@ -135,3 +135,18 @@ def test_corrupted_model_directory(tiny_models, tmp_path: Path) -> None:  # type
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ModelLoadFailed, match="broken"):
         load_torch_model(ModelSpec(role="generate", path=broken, name="broken"), "cpu")
+
+
+def test_fast_padding_equals_the_tokenizers(tiny_models) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    for spec in (default_embed_spec(), ModelSpec(role="embed", path=tiny_models["embed"], name="tiny", kind="last")):
+        model = load_torch_model(spec, "cpu")
+        encoded = model.tokenizer(MIXED, truncation=True, max_length=64)
+        rows = [{key: encoded[key][i] for key in encoded.keys()} for i in range(len(MIXED))]
+        for side in ("left", "right"):
+            mine = model.pad(rows, side)
+            theirs = model.tokenizer.pad(rows, padding=True, return_tensors="pt", padding_side=side)
+            assert set(mine) == set(theirs.keys())
+            for key in mine:
+                assert torch.equal(mine[key], theirs[key]), (spec.name, side, key)

@@ -175,6 +175,26 @@ class _TorchModel:
         self.last_phases = phases
         self.pass_costs.observe(padded, passes, phases.get("passes_gpu", phases["launch"] + phases["tail"]))
 
+    def pad(self, rows: list[dict[str, list[int]]], side: str) -> dict[str, torch.Tensor]:
+        """What tokenizer.pad(rows, padding=True, return_tensors="pt") gives, several times faster (it pads row by
+        row in Python; this fills one array per key): the batch's longest row sets the width."""
+        import numpy as np
+
+        width = max(len(row["input_ids"]) for row in rows)
+        fills = {"input_ids": self.tokenizer.pad_token_id,
+                 "token_type_ids": getattr(self.tokenizer, "pad_token_type_id", 0) or 0}
+        out = {}
+        for key in rows[0]:
+            array = np.full((len(rows), width), fills.get(key, 0), dtype=np.int64)
+            for i, row in enumerate(rows):
+                values = row[key]
+                if side == "left":
+                    array[i, width - len(values):] = values
+                else:
+                    array[i, :len(values)] = values
+            out[key] = torch.from_numpy(array)
+        return out
+
     def pass_overhead_tokens(self) -> int:
         """The fixed cost of one more forward pass, in tokens: measured once enough batches ran (unless the spec
         turns that off), else the spec's value."""
@@ -187,8 +207,7 @@ class _TorchModel:
         back to back with no synchronisation between them; one output row per input row, in input order."""
         lengths = [len(row["input_ids"]) for row in rows]
         groups = length_groups(lengths, self.pass_overhead_tokens())
-        padded = [self.tokenizer.pad([rows[i] for i in group], padding=True, return_tensors="pt",
-                                     padding_side=padding_side or self.tokenizer.padding_side) for group in groups]
+        padded = [self.pad([rows[i] for i in group], padding_side or self.tokenizer.padding_side) for group in groups]
         t0 = time.perf_counter()
         e0 = e1 = None
         if self.is_cuda:
