@@ -150,3 +150,26 @@ def test_fast_padding_equals_the_tokenizers(tiny_models) -> None:  # type: ignor
             assert set(mine) == set(theirs.keys())
             for key in mine:
                 assert torch.equal(mine[key], theirs[key]), (spec.name, side, key)
+
+
+def test_texts_tokenised_by_the_submitter_embed_as_the_texts_do(tiny_models) -> None:  # type: ignore[no-untyped-def]
+    """prepare_items (run by the consumer that submits) gives the backend token ids; the vectors are the ones the
+    backend makes from the texts itself, for either kind of prefix, with and without token type ids."""
+    import dataclasses
+
+    from workers.backends.tokens import Encoded, prepare_items
+
+    specs = [
+        dataclasses.replace(default_embed_spec(), query_prefix="query: ", document_prefix="passage: "),
+        ModelSpec(role="embed", path=tiny_models["embed"], name="tiny", kind="last", max_length=16),  # truncates
+    ]
+    for spec in specs:
+        model = load_torch_model(spec, "cpu")
+        for kind in ("query", "document"):
+            prepared, tokens = prepare_items(spec, MIXED, {"kind": kind})
+            assert all(isinstance(item, Encoded) for item in prepared)
+            assert tokens == [len(item.ids) for item in prepared] and max(tokens) <= spec.max_length
+            mixed = [prepared[0], *MIXED[1:]]   # prepared and plain items in one batch
+            for a, b in zip(model.run(prepared, {"kind": kind}), model.run(MIXED, {"kind": kind})):
+                assert a == pytest.approx(b, abs=1e-5), (spec.name, kind)
+            assert model.run(mixed, {"kind": kind})[0] == pytest.approx(model.run(MIXED, {"kind": kind})[0], abs=1e-5)

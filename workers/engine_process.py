@@ -156,6 +156,7 @@ class EngineClient:
         address: str | None = None,
         authkey: bytes | None = None,
         token_counter: Callable[[ModelSpec, list[Any]], list[int]] | None = None,
+        preparer: Callable[[ModelSpec, list[Any], dict[str, Any]], tuple[list[Any], list[int]]] | None = None,
         log_level: str = "INFO",
         start_timeout_s: float = 600.0,
     ) -> None:
@@ -167,6 +168,7 @@ class EngineClient:
         self.address = address or f"\0ragq-engine-{uuid.uuid4().hex}"
         self.authkey = authkey or os.urandom(32)
         self.token_counter = token_counter
+        self.preparer = preparer   # on the submitting thread: tokenise here, not on the engine's device thread
         self.log_level = log_level
         self.start_timeout_s = start_timeout_s
         self.restarts = 0
@@ -336,7 +338,11 @@ class EngineClient:
         if role not in self.specs:
             raise BackendUnavailable(f"no model is configured for role {role!r} on {self.device}")
         items = list(items)
-        tokens = list(self.token_counter(self.specs[role], items)) if self.token_counter and items else None
+        if self.preparer is not None and items:
+            items, tokens = self.preparer(self.specs[role], items, dict(params or {}))
+            tokens = list(tokens)
+        else:
+            tokens = list(self.token_counter(self.specs[role], items)) if self.token_counter and items else None
         return self._send(lambda rid: ("submit", rid, role, items, tokens, priority, deadline, dict(params or {})))
 
     def run(self, role: str, items: list[Any], **kwargs: Any) -> EngineResult:

@@ -98,7 +98,7 @@ def build_runtime(settings: Settings, device: str, name: str | None = None, log_
     import transformers
 
     transformers.AutoTokenizer  # noqa: B018 - resolve the lazy import here, before task threads race for it
-    from workers.backends.tokens import count_tokens
+    from workers.backends.tokens import count_tokens, prepare_items
     from workers.engine_process import EngineClient
     from workers.models import check_model_dirs, load_model_specs
     from workers.runtime import WorkerRuntime
@@ -112,11 +112,11 @@ def build_runtime(settings: Settings, device: str, name: str | None = None, log_
     sink = PostgresSink(endpoints.database_url, worker=name)
     if attach:
         engine = EngineClient.attach(device, specs, "\0" + os.environ[ENGINE_ADDRESS_ENV],
-                                     bytes.fromhex(os.environ[ENGINE_KEY_ENV]), token_counter=count_tokens,
+                                     bytes.fromhex(os.environ[ENGINE_KEY_ENV]), token_counter=count_tokens, preparer=prepare_items,
                                      start_timeout_s=120)
     else:
         engine = EngineClient(device, specs, build_engine, (settings, device, endpoints.database_url, name),
-                              token_counter=count_tokens, log_level=log_level)
+                              token_counter=count_tokens, preparer=prepare_items, log_level=log_level)
     runtime = WorkerRuntime(settings, endpoints, engine, sink, name, device, specs)
     log.info("worker %s: engine process %s, models %s", name, engine.pid or "attached",
              ", ".join(f"{role}={spec.name}" for role, spec in specs.items()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from workers.models import ModelSpec
 
@@ -33,3 +33,25 @@ def count_tokens(spec: ModelSpec, items: list[Any]) -> list[int]:
         extra = 0
     encoded = tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
     return [min(spec.max_length, len(ids) + extra) for ids in encoded]
+
+
+class Encoded(NamedTuple):
+    """An embed input tokenised by the submitting consumer (its own process, its own CPU): the engine's device
+    thread then only pads, instead of tokenising while the device waits."""
+
+    text: str
+    ids: list[int]
+
+
+def prepare_items(spec: ModelSpec, items: list[Any], params: dict[str, Any]) -> tuple[list[Any], list[int]]:
+    """(items to submit, tokens per item). A torch embedder's texts go as `Encoded` (the prefix its kind takes,
+    truncated to max_length, exactly as the backend would tokenise them); other roles and backends go as they are,
+    with their token counts."""
+    if spec.role != "embed" or spec.backend != "torch":
+        return items, count_tokens(spec, items)
+    with _lock:
+        tokenizer = _tokenizer(spec.path)
+    prefix = spec.query_prefix if params.get("kind") == "query" else spec.document_prefix
+    texts = [str(item) for item in items]
+    encoded = tokenizer([prefix + text for text in texts], truncation=True, max_length=spec.max_length)["input_ids"]
+    return [Encoded(text, list(ids)) for text, ids in zip(texts, encoded)], [len(ids) for ids in encoded]

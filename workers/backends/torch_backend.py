@@ -22,6 +22,7 @@ from typing import Any
 
 from ragq.errors import DeviceOutOfMemory, ModelLoadFailed
 from scheduler.batching import PassCostModel, length_groups
+from workers.backends.tokens import Encoded
 from workers.models import ModelSpec
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -312,10 +313,21 @@ class _TorchModel:
 
 
 class TorchEmbedder(_TorchModel):
-    def _run(self, items: list[str], params: dict[str, Any]) -> list[list[float]]:
+    def _run(self, items: list[Any], params: dict[str, Any]) -> list[list[float]]:
         prefix = self.spec.query_prefix if params.get("kind") == "query" else self.spec.document_prefix
-        encoded = self.tokenizer([prefix + text for text in items], truncation=True, max_length=self.spec.max_length)
-        rows = [{key: encoded[key][i] for key in encoded.keys()} for i in range(len(items))]
+        rows: list[dict[str, list[int]]] = [{} for _ in items]
+        texts = [i for i, item in enumerate(items) if not isinstance(item, Encoded)]
+        if texts:   # not tokenised by the submitter (an in-process engine, a direct call): here
+            encoded = self.tokenizer([prefix + str(items[i]) for i in texts], truncation=True,
+                                     max_length=self.spec.max_length)
+            for j, i in enumerate(texts):
+                rows[i] = {key: encoded[key][j] for key in encoded.keys()}
+        names = set(self.tokenizer.model_input_names)
+        for i, item in enumerate(items):
+            if isinstance(item, Encoded):
+                rows[i] = {"input_ids": item.ids, "attention_mask": [1] * len(item.ids)}
+                if "token_type_ids" in names:
+                    rows[i]["token_type_ids"] = [0] * len(item.ids)
         with torch.inference_mode():
             pooled = self._passes(rows, self._pool)
         return pooled.cpu().tolist()
