@@ -52,6 +52,9 @@ class Settings(BaseSettings):
         "the provider from FLOWER_AUTH_PROVIDER, FLOWER_OAUTH2_KEY, FLOWER_OAUTH2_SECRET, FLOWER_OAUTH2_REDIRECT_URI)")
     flower_address: str = Field("127.0.0.1", description="`ragq flower` listens here (loopback unless set)")
     flower_port: int = Field(5555, ge=1, le=65535, description="`ragq flower` port")
+    consumer_stall_s: float = Field(
+        30.0, ge=0, description="a consumer with messages waiting on its queues, a free slot and nothing received "
+        "for this long is made to reconnect, and exits to be restarted if that does not help (0 = never)")
     max_deliveries: int = Field(
         5, ge=1, description="a task started this many times without finishing (its worker died each time: a "
         "message that kills its worker) fails with its error instead of running again")

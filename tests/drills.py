@@ -47,6 +47,18 @@ def kill_hard(proc: subprocess.Popen[bytes]) -> int:
     return len(alive)
 
 
+def drill_services(home: Path) -> tuple[Any, Any]:
+    """(settings, services) of a drill's own home, with its embedded Redis and Postgres up."""
+    from ragq.services import EmbeddedServices
+    from ragq.settings import Settings
+
+    home.mkdir(parents=True, exist_ok=True)
+    settings = Settings(home=home)
+    services = EmbeddedServices(settings)
+    services.up()
+    return settings, services
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.send_signal(signal.SIGTERM)
     proc.wait(60)

@@ -21,7 +21,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.drills import job_integrity, kill_hard, start_worker, stop, wait_ready  # noqa: E402
+from tests.drills import drill_services, job_integrity, kill_hard, start_worker, stop, wait_ready  # noqa: E402
 
 
 def main() -> int:
@@ -33,13 +33,8 @@ def main() -> int:
     args = parser.parse_args()
     from bench.urgent_cpu import make_corpus
     from ragq.client import Client
-    from ragq.services import EmbeddedServices
-    from ragq.settings import Settings
 
-    args.home.mkdir(parents=True, exist_ok=True)
-    settings = Settings(home=args.home)
-    services = EmbeddedServices(settings)
-    services.up()
+    settings, services = drill_services(args.home)
     rng = random.Random(args.seed)
     name = "drill"
     log = args.home / "worker.log"

@@ -26,7 +26,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.drills import job_integrity, start_worker, stop, wait_ready  # noqa: E402
+from tests.drills import drill_services, job_integrity, start_worker, stop, wait_ready  # noqa: E402
 
 
 def wait_progress(client: Any, job: str, timeout_s: float = 300) -> dict[str, Any]:
@@ -52,13 +52,8 @@ def main() -> int:
 
     from bench.urgent_cpu import make_corpus
     from ragq.client import Client
-    from ragq.services import EmbeddedServices
-    from ragq.settings import Settings
 
-    args.home.mkdir(parents=True, exist_ok=True)
-    settings = Settings(home=args.home)
-    services = EmbeddedServices(settings)
-    services.up()
+    settings, services = drill_services(args.home)
     name = "outage"
     log = args.home / "worker.log"
     summary: dict[str, Any] = {"fault": args.fault}

@@ -191,3 +191,81 @@ def test_a_question_whose_caller_timed_out_never_reaches_the_device(worker, clie
     log = worker.log_path.read_text(errors="replace")
     assert "ragq.query.embed" in log and ("expired" in log.lower() or "revoked" in log.lower())
     assert client.ask("and an ordinary question?", timeout_s=60)["answer"] is not None   # the queue moves on
+
+
+def test_the_consumer_watchdog_restarts_a_consumer_that_stopped_fetching_then_exits(client) -> None:  # type: ignore[no-untyped-def]
+    """Messages waiting on its queue, a free slot, nothing received for the stall time: first Celery's reconnect is
+    triggered in the consumer's event loop, then, still stalled, the process exits to be started again. Busy,
+    recently active or with nothing waiting, it is left alone."""
+    import redis
+
+    from workers.leases import ConsumerWatchdog
+
+    queue = "watchdog-test-queue"
+    r = redis.Redis.from_url(client.endpoints.broker_url)
+    now = [1000.0]
+    exits: list[bool] = []
+    busy = [0]
+
+    class Hub:
+        def __init__(self) -> None:
+            self.calls: list = []
+
+        def call_soon(self, fn) -> None:  # type: ignore[no-untyped-def]
+            self.calls.append(fn)
+
+    class Consumer:
+        hub = Hub()
+
+    dog = ConsumerWatchdog(client.endpoints.broker_url, "dog@host", [queue], concurrency=2, stall_after_s=30,
+                           exit_fn=lambda: exits.append(True), busy_fn=lambda: busy[0], clock=lambda: now[0])
+    dog.consumer = Consumer()
+    try:
+        r.delete(queue)
+        now[0] += 60
+        dog.check()
+        assert not Consumer.hub.calls and not exits            # nothing waiting: idle, not stalled
+        r.rpush(queue, "m")
+        busy[0] = 2
+        dog.check()
+        assert not Consumer.hub.calls                           # every slot busy: not stalled
+        busy[0] = 0
+        dog.received()
+        now[0] += 10
+        dog.check()
+        assert not Consumer.hub.calls                           # received 10 s ago
+        now[0] += 30
+        dog.check()                                             # stalled: reconnect through Celery
+        assert len(Consumer.hub.calls) == 1 and not exits
+        with pytest.raises(OSError, match="consumer stalled"):
+            Consumer.hub.calls[0]()
+        now[0] += 10
+        dog.check()
+        assert not exits                                        # give the reconnect its time
+        now[0] += 30
+        dog.check()
+        assert exits == [True]                                  # still stalled: exit to be restarted
+    finally:
+        r.delete(queue)
+
+
+def test_closing_a_channel_whose_broker_is_gone_does_not_kill_the_worker(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """kombu 5.7's restore at channel close raises AttributeError once the connection is released (the outage
+    drill's crash); ragq's transport leaves those messages to finish or to their lease instead."""
+    from kombu.transport import redis as kombu_redis
+
+    from workers import broker
+    from workers.celery_app import celery_config
+
+    def broken(self, stderr=None):  # type: ignore[no-untyped-def]
+        raise AttributeError("'NoneType' object has no attribute 'hostname'")
+
+    monkeypatch.setattr(kombu_redis.QoS, "restore_unacked_once", broken)
+    qos = broker.QoS.__new__(broker.QoS)
+    assert qos.restore_unacked_once() is None            # swallowed, logged
+    assert broker.Transport.Channel.QoS is broker.QoS
+    from ragq.services import Endpoints
+    from ragq.settings import Settings
+
+    config = celery_config(Settings(), Endpoints("redis://:pw@127.0.0.1:1/0", "redis://:pw@127.0.0.1:1/0", "x"))
+    assert config["broker_transport"] == "workers.broker:Transport"

@@ -78,6 +78,8 @@ def celery_config(settings: Settings, endpoints: Endpoints) -> dict[str, Any]:
             "ragq.ingest_documents": {"queue": BACKGROUND_QUEUE},
             "ragq.query.*": {"queue": URGENT_QUEUE},
         },
+        # kombu's Redis transport, minus a crash when the broker goes away with tasks in flight (workers/broker.py)
+        "broker_transport": "workers.broker:Transport" if endpoints.broker_url.startswith("redis://") else None,
         "broker_transport_options": {
             "queue_order_strategy": "priority",
             "visibility_timeout": settings.visibility_timeout_s,

@@ -23,6 +23,7 @@ Redis; the task base class (`workers.celery_app.RagqTask`) fails an attempt that
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -138,6 +139,99 @@ class TaskLeases:
             self.redis.delete(lease_key(self.worker_name))
         except Exception:
             pass
+
+
+class ConsumerWatchdog:
+    """Notices a consumer that has stopped taking work and restarts it.
+
+    After a broker reconnect, Celery's consumer on the Redis transport can stay connected but never fetch again
+    (the outage drill caught it: the urgent consumer took one task after Redis came back, then left the next one on
+    its queue; Celery's issue tracker has the same report for several versions). The watchdog looks every
+    `interval_s`: messages waiting on this consumer's queues, a free slot, and nothing received for `stall_after_s`
+    mean a stall. The first time, it makes the consumer go through Celery's own reconnect (a connection error
+    raised in its event loop); if it is still stalled `stall_after_s` later, the process exits (code 70) so that its
+    parent (the urgent consumer's worker) or a supervisor starts it again, and its lease brings back what it held."""
+
+    EXIT_CODE = 70
+
+    def __init__(self, broker_url: str, worker_name: str, queues: list[str], concurrency: int,
+                 stall_after_s: float = 30.0, interval_s: float = 5.0,
+                 exit_fn: Any = None, busy_fn: Any = None, clock: Any = time.monotonic) -> None:
+        import redis
+
+        self.redis = redis.Redis.from_url(broker_url, socket_timeout=5)
+        self.worker_name = worker_name
+        self.queues = queues
+        self.concurrency = concurrency
+        self.stall_after_s = stall_after_s
+        self.interval_s = interval_s
+        self.clock = clock
+        self.exit_fn = exit_fn or (lambda: os._exit(self.EXIT_CODE))
+        self.busy_fn = busy_fn or (lambda: len(held_delivery_tags()))
+        self.consumer: Any = None
+        self.last_activity = clock()   # start, a receipt, or a restart of the consumer
+        self.restarted = False
+        self.restarts = 0
+        self._stop = threading.Event()
+
+    def received(self) -> None:
+        self.last_activity = self.clock()
+        self.restarted = False
+
+    def stalled(self) -> bool:
+        if self.clock() - self.last_activity < self.stall_after_s:
+            return False
+        if self.busy_fn() >= self.concurrency:
+            return False
+        pipe = self.redis.pipeline()
+        for queue in self.queues:
+            pipe.llen(queue)
+        return sum(int(n) for n in pipe.execute()) > 0
+
+    def check(self) -> None:
+        if not self.stalled():
+            return
+        waiting = ", ".join(self.queues)
+        if not self.restarted and self._restart_consumer():
+            log.error("worker %s: messages wait on %s but its consumer has received nothing for %.0fs; making it "
+                      "reconnect", self.worker_name, waiting, self.clock() - self.last_activity)
+            self.restarted = True
+            self.restarts += 1
+            self.last_activity = self.clock()
+            return
+        log.error("worker %s: its consumer is still not fetching from %s; exiting (code %d) to be started again",
+                  self.worker_name, waiting, self.EXIT_CODE)
+        self.exit_fn()
+
+    def _restart_consumer(self) -> bool:
+        hub = getattr(self.consumer, "hub", None)
+        if hub is None:
+            return False
+
+        def fail() -> None:   # inside the consumer's event loop: Celery's reconnect path takes it from here
+            raise OSError("ragq: consumer stalled after a broker reconnect; reconnecting")
+
+        hub.call_soon(fail)
+        return True
+
+    def start(self) -> ConsumerWatchdog:
+        from celery.signals import task_received, worker_ready
+
+        task_received.connect(lambda **_: self.received(), weak=False)
+        worker_ready.connect(lambda sender=None, **_: setattr(self, "consumer", sender), weak=False)
+
+        def loop() -> None:
+            while not self._stop.wait(self.interval_s):
+                try:
+                    self.check()
+                except Exception as exc:  # the broker away: the reconnect is Celery's; look again later
+                    log.debug("worker %s: watchdog could not look: %s", self.worker_name, exc)
+
+        threading.Thread(target=loop, name="ragq-consumer-watchdog", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 DELIVERY_TTL_S = 7 * 24 * 3600

@@ -201,7 +201,6 @@ def run_worker(
     if device == "all":
         return _run_all(settings, concurrency, loglevel)
     from workers.celery_app import BACKGROUND_QUEUE, URGENT_QUEUE, app, configure_app
-
     if attach:
         _exit_with_parent()
     else:
@@ -222,6 +221,7 @@ def run_worker(
     app.runtime = runtime
     urgent = None
     leases = None
+    watchdog = None
     try:
         if BACKGROUND_QUEUE in queues.split(","):
             runtime.chunk_pool  # noqa: B018 - start chunking processes before the first task, not during it
@@ -237,6 +237,12 @@ def run_worker(
             leases = TaskLeases(app, runtime.endpoints.broker_url, runtime.worker_name, settings.lease_interval_s)
             leases.restore_previous()  # before consuming: what a killed predecessor held runs again now
             leases.start()
+        if settings.consumer_stall_s > 0:  # a consumer that stops fetching after a broker reconnect is restarted
+            from workers.leases import ConsumerWatchdog
+
+            watchdog = ConsumerWatchdog(runtime.endpoints.broker_url, runtime.worker_name, queues.split(","),
+                                        concurrency or settings.worker_concurrency,
+                                        stall_after_s=settings.consumer_stall_s).start()
         if split:
             urgent = UrgentConsumer(runtime, settings.urgent_concurrency, loglevel)
         app.worker_main([
@@ -249,6 +255,8 @@ def run_worker(
             urgent.stop()
         if leases is not None:
             leases.stop()
+        if watchdog is not None:
+            watchdog.stop()
         runtime.engine.stop()
         runtime.sink.close()
         if "chunk_pool" in runtime.__dict__:
