@@ -64,6 +64,8 @@ def search(self: Any, state: dict[str, Any]) -> dict[str, Any]:
     vector = state.pop("vector")
     dim = int(len(vector))
     wanted = max(state["top_k"], state.get("candidates", state["top_k"]))
+    # dim is an int from len(): vector(N) is a type modifier, which Postgres takes only as a literal; the values
+    # (the query vector, the model, the limit) are bound parameters
     sql = text(f"""
         SELECT c.id, c.text, c.headings, d.name AS document, d.source,
                1 - ((c.embedding::vector({dim})) <=> CAST(:q AS vector({dim}))) AS score
@@ -71,7 +73,7 @@ def search(self: Any, state: dict[str, Any]) -> dict[str, Any]:
         WHERE c.embed_model = :model AND c.dim = {dim}
         ORDER BY (c.embedding::vector({dim})) <=> CAST(:q AS vector({dim}))
         LIMIT :n
-    """)
+    """)  # noqa: S608
     with rt.stage("search", **context) as clock:
         clock.model = "pgvector-hnsw"
         with rt.db.begin() as conn:
