@@ -108,6 +108,15 @@ class Settings(BaseSettings):
             parse_size(value)
         return value
 
+    @field_validator("redis_password")
+    @classmethod
+    def _password_is_one_word(cls, value: SecretStr | None) -> SecretStr | None:
+        # it goes into redis-server's config file as `requirepass <password>`: a space or a line break would end
+        # it there, or add configuration lines of its own
+        if value is not None and any(c.isspace() or not c.isprintable() for c in value.get_secret_value()):
+            raise ValueError("must not contain spaces, line breaks or other unprintable characters")
+        return value
+
     @field_validator("models")
     @classmethod
     def _models_exists(cls, value: Path | None) -> Path | None:

@@ -67,6 +67,15 @@ def test_external_urls_are_used_and_nothing_is_started(tmp_path: Path, settings)
     assert status["result_backend"] == endpoints.broker_url
 
 
+def test_a_redis_password_that_would_add_config_lines_is_refused(tmp_path: Path) -> None:
+    for bad in ("two words", "pw\nrename-command FLUSHALL x"):
+        result = run_ragq(ragq_env(tmp_path, RAGQ_REDIS_PASSWORD=bad), "services", "up")
+        assert result.returncode == 2, result.stderr
+        assert "RAGQ_REDIS_PASSWORD" in result.stderr and "line breaks" in result.stderr
+        assert bad not in result.stderr   # the error names the variable, not the secret
+        assert not (tmp_path / "run" / "redis.conf").exists()   # nothing written, nothing started
+
+
 def test_invalid_configuration_exits_non_zero_naming_the_variable(tmp_path: Path) -> None:
     result = run_ragq(ragq_env(tmp_path, RAGQ_VRAM_BUDGET="lots"), "services", "status")
     assert result.returncode == 2
