@@ -73,9 +73,6 @@ def run(settings: Settings, *, read_only: bool, extra: list[str] | None = None) 
     auth = auth_arguments(settings)   # before anything starts
     endpoints = ensure_services(settings)
     app = configure_app(settings, endpoints)
-    # Flower only reads the broker (queue lengths by the URL's scheme): kombu's own Redis transport, not the
-    # workers' variant (workers/broker.py), which Flower would not recognise as Redis
-    app.conf.broker_transport = None
     if read_only:
         make_read_only()
     argv = ["flower", f"--address={settings.flower_address}", f"--port={settings.flower_port}", *auth,

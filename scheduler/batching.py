@@ -160,10 +160,10 @@ class PassCostModel:
     window: int = 64
     min_samples: int = 12
     maximum: int = 65536
-    _samples: deque[tuple[float, float, float]] = field(default_factory=lambda: deque(maxlen=64))
+    _samples: deque[tuple[float, float, float]] = field(default_factory=deque)
 
     def __post_init__(self) -> None:
-        self._samples = deque(self._samples, maxlen=self.window)
+        self._samples = deque(maxlen=self.window)
 
     def observe(self, padded_tokens: float, passes: int, ms: float) -> None:
         if padded_tokens > 0 and passes > 0 and ms > 0:

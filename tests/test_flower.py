@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -12,17 +11,12 @@ from pathlib import Path
 import pytest
 import requests
 
+from ragq.services import _free_port
 from tests.conftest import ROOT, ragq_env, run_ragq
 
 pytestmark = pytest.mark.integration
 
 USER, PASSWORD = "ops", "flower-Pa55:word"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class FlowerProcess:

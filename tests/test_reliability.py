@@ -267,5 +267,6 @@ def test_closing_a_channel_whose_broker_is_gone_does_not_kill_the_worker(monkeyp
     from ragq.services import Endpoints
     from ragq.settings import Settings
 
-    config = celery_config(Settings(), Endpoints("redis://:pw@127.0.0.1:1/0", "redis://:pw@127.0.0.1:1/0", "x"))
-    assert config["broker_transport"] == "workers.broker:Transport"
+    endpoints = Endpoints("redis://:pw@127.0.0.1:1/0", "redis://:pw@127.0.0.1:1/0", "x")
+    assert celery_config(Settings(), endpoints, consumer=True)["broker_transport"] == "workers.broker:Transport"
+    assert celery_config(Settings(), endpoints)["broker_transport"] is None   # clients, beat, Flower: kombu's own

@@ -63,7 +63,9 @@ class RagqTask(Task):  # type: ignore[misc]
 app = RagqCelery("ragq", include=TASK_MODULES, task_cls=RagqTask)
 
 
-def celery_config(settings: Settings, endpoints: Endpoints) -> dict[str, Any]:
+def celery_config(settings: Settings, endpoints: Endpoints, consumer: bool = False) -> dict[str, Any]:
+    """`consumer`: for a worker's consumers (late acks, channels holding unacked messages); clients, beat and
+    Flower only publish or read."""
     return {
         "broker_url": endpoints.broker_url,
         "result_backend": endpoints.result_backend,
@@ -78,8 +80,10 @@ def celery_config(settings: Settings, endpoints: Endpoints) -> dict[str, Any]:
             "ragq.ingest_documents": {"queue": BACKGROUND_QUEUE},
             "ragq.query.*": {"queue": URGENT_QUEUE},
         },
-        # kombu's Redis transport, minus a crash when the broker goes away with tasks in flight (workers/broker.py)
-        "broker_transport": "workers.broker:Transport" if endpoints.broker_url.startswith("redis://") else None,
+        # consumers: kombu's Redis transport minus a crash when the broker goes away with tasks in flight
+        # (workers/broker.py); the others keep kombu's own (Flower, for one, tells brokers apart by that name)
+        "broker_transport": "workers.broker:Transport"
+        if consumer and endpoints.broker_url.startswith("redis://") else None,
         "broker_transport_options": {
             "queue_order_strategy": "priority",
             "visibility_timeout": settings.visibility_timeout_s,
@@ -105,9 +109,9 @@ def celery_config(settings: Settings, endpoints: Endpoints) -> dict[str, Any]:
     }
 
 
-def celery_defaults_config(settings: Settings, endpoints: Endpoints) -> dict[str, Any]:
+def celery_defaults_config(settings: Settings, endpoints: Endpoints, consumer: bool = False) -> dict[str, Any]:
     """Celery's own defaults for queue order, prefetch and acks (the baseline the benchmarks compare with)."""
-    config = celery_config(settings, endpoints)
+    config = celery_config(settings, endpoints, consumer)
     config.update(
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         task_acks_late=False, task_reject_on_worker_lost=False, worker_prefetch_multiplier=4,
@@ -115,11 +119,11 @@ def celery_defaults_config(settings: Settings, endpoints: Endpoints) -> dict[str
     return config
 
 
-def configure_app(settings: Settings, endpoints: Endpoints) -> RagqCelery:
+def configure_app(settings: Settings, endpoints: Endpoints, consumer: bool = False) -> RagqCelery:
     if settings.celery_profile == "celery-defaults":
-        app.conf.update(celery_defaults_config(settings, endpoints))
+        app.conf.update(celery_defaults_config(settings, endpoints, consumer))
     else:
-        app.conf.update(celery_config(settings, endpoints))
+        app.conf.update(celery_config(settings, endpoints, consumer))
     app.conf.beat_schedule = {
         "ragq-evaluate-alerts": {
             "task": "ragq.evaluate_alerts", "schedule": settings.alert_interval_s,

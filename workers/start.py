@@ -217,7 +217,7 @@ def run_worker(
 
     tracing.setup(settings, f"ragq-worker-{worker_name(device, name)}")
     runtime = build_runtime(settings, device, name, loglevel.upper(), attach=attach)
-    configure_app(settings, runtime.endpoints)
+    configure_app(settings, runtime.endpoints, consumer=True)
     app.runtime = runtime
     urgent = None
     leases = None
