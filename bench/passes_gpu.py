@@ -6,7 +6,9 @@ The micro-batches are the ones the stack forms: the chunks of a generated corpus
 with eight requests in flight, at the settled size of 128 items and the 32768-token cap. Each variant runs all of
 them on the full-size random-weight Qwen3-Embedding-4B; the variants alternate over `--rounds` rounds (drift of the
 card's clocks falls on all of them), and the raw pass — all chunks length-sorted, batches of 128 — runs in each
-round too.
+round too. With `--packed`, a second copy of the model runs the same batches packed (one padding-free forward pass
+per batch, `workers.backends.packed`), and the raw pass packed too, sorted and in corpus order; the vectors of both
+copies are compared.
 
     python3 bench/passes_gpu.py --models /tmp/ragq-models --out $OUT
     python bench/passes_gpu.py --tiny --device cpu --docs 20 --out /tmp/out      # dry run of the logic
@@ -83,6 +85,7 @@ def main() -> int:
     parser.add_argument("--cpu-load", type=int, default=0,
                         help="this many busy processes at nice 10 during the timings (as the chunking processes, "
                              "Postgres and the consumers load the host during an ingestion)")
+    parser.add_argument("--packed", action="store_true", help="also run every batch packed (padding-free)")
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -108,7 +111,10 @@ def main() -> int:
         torch.cuda.set_per_process_memory_fraction(args.budget_gib * 2**30 / total, index)
     ballast = torch.empty(int(args.ballast_gib * 2**30), dtype=torch.uint8, device=args.device) \
         if args.ballast_gib else None
-    model = load_torch_model(spec, args.device)
+    model = load_torch_model(dataclasses.replace(spec, packed="off"), args.device)
+    packed_model = load_torch_model(dataclasses.replace(spec, packed="on"), args.device) if args.packed else None
+    if packed_model is not None and not packed_model.packed:
+        raise SystemExit("--packed: the model could not be switched to packed forward passes (see the log)")
     # ingest tasks as submit_ingest makes them: 8 documents or ~8192 tokens of text each
     texts: list[list[str]] = [[]]
     docs_in_task, tokens_in_task = 0, 0
@@ -141,17 +147,29 @@ def main() -> int:
                                    for b in batch_lengths) for name, o in variants.items()}
     passes = {name: sum(len(length_groups(b, o)) for b in batch_lengths) for name, o in variants.items()}
     rates: dict[str, list[float]] = {name: [] for name in [*variants, "raw (sorted, 128)"]}
+    raw_in_order = [every[i:i + 128] for i in range(0, len(every), 128)]
+    packed_runs = {"packed (stack batches)": batches, "raw packed (sorted, 128)": raw_batches,
+                   "raw packed (corpus order, 128)": raw_in_order} if packed_model is not None else {}
+    rates.update({name: [] for name in packed_runs})
+    agreement = None
+    if packed_model is not None:   # the same vectors from both paths (bf16 on a GPU: not bit-equal)
+        import numpy as np
+
+        a, b = np.array(model.run(batches[0], {})), np.array(packed_model.run(batches[0], {}))
+        agreement = float((a * b).sum(axis=1).min())
+        print(f"packed vs padded vectors: lowest cosine {agreement:.5f} over {len(a)} chunks", flush=True)
 
     phases: dict[str, dict[str, float]] = {}
 
-    def timed(run_batches: list[list[str]], name: str = "") -> float:
+    def timed(run_batches: list[list[str]], name: str = "", runner: Any = None) -> float:
+        runner = runner or model
         sums: dict[str, float] = {}
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for b in run_batches:
-            model.run(b, {})
-            for key, value in model.last_phases.items():
+            runner.run(b, {})
+            for key, value in runner.last_phases.items():
                 sums[key] = sums.get(key, 0.0) + value
         phases[name] = sums   # the last round's
         if cuda:
@@ -159,6 +177,8 @@ def main() -> int:
         return sum(len(b) for b in run_batches) / (time.perf_counter() - t0)
 
     model.run(batches[0], {})   # warm-up
+    if packed_model is not None:
+        packed_model.run(batches[0], {})
     import multiprocessing
 
     burners = [multiprocessing.get_context("spawn").Process(target=_burn, daemon=True) for _ in range(args.cpu_load)]
@@ -172,6 +192,9 @@ def main() -> int:
         model.spec = dataclasses.replace(spec, pass_overhead_tokens=ONE_PASS, fit_pass_overhead=False)
         rates["raw (sorted, 128)"].append(timed(raw_batches, "raw (sorted, 128)"))
         print(f"round {r + 1} raw: {rates['raw (sorted, 128)'][-1]:.1f} chunks/s", flush=True)
+        for name, run_batches in packed_runs.items():
+            rates[name].append(timed(run_batches, name, packed_model))
+            print(f"round {r + 1} {name}: {rates[name][-1]:.1f} chunks/s", flush=True)
     sustained = []
     if args.sustain_s > 0:   # does the card hold its rate over a stack-length run (clocks, power)?
         import subprocess
@@ -195,12 +218,14 @@ def main() -> int:
         "cpu_load": args.cpu_load, "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "budget_gib": args.budget_gib,
         "ballast_gib": args.ballast_gib if ballast is not None else 0.0,
         "fitted_pass_overhead_tokens": model.pass_costs.overhead_tokens(), "phases_ms": phases, "real_over_padded": efficiency, "forward_passes": passes, "sustained": sustained,
+        "packed_vs_padded_lowest_cosine": agreement,
     }
     (args.out / "passes.json").write_text(json.dumps(results, indent=2))
     print("\n| variant | forward passes | real / padded tokens | best chunks/s | / raw |\n|---|---|---|---|---|")
     for name in rates:
         best = max(rates[name])
-        print(f"| {name} | {passes.get(name, len(raw_batches))} | {efficiency.get(name, 1.0):.3f} | {best:.1f} "
+        count = len(packed_runs[name]) if name in packed_runs else passes.get(name, len(raw_batches))
+        print(f"| {name} | {count} | {efficiency.get(name, 1.0):.3f} | {best:.1f} "
               f"| {best / raw:.3f} |")
     print(f"pass overhead fitted from all the batches above: {model.pass_costs.overhead_tokens()} tokens")
     for name, sums in phases.items():

@@ -45,7 +45,10 @@ def models_toml(paths: dict[str, Path], tiny: bool) -> str:
 
 
 def raw_forward(paths: dict[str, Path], corpus: list[Path], device: str, tiny: bool) -> dict[str, Any]:
-    """The embedder alone on the same chunks: length-sorted batches, best batch size wins."""
+    """The embedder alone on the same chunks: length-sorted batches, padded and packed (padding-free, where the
+    model can), best batch size and mode wins."""
+    import dataclasses
+
     import torch
 
     from ragq.chunking import chunk_document, make_chunker
@@ -65,22 +68,28 @@ def raw_forward(paths: dict[str, Path], corpus: list[Path], device: str, tiny: b
     import random
 
     texts = random.Random(0).sample(texts, min(len(texts), 1024))  # a sample is enough for a rate
-    model = load_torch_model(spec, device)
-    lengths = model.count_tokens(texts)
-    ordered = [t for _, t in sorted(zip(lengths, texts))]
-    results = {}
-    for batch in (32, 64, 128, 256):
-        model.run(ordered[:batch], {})  # warm-up at this shape
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for i in range(0, len(ordered), batch):
-            model.run(ordered[i:i + batch], {})
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        results[batch] = len(ordered) / (time.perf_counter() - t0)
-        print(f"raw forward batch {batch}: {results[batch]:.1f} chunks/s", flush=True)
-    model.unload()
+    results: dict[str, float] = {}
+    lengths: list[int] = []
+    for mode in ("off", "on"):
+        model = load_torch_model(dataclasses.replace(spec, packed=mode), device)
+        if mode == "on" and not model.packed:
+            model.unload()
+            break
+        lengths = model.count_tokens(texts)
+        ordered = [t for _, t in sorted(zip(lengths, texts))]
+        for batch in (32, 64, 128, 256):
+            model.run(ordered[:batch], {})  # warm-up at this shape
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for i in range(0, len(ordered), batch):
+                model.run(ordered[i:i + batch], {})
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            key = f"{'packed' if model.packed else 'padded'} {batch}"
+            results[key] = len(ordered) / (time.perf_counter() - t0)
+            print(f"raw forward {key}: {results[key]:.1f} chunks/s", flush=True)
+        model.unload()
     best = max(results, key=results.get)  # type: ignore[arg-type]
     return {"chunks": len(texts), "mean_tokens": sum(lengths) / len(lengths), "by_batch": results,
             "best_batch": best, "best_chunks_per_s": results[best], **raw_question_stages(specs, texts, device)}

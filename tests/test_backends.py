@@ -173,3 +173,56 @@ def test_texts_tokenised_by_the_submitter_embed_as_the_texts_do(tiny_models) -> 
             for a, b in zip(model.run(prepared, {"kind": kind}), model.run(MIXED, {"kind": kind})):
                 assert a == pytest.approx(b, abs=1e-5), (spec.name, kind)
             assert model.run(mixed, {"kind": kind})[0] == pytest.approx(model.run(MIXED, {"kind": kind})[0], abs=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean", "cls"])
+def test_packed_forward_gives_what_padded_passes_give(tiny_models, pooling: str) -> None:  # type: ignore[no-untyped-def]
+    """One padding-free pass (rows concatenated, positions restarting per row, attention kept inside each row)
+    returns, in input order, what padded passes return: a Qwen3 embedder with each pooling, and the reranker."""
+    import dataclasses
+
+    cases = [
+        (ModelSpec(role="embed", path=tiny_models["embed"], name="tiny-embed", kind=pooling, dim=32), MIXED),
+        (ModelSpec(role="rerank", path=tiny_models["lm"], name="tiny-rerank"), [("q", t) for t in MIXED]),
+    ]
+    for spec, items in cases:
+        packed = load_torch_model(dataclasses.replace(spec, packed="on"), "cpu")
+        padded = load_torch_model(dataclasses.replace(spec, packed="off"), "cpu")
+        assert packed.packed and not padded.packed
+        assert packed.model.config._attn_implementation == "ragq_packed"
+        got, expected = packed.run(items, {}), padded.run(items, {})
+        for a, b in zip(got, expected):
+            assert a == pytest.approx(b, abs=1e-5), spec.name
+        assert packed.last_phases["passes"] == 1
+        assert packed.last_phases["real_tokens"] == packed.last_phases["padded_tokens"] \
+            == padded.last_phases["real_tokens"] < padded.last_phases["padded_tokens"]
+        assert packed.run(items[2:3], {})[0] == pytest.approx(expected[2], abs=1e-5)   # a batch of one
+
+
+def test_packing_is_refused_where_the_model_cannot_do_it(tiny_models) -> None:  # type: ignore[no-untyped-def]
+    """MiniLM (BERT) has no packed attention path: asked for packing, it stays padded and still embeds; on a CPU
+    "auto" means padded; a bad setting is a configuration error naming the model's table."""
+    from ragq.errors import ConfigError
+    from workers.models import spec_from_table
+
+    import dataclasses
+
+    bert = load_torch_model(dataclasses.replace(default_embed_spec(), packed="on"), "cpu")
+    assert not bert.packed and len(bert.run(["hello"], {})[0]) == 384
+    auto = load_torch_model(ModelSpec(role="embed", path=tiny_models["embed"], name="tiny", kind="last"), "cpu")
+    assert not auto.packed
+    with pytest.raises(ConfigError, match=r"\[embed\] packed"):
+        spec_from_table("embed", {"path": "/x", "packed": "yes"}, "models.toml")
+
+
+def test_packed_batch_layout() -> None:
+    """Ids back to back, positions restarting at 0 per row, cumulative lengths, each row's last token."""
+    from workers.backends.packed import Packed
+
+    packed = Packed([[5, 6, 7], [8], [9, 10]])
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 10]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 0, 0, 1]]
+    assert packed.cu.tolist() == [0, 3, 4, 6] and packed.longest == 3 and packed.tokens == 6
+    assert packed.last.tolist() == [2, 3, 5]
+    with pytest.raises(ValueError):
+        Packed([[1], []])

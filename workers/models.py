@@ -48,6 +48,8 @@ class ModelSpec:
     pass_overhead_tokens: int = 4096  # embed/rerank: a micro-batch runs as length-sorted forward passes, cut where
                                       # the padding saved exceeds this fixed cost of one more pass (in tokens)...
     fit_pass_overhead: bool = True    # ...measured from the batches that ran, once there are enough (this first)
+    packed: str = "auto"              # embed/rerank of decoder models: padding-free forward passes (one per batch,
+                                      # variable-length attention): auto = on CUDA where torch has it; on | off
     latency_target_ms: float | None = None  # p95 micro-batch time to stay under (default by role)
     max_queue_delay_ms: float = 0.0   # background work may wait this long for a fuller batch (as Triton's)
     dtype: str = "auto"               # auto = float32 on cpu, bfloat16 on cuda
@@ -114,6 +116,8 @@ def spec_from_table(role: str, table: dict[str, Any], source: str) -> ModelSpec:
         raise ConfigError(f"{source}: [{role}] {exc}") from None
     if not spec.name:
         spec = ModelSpec(**{**spec.__dict__, "name": path.name})
+    if spec.packed not in ("auto", "on", "off"):
+        raise ConfigError(f"{source}: [{role}] packed must be \"auto\", \"on\" or \"off\", not {spec.packed!r}")
     if spec.batch_size < 1 or spec.max_length < 8 or spec.urgent_batch < 1 or spec.max_batch_tokens < spec.max_length \
             or spec.pass_overhead_tokens < 0:
         raise ConfigError(f"{source}: [{role}] needs batch_size >= 1, urgent_batch >= 1, max_length >= 8, "

@@ -5,8 +5,10 @@ rerank   Qwen3-Reranker: p(yes) from the last-token logits of "yes" and "no" und
          or a sequence-classification cross-encoder
 generate causal LM, greedy or sampled, max_new_tokens, stop strings
 Batches are padded on the left for the causal models, with position ids from the attention mask, so a batch of
-mixed lengths gives what each input gives alone. Embed and rerank batches run as length-sorted forward passes
-(`scheduler.batching.length_groups`): a batch of mixed lengths is not padded to its longest item.
+mixed lengths gives what each input gives alone. Embed and rerank batches of decoder models run packed on CUDA
+(`workers.backends.packed`: one padding-free forward pass per batch, variable-length attention); otherwise as
+length-sorted forward passes (`scheduler.batching.length_groups`), so a batch of mixed lengths is not padded to its
+longest item.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from ragq.errors import DeviceOutOfMemory, ModelLoadFailed
 from scheduler.batching import PassCostModel, length_groups
+from workers.backends.packed import Packed, enable_packing, varlen_available
 from workers.backends.tokens import Encoded
 from workers.models import ModelSpec
 
@@ -118,6 +121,7 @@ class _TorchModel:
         self.last_phases: dict[str, float] = {}
         self._mark: tuple[float, float, Any, Any, int, int, int] | None = None
         self.pass_costs = PassCostModel()
+        self.packed = False   # one padding-free forward pass per batch (enable_packing said yes at load)
         self._host: dict[int, torch.Tensor] | None = None
         self._host_buffer: torch.Tensor | None = None
         self._registered = False
@@ -227,6 +231,25 @@ class _TorchModel:
         inverse[torch.tensor(order)] = torch.arange(len(order))
         return out[inverse.to(out.device)]
 
+    def _packed(self, rows: list[dict[str, list[int]]], forward: Callable[[Packed, dict[str, Any]], torch.Tensor]
+                ) -> torch.Tensor:
+        """`forward` over the rows packed into one padding-free pass; one output row per input row, in order."""
+        packed = Packed([row["input_ids"] for row in rows])
+        t0 = time.perf_counter()
+        e0 = e1 = None
+        if self.is_cuda:
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record(torch.cuda.current_stream(self.device))
+        out = forward(packed, packed.forward_kwargs(self.device))
+        if e1 is not None:
+            e1.record(torch.cuda.current_stream(self.device))
+        self._mark = (t0, time.perf_counter(), e0, e1, packed.tokens, packed.tokens, 1)
+        return out
+
+    def _last_tokens(self, packed: Packed, hidden: torch.Tensor) -> torch.Tensor:
+        """Each row's last token's hidden state from a packed pass's (1, tokens, hidden)."""
+        return hidden[0].index_select(0, packed.last.to(hidden.device, non_blocking=True))
+
     def prepare_host_copy(self) -> None:
         """Make the pinned host copy that `sleep` switches to, ahead of time (the engine calls this from its loader
         thread after a load): pinning gigabytes of host memory takes seconds, which a sleep must not spend while
@@ -329,8 +352,22 @@ class TorchEmbedder(_TorchModel):
                 if "token_type_ids" in names:
                     rows[i]["token_type_ids"] = [0] * len(item.ids)
         with torch.inference_mode():
-            pooled = self._passes(rows, self._pool)
+            pooled = self._packed(rows, self._pool_packed) if self.packed else self._passes(rows, self._pool)
         return pooled.cpu().tolist()
+
+    def _pool_packed(self, packed: Packed, kwargs: dict[str, Any]) -> torch.Tensor:
+        hidden = self.model(**kwargs).last_hidden_state
+        if self.spec.pooling == "mean":
+            rows = torch.repeat_interleave(torch.arange(len(packed.lengths)), torch.from_numpy(packed.lengths))
+            sums = torch.zeros(len(packed.lengths), hidden.shape[-1], dtype=torch.float32, device=hidden.device)
+            sums.index_add_(0, rows.to(hidden.device, non_blocking=True), hidden[0].float())
+            pooled = sums / torch.from_numpy(packed.lengths).to(hidden.device, torch.float32).unsqueeze(1)
+        elif self.spec.pooling == "cls":
+            starts = packed.cu[:-1].long()
+            pooled = hidden[0].index_select(0, starts.to(hidden.device, non_blocking=True))
+        else:
+            pooled = self._last_tokens(packed, hidden)
+        return self._finish_pool(pooled)
 
     def _pool(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = self.model(**batch).last_hidden_state
@@ -346,6 +383,9 @@ class TorchEmbedder(_TorchModel):
             else:
                 last = mask.sum(1) - 1
                 pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self._finish_pool(pooled)
+
+    def _finish_pool(self, pooled: torch.Tensor) -> torch.Tensor:
         if self.spec.dim:
             pooled = pooled[:, : self.spec.dim]
         return torch.nn.functional.normalize(pooled.float(), p=2, dim=-1)
@@ -388,10 +428,22 @@ class TorchQwen3Reranker(_TorchModel):
         pair = torch.stack([last[:, self.no_id], last[:, self.yes_id]], dim=1)
         return torch.log_softmax(pair, dim=1)[:, 1].exp()
 
+    def _score_packed(self, packed: Packed, kwargs: dict[str, Any]) -> torch.Tensor:
+        """The same p(yes), from the "no" and "yes" rows of the output head applied to each row's last token only."""
+        last = self._last_tokens(packed, self.model.base_model(**kwargs).last_hidden_state)
+        head = self.model.get_output_embeddings()
+        ids = torch.tensor([self.no_id, self.yes_id], device=last.device)
+        bias = head.bias.index_select(0, ids) if getattr(head, "bias", None) is not None else None
+        pair = torch.nn.functional.linear(last, head.weight.index_select(0, ids), bias).float()
+        return torch.log_softmax(pair, dim=1)[:, 1].exp()
+
     def _run(self, items: list[Any], params: dict[str, Any]) -> list[float]:
         rows = self._encode([tuple(item) for item in items], params.get("instruction") or self.spec.instruction)
         with torch.inference_mode():
-            scores = self._passes(rows, self._score, padding_side="left")
+            if self.packed:
+                scores = self._packed(rows, self._score_packed)
+            else:
+                scores = self._passes(rows, self._score, padding_side="left")
         return scores.cpu().tolist()
 
     def count_tokens(self, items: list[Any]) -> list[int]:
@@ -519,4 +571,16 @@ def load_torch_model(spec: ModelSpec, device: str) -> _TorchModel:
         del model
         torch.cuda.empty_cache()
         raise DeviceOutOfMemory(f"loading {spec.name}: {str(exc).splitlines()[0]}") from None
-    return cls(spec, device, model, tokenizer)
+    loaded = cls(spec, device, model, tokenizer)
+    if cls in (TorchEmbedder, TorchQwen3Reranker) and spec.packed != "off" \
+            and (spec.packed == "on" or varlen_available(device)):
+        tolerance = 1e-4 if dtype == torch.float32 else 1e-2
+        why_not = enable_packing(model, lambda m, kwargs: m.base_model(**kwargs).last_hidden_state,
+                                 tolerance=tolerance)
+        loaded.packed = why_not is None
+        if why_not is None:
+            log.info("%s runs packed (padding-free) forward passes on %s", spec.name, device)
+        else:
+            (log.warning if spec.packed == "on" else log.info)(
+                "%s runs padded forward passes on %s: %s", spec.name, device, why_not)
+    return loaded
