@@ -245,12 +245,16 @@ def _wait_with_progress(client: Any, job_id: str, timeout: float | None, show: b
 
     if not show:
         return dict(client.wait_for_job(job_id, timeout_s=timeout))
-    with Progress(TextColumn("ingesting"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[chunks]} chunks"),
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[chunks]} chunks"),
                   TimeElapsedColumn(), console=err, transient=False) as progress:
-        task = progress.add_task("ingest", total=None, chunks=0)
+        task = progress.add_task("working", total=None, chunks=0)
 
         def update(status: dict[str, Any]) -> None:
-            progress.update(task, total=status["documents_total"], chunks=status["chunks_total"],
+            if status.get("kind") == "questions":
+                progress.update(task, description="answering", total=status["questions_total"], chunks="-",
+                                completed=status["questions_done"] + status["questions_failed"])
+                return
+            progress.update(task, description="ingesting", total=status["documents_total"], chunks=status["chunks_total"],
                             completed=status["documents_done"] + status["documents_failed"])
 
         return dict(client.wait_for_job(job_id, timeout_s=timeout, on_progress=update))
@@ -259,13 +263,23 @@ def _wait_with_progress(client: Any, job_id: str, timeout: float | None, show: b
 @app.command()
 @_guard
 def job(job_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
-    """Show an ingestion job's status and failed inputs."""
+    """Show a job's status and failed inputs: an ingestion, or background questions with their answers."""
     from ragq.client import Client
 
     _setup_logging()
     status = Client(_settings()).job_status(job_id)
     if as_json:
         _print_json(status)
+        return
+    if status["kind"] == "questions":
+        out.print(f"job {job_id}: {status['status']} — {status['questions_done']}/{status['questions_total']} "
+                  f"questions answered, {status['questions_failed']} failed", soft_wrap=True)
+        for answer in status["answers"]:
+            out.print(f"  {answer['n']}. Q: {answer['question']}", highlight=False, markup=False, soft_wrap=True)
+            out.print(f"     A: {answer['answer']}", highlight=False, markup=False, soft_wrap=True)
+        for failure in status["failed"]:
+            out.print(f"  failed: {failure['path'] or 'question ' + str(failure['n'])}: {failure['error']}",
+                      highlight=False, markup=False, soft_wrap=True)
         return
     out.print(f"job {job_id}: {status['status']} — {status['documents_done']}/{status['documents_total']} documents, "
               f"{status['chunks_total']} chunks ({status['chunks_added']} new), {status['documents_failed']} failed")
@@ -483,6 +497,52 @@ def ask(
         _print_json(reply)
     else:
         print_reply(reply, out)
+
+
+@app.command()
+@_guard
+def questions(
+    file: Annotated[Path, typer.Argument(help="a text file of questions, one per line; - for standard input")],
+    wait: Annotated[bool, typer.Option("--wait", help="wait for the answers, with a progress bar")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary (with the answers when --wait)")] = False,
+    timeout: Annotated[float | None, typer.Option(help="seconds to wait with --wait")] = None,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="passages per answer")] = None,
+    batch: Annotated[int | None, typer.Option(help="questions per task (default RAGQ_QUESTION_BATCH)")] = None,
+) -> None:
+    """Queue questions as background work, behind urgent questions; answers are kept (`ragq job ID`). Exit 1 if
+    any question failed (the others are still answered)."""
+    from ragq.client import Client, questions_from_file
+
+    _setup_logging()
+    texts, labels = questions_from_file(file)
+    client = Client(_settings())
+    submission = client.submit_questions(texts, top_k=top_k, batch=batch, labels=labels)
+    for failure in submission.failed:
+        _error_line(f"{failure.path}: {failure.error}")
+    result: dict[str, Any] = {**submission.as_dict(), "status": "queued"}
+    if wait and submission.questions:
+        status = _wait_with_progress(client, submission.job_id, timeout, show=not as_json)
+        already = {f.path for f in submission.failed}
+        for failure in status["failed"]:
+            if failure["path"] not in already:   # failed in the worker
+                _error_line(f"{failure['path']}: {failure['error']}")
+        result.update(status=status["status"], answers=status["answers"],
+                      failed=[{"path": f["path"], "error": f["error"]} for f in status["failed"]])
+    elif not submission.questions:
+        result["status"] = "failed"
+    if as_json:
+        _print_json(result)
+    elif wait:
+        for answer in result.get("answers", []):
+            out.print(f"[bold]{answer['n']}. Q:[/] {answer['question']}", highlight=False)
+            out.print(f"   A: {answer['answer']}", highlight=False, markup=False)
+        out.print(f"job {result['job_id']}: {result['status']} — {len(result.get('answers', []))} answered, "
+                  f"{len(result['failed'])} failed")
+    else:
+        out.print(f"job {result['job_id']}: queued {submission.questions} questions, {len(submission.failed)} "
+                  f"rejected; follow it with `ragq job {result['job_id']}`")
+    if result["failed"]:
+        raise typer.Exit(EXIT_FAILED_INPUT)
 
 
 def print_reply(reply: dict[str, Any], console: Console) -> None:

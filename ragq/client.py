@@ -20,7 +20,7 @@ from docling_core.types.doc import DoclingDocument
 from sqlalchemy import func, insert, select
 
 from ragq import tracing
-from ragq.db import Job, JobItem, ensure_schema, get_engine
+from ragq.db import Answer, Job, JobItem, ensure_schema, get_engine
 from ragq.documents import Failure, LoadedDocument, expand_paths, from_docling, load_document
 from ragq.errors import BadInput, QuestionTimeout, RagqError
 from ragq.services import Endpoints, ensure_services
@@ -40,6 +40,48 @@ class IngestSubmission:
 
     def as_dict(self) -> dict[str, Any]:
         return {"job_id": self.job_id, "documents": self.documents, "failed": [f.as_dict() for f in self.failed]}
+
+
+@dataclass
+class QuestionsSubmission:
+    job_id: str
+    questions: int                       # questions accepted and queued
+    failed: list[Failure] = field(default_factory=list)  # questions rejected before queueing (empty, too long)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "questions": self.questions, "failed": [f.as_dict() for f in self.failed]}
+
+
+def _question_problem(question: str) -> str | None:
+    if not question.strip():
+        return "is empty"
+    if len(question) > MAX_QUESTION_CHARS:
+        return f"is {len(question)} characters, over the {MAX_QUESTION_CHARS} limit"
+    return None
+
+
+MAX_QUESTIONS_FILE_BYTES = 16 * 2**20
+
+
+def questions_from_file(path: Path) -> tuple[list[str], list[str]]:
+    """Questions of a text file, one per line (blank lines skipped), with labels naming file and line."""
+    if str(path) == "-":
+        import sys
+
+        lines, name = sys.stdin.read().splitlines(), "stdin"
+    else:
+        if not path.is_file():
+            raise BadInput(str(path), "does not exist" if not path.exists() else "is not a file")
+        if path.stat().st_size > MAX_QUESTIONS_FILE_BYTES:
+            raise BadInput(str(path), f"is over {MAX_QUESTIONS_FILE_BYTES // 2**20} MiB; split it")
+        try:
+            lines, name = path.read_text(encoding="utf-8").splitlines(), str(path)
+        except UnicodeDecodeError as exc:
+            raise BadInput(str(path), f"is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    picked = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    if not picked:
+        raise BadInput(name, "has no questions (one per line)")
+    return [line for _, line in picked], [f"{name} line {n}" for n, _ in picked]
 
 
 class Client:
@@ -146,19 +188,81 @@ class Client:
             conn.execute(Job.__table__.update().where(Job.id == job_id).values(documents_total=rows))
             conn.execute(FINISH_JOB, {"job_id": job_id, "done": 0, "failed": len(item_ids), "chunks": 0, "added": 0})
 
+    # -- background questions ---------------------------------------------------------------------------------------
+    def submit_questions(self, questions: Iterable[str], *, top_k: int | None = None, batch: int | None = None,
+                         max_new_tokens: int | None = None, labels: list[str] | None = None) -> QuestionsSubmission:
+        """Queue questions as background work (a job of kind "questions"): answered behind urgent questions, in
+        batches of `batch` per task; answers are kept in Postgres (`job_status`, `ragq job ID`). An empty or
+        over-long question is recorded as failed with its problem; the others are queued all the same."""
+        from tasks.questions import answer_questions
+
+        k = int(top_k or self.settings.top_k)
+        if not 1 <= k <= 100:
+            raise BadInput("--top-k", f"{k} is outside 1..100")
+        size = int(batch or self.settings.question_batch)
+        if size < 1:
+            raise BadInput("--batch", f"{size} is not a positive number of questions")
+        listed = [str(q) for q in questions]
+        problems = [_question_problem(q) for q in listed]
+        job_id = str(uuid.uuid4())
+        names = labels or [f"question {n}" for n in range(1, len(listed) + 1)]
+        failures = [Failure(name, problem) for name, problem in zip(names, problems) if problem]
+        # an over-long question is kept (cut) only to show which one failed
+        rows = [{"job_id": job_id, "seq": n, "question": q.strip()[:MAX_QUESTION_CHARS], "label": name,
+                 "status": "failed" if problem else "queued", "error": problem}
+                for n, (q, problem, name) in enumerate(zip(listed, problems, names), 1)]
+        good = [r for r in rows if r["status"] == "queued"]
+        with self.db.begin() as conn:
+            conn.execute(insert(Job).values(
+                id=job_id, kind="questions", status="queued" if good else ("failed" if failures else "completed"),
+                documents_total=len(rows), documents_failed=len(failures),
+                finished_at=None if good else func.now()))
+            ids = conn.execute(insert(Answer).returning(Answer.id, sort_by_parameter_order=True), rows).scalars().all() \
+                if rows else []
+        queued = [{"answer_id": answer_id, "question": row["question"]}
+                  for answer_id, row in zip(ids, rows) if row["status"] == "queued"]
+        candidates = max(k, self.settings.rerank_candidates)
+        with tracing.span("questions", job_id=job_id, questions=len(queued)):
+            for start in range(0, len(queued), size):
+                part = queued[start:start + size]
+                try:
+                    answer_questions.apply_async((job_id, part, k, candidates, max_new_tokens), queue="background")
+                except Exception as exc:
+                    from tasks.questions import _finish
+
+                    for item in queued[start:]:
+                        _finish(self.db, job_id, item["answer_id"], status="failed", error=f"not queued: {exc}")
+                    raise
+        return QuestionsSubmission(job_id=job_id, questions=len(queued), failed=failures)
+
     def job_status(self, job_id: str) -> dict[str, Any]:
         with self.db.connect() as conn:
             jobs = Job.__table__
             job = conn.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
             if job is None:
                 raise BadInput(job_id, "no such job")
+            if job["kind"] == "questions":
+                answers = conn.execute(
+                    select(Answer.seq, Answer.label, Answer.question, Answer.status, Answer.answer, Answer.mode,
+                           Answer.sources, Answer.error).where(Answer.job_id == job_id).order_by(Answer.seq)).mappings().all()
+                row = dict(job)
+                return {
+                    "job_id": job_id, "kind": "questions", "status": row["status"],
+                    "questions_total": row["documents_total"], "questions_done": row["documents_done"],
+                    "questions_failed": row["documents_failed"],
+                    "answers": [{"n": a["seq"], "question": a["question"], "status": a["status"],
+                                 "answer": a["answer"], "mode": a["mode"], "sources": a["sources"]}
+                                for a in answers if a["status"] == "done"],
+                    "failed": [{"n": a["seq"], "path": a["label"], "question": a["question"], "error": a["error"]}
+                               for a in answers if a["status"] == "failed"],
+                }
             items = conn.execute(
                 select(JobItem.path, JobItem.status, JobItem.error, JobItem.chunks, JobItem.chunks_added)
                 .where(JobItem.job_id == job_id).order_by(JobItem.id)
             ).mappings().all()
         row = dict(job)
         return {
-            "job_id": job_id, "status": row["status"], "documents_total": row["documents_total"],
+            "job_id": job_id, "kind": row["kind"], "status": row["status"], "documents_total": row["documents_total"],
             "documents_done": row["documents_done"], "documents_failed": row["documents_failed"],
             "chunks_total": row["chunks_total"], "chunks_added": row["chunks_added"],
             "failed": [{"path": i["path"], "error": i["error"]} for i in items if i["status"] == "failed"],

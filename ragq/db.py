@@ -80,6 +80,23 @@ class JobItem(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
+class Answer(Base):
+    """A background question (a job of kind "questions") and, once answered, its answer and sources."""
+    __tablename__ = "answers"
+    __table_args__ = (Index("ix_answers_job_id", "job_id", "seq"),)
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
+    question: Mapped[str] = mapped_column(Text)
+    label: Mapped[str | None] = mapped_column(Text, comment="where it came from, e.g. FILE line N")
+    status: Mapped[str] = mapped_column(String(16), comment="queued | done | failed")
+    answer: Mapped[str | None] = mapped_column(Text)
+    mode: Mapped[str | None] = mapped_column(String(16), comment="generated | extractive | none")
+    sources: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, default=list)
+    error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
 class StageTiming(Base):
     __tablename__ = "stage_timings"
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)

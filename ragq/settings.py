@@ -97,6 +97,7 @@ class Settings(BaseSettings):
     ask_timeout_s: float = Field(60.0, gt=0)
     top_k: int = Field(5, ge=1, le=100)
     rerank_candidates: int = Field(20, ge=1, le=1000, description="passages the reranker sees per question")
+    question_batch: int = Field(16, ge=1, le=1000, description="background questions per task (`ragq questions`)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     celery_profile: Literal["ragq", "celery-defaults"] = Field(
         "ragq", description="celery-defaults = round-robin queues, prefetch 4, early acks: the benchmarks' baseline")

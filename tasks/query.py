@@ -58,12 +58,9 @@ def embed_query(self: Any, state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-@app.task(name="ragq.query.search", bind=True)
-def search(self: Any, state: dict[str, Any]) -> dict[str, Any]:
-    rt, context = _begin(self, state)
-    vector = state.pop("vector")
+def search_chunks(rt: Any, vector: list[float], embed_model: str, wanted: int) -> list[dict[str, Any]]:
+    """The `wanted` chunks nearest to `vector` among those embedded by `embed_model` (pgvector HNSW, cosine)."""
     dim = int(len(vector))
-    wanted = max(state["top_k"], state.get("candidates", state["top_k"]))
     # dim is an int from len(): vector(N) is a type modifier, which Postgres takes only as a literal; the values
     # (the query vector, the model, the limit) are bound parameters
     sql = text(f"""
@@ -74,18 +71,26 @@ def search(self: Any, state: dict[str, Any]) -> dict[str, Any]:
         ORDER BY (c.embedding::vector({dim})) <=> CAST(:q AS vector({dim}))
         LIMIT :n
     """)  # noqa: S608
-    with rt.stage("search", **context) as clock:
-        clock.model = "pgvector-hnsw"
-        with rt.db.begin() as conn:
-            conn.execute(text(f"SET LOCAL hnsw.ef_search = {max(40, min(1000, wanted))}"))
-            rows = conn.execute(sql, {"q": str(vector), "model": state["embed_model"], "n": wanted}).mappings().all()
-        clock.items = len(rows)
-    _keep_timing(state, "search", clock)
-    state["candidates"] = [
+    with rt.db.begin() as conn:
+        conn.execute(text(f"SET LOCAL hnsw.ef_search = {max(40, min(1000, int(wanted)))}"))
+        rows = conn.execute(sql, {"q": str(vector), "model": embed_model, "n": wanted}).mappings().all()
+    return [
         {"chunk_id": r["id"], "document": r["document"], "source": r["source"], "text": r["text"],
          "headings": r["headings"], "score": float(r["score"]), "similarity": float(r["score"])}
         for r in rows
     ]
+
+
+@app.task(name="ragq.query.search", bind=True)
+def search(self: Any, state: dict[str, Any]) -> dict[str, Any]:
+    rt, context = _begin(self, state)
+    vector = state.pop("vector")
+    wanted = max(state["top_k"], state.get("candidates", state["top_k"]))
+    with rt.stage("search", **context) as clock:
+        clock.model = "pgvector-hnsw"
+        state["candidates"] = search_chunks(rt, vector, state["embed_model"], wanted)
+        clock.items = len(state["candidates"])
+    _keep_timing(state, "search", clock)
     return state
 
 

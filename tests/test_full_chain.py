@@ -86,3 +86,53 @@ def test_ask_runs_embed_search_rerank_generate_with_configured_models(tiny_env, 
         assert profiles == loads  # the measured footprints were persisted for the next start
     finally:
         worker.stop()
+
+
+def test_background_questions_are_answered_and_kept(tiny_env, client) -> None:  # type: ignore[no-untyped-def]
+    """`ragq questions FILE --wait`: each question answered at background priority through the same models (one
+    embed, rerank and generate request per task), answers kept in Postgres and shown by `ragq job`; an empty or
+    over-long line is refused with its line number while the others are answered; a missing file exits 2."""
+    from celery import Celery
+
+    env, root = tiny_env
+    worker = WorkerProcess(env, "tiny-questions", root / "worker-questions.log")
+    try:
+        worker.wait_ready(Celery(broker=env["RAGQ_BROKER_URL"], backend=env["RAGQ_BROKER_URL"]))
+        doc = root / "kites.md"
+        doc.write_text("# Kites\n\nThe kite festival is held on the windiest day of spring.\n\n"
+                       "## Silk\n\nThe kites are made of silk and flown from the north hill.\n")
+        assert run_ragq(env, "ingest", str(doc), "--wait").returncode == 0
+        questions = root / "questions.txt"
+        questions.write_text("When is the kite festival?\n\nWhat are the kites made of?\n" + "x" * 9000 + "\n"
+                             "Where are the kites flown?\n")
+        result = run_ragq(env, "questions", str(questions), "--wait", "--json", "--top-k", "2", "--batch", "2")
+        assert result.returncode == 1, result.stderr + worker.log_path.read_text()[-3000:]
+        assert f"{questions} line 4: is 9000 characters" in result.stderr
+        summary = json.loads(result.stdout)
+        assert summary["status"] == "completed_with_errors" and summary["questions"] == 3
+        answers = summary["answers"]
+        assert [a["question"] for a in answers] == ["When is the kite festival?", "What are the kites made of?",
+                                                    "Where are the kites flown?"]
+        assert all(a["mode"] == "generated" and isinstance(a["answer"], str) for a in answers)
+        assert all(len(a["sources"]) == 2 and 0.0 < a["sources"][0]["score"] < 1.0 for a in answers)
+        assert all(a["sources"][0]["document"] == "kites" for a in answers)
+        assert summary["failed"] == [{"path": f"{questions} line 4", "error": "is 9000 characters, over the 8000 limit"}]
+
+        shown = run_ragq(env, "job", summary["job_id"])
+        assert shown.returncode == 0 and "3/4 questions answered, 1 failed" in shown.stdout
+        assert "When is the kite festival?" in shown.stdout and f"failed: {questions} line 4: is 9000" in shown.stdout
+        with client.db.connect() as conn:
+            stages = conn.execute(text(
+                "select stage, priority, items from stage_timings where job_id = :j order by id"),
+                {"j": summary["job_id"]}).all()
+        assert {s for s, p, _ in stages if p == "background"} == {"embed", "search", "rerank", "generate"}
+        assert all(p == "background" for _, p, _ in stages)
+        assert max(items for s, _, items in stages if s == "generate") == 2   # two questions in one request
+
+        missing = run_ragq(env, "questions", str(root / "nope.txt"))
+        assert missing.returncode == 2 and "nope.txt: does not exist" in missing.stderr
+        blank = root / "blank.txt"
+        blank.write_text("\n  \n")
+        assert "has no questions" in run_ragq(env, "questions", str(blank)).stderr
+    finally:
+        worker.stop()

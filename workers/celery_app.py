@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 URGENT_QUEUE = "urgent"
 BACKGROUND_QUEUE = "background"
 SENT_AT_HEADER = "ragq_sent_at"
-TASK_MODULES = ["tasks.ingest", "tasks.query", "tasks.diagnostics", "tasks.maintenance"]
+TASK_MODULES = ["tasks.ingest", "tasks.query", "tasks.questions", "tasks.diagnostics", "tasks.maintenance"]
 
 
 class RagqCelery(Celery):
