@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     vram_buffer: float = Field(0.15, ge=0.0, lt=1.0, description="share of device memory kept free")
     cpu_budget: str = Field("4GiB", description="budget for models on the cpu device")
     host_budget: str | None = Field(None, description="pinned host RAM for sleeping models; unset = 25% of RAM")
-    cooldown_s: float = Field(2.0, ge=0.0, description="minimum residency before a busy model may be evicted")
+    cooldown_s: float = Field(2.0, ge=0.0, description="minimum residency of a model while work needs it (an idle one is held only as long as "
+                                     "bringing it back would take)")
     worker_concurrency: int = Field(8, ge=1, le=256, description="task threads consuming the background queue")
     urgent_concurrency: int = Field(
         4, ge=0, le=64, description="task threads of the worker's urgent consumer, a process of their own so that "

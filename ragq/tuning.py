@@ -63,8 +63,10 @@ def gather(conn: Any, start: datetime, end: datetime, background_pending: int = 
     window = {"since": start, "until": end}
     ooms: dict[str, int] = {}
     swaps: dict[str, int] = {}
+    swap_ms = 0.0
     for row in conn.execute(text("""
-            SELECT model, event, count(*) AS n FROM model_events WHERE ts >= :since AND ts < :until
+            SELECT model, event, count(*) AS n, sum(coalesce(ms, 0)) AS ms FROM model_events
+            WHERE ts >= :since AND ts < :until
               AND (event = 'oom' OR (event IN ('load', 'wake') AND coalesce(reason, '') NOT LIKE '%urgent%'
                                      AND coalesce(reason, '') NOT LIKE 'prewarm%'))
             GROUP BY 1, 2"""), window).mappings():
@@ -72,6 +74,8 @@ def gather(conn: Any, start: datetime, end: datetime, background_pending: int = 
         # only the others count towards oscillation
         target = ooms if row["event"] == "oom" else swaps
         target[row["model"]] = target.get(row["model"], 0) + int(row["n"])
+        if row["event"] != "oom":
+            swap_ms += float(row["ms"] or 0.0)
     queue: dict[str, float] = {}
     compute: dict[str, float] = {}
     for row in conn.execute(text("""
@@ -88,7 +92,7 @@ def gather(conn: Any, start: datetime, end: datetime, background_pending: int = 
     items = conn.execute(text("""
         SELECT coalesce(sum(items), 0) FROM stage_timings WHERE stage = 'embed' AND priority = 'background'
           AND finished_at >= :since AND finished_at < :until"""), window).scalar()
-    return Evidence(start=start.timestamp(), end=end.timestamp(), ooms=ooms, swaps=swaps, queue_ms=queue,
+    return Evidence(start=start.timestamp(), end=end.timestamp(), ooms=ooms, swaps=swaps, swap_ms=swap_ms, queue_ms=queue,
                     compute_ms=compute, generate_p95_ms=float(p95) if p95 is not None else None,
                     device_busy=(busy / interval) if interval else None, background_pending=background_pending,
                     embed_items=int(items or 0))

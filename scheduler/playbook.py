@@ -54,6 +54,7 @@ class Evidence:
     end: float
     ooms: dict[str, int] = field(default_factory=dict)                 # model -> OOM events
     swaps: dict[str, int] = field(default_factory=dict)                # model -> loads + wakes (not for urgent work)
+    swap_ms: float | None = None                   # the time those loads and wakes took, summed
     queue_ms: dict[str, float] = field(default_factory=dict)           # priority -> summed queue time in the
                                                                        # engine (the broker's backlog is no knob's)
     compute_ms: dict[str, float] = field(default_factory=dict)         # priority -> summed compute time
@@ -68,7 +69,8 @@ class Thresholds:
     queue_over_compute: float = 2.0       # background queue time this many times its compute time
     generate_p95_ms: float = 4000.0
     low_util: float = 0.5
-    swaps_per_min: float = 4.0            # loads + wakes of one model per minute
+    swaps_per_min: float = 4.0            # loads + wakes of one model per minute...
+    swap_share: float = 0.05              # ...that took at least this share of the window (when their time is known)
     settle_s: float = 120.0
 
 
@@ -111,8 +113,12 @@ def diagnose(e: Evidence, models: dict[str, str], t: Thresholds = Thresholds()) 
                            {"device_busy": round(e.device_busy, 3), "background_pending": e.background_pending,
                             "embed_items_per_s": rate}))
     churn = {m: n / minutes for m, n in e.swaps.items() if n / minutes > t.swaps_per_min}
-    if len(churn) >= 2:  # at least two models taking turns
-        out.append(Symptom("oscillating_loads", "", {"swaps_per_min": {m: round(r, 1) for m, r in churn.items()}}))
+    share = None if e.swap_ms is None else e.swap_ms / 1000.0 / max(e.end - e.start, 1e-9)
+    if len(churn) >= 2 and (share is None or share >= t.swap_share):  # two models taking turns, at a real cost
+        evidence: dict[str, Any] = {"swaps_per_min": {m: round(r, 1) for m, r in churn.items()}}
+        if share is not None:
+            evidence["swap_share"] = round(share, 3)
+        out.append(Symptom("oscillating_loads", "", evidence))
     return out
 
 

@@ -3,9 +3,11 @@
 Pure decisions over a snapshot and a clock:
 - `admit`: the moves that make a model active within the VRAM budget — evict the cheapest set of models
   (`choose_victims`: none that pending work needs or an urgent question expects next if avoidable, then the
-  fewest bytes, then least recently used); never evict a model inside its cooldown (minimum residency: a model that was just
-  brought in stays at least that long, which is what stops load/unload oscillation under an alternating load),
-  unless the request is urgent; otherwise the answer is `Deferred` and the caller runs resident work meanwhile.
+  fewest bytes, then least recently used); never evict a model inside its cooldown (minimum residency: a model that
+  was just brought in stays that long while work needs it, which is what stops load/unload oscillation under an
+  alternating load; an idle one only as long as bringing it back would take, so a cooldown never idles the device
+  for more than one swap's time — ski rental), unless the request is urgent; otherwise the answer is `Deferred`
+  and the caller runs resident work meanwhile.
   Evicted models go to sleep in pinned host RAM when the host budget has room, else they are unloaded.
 - `prewarm`: the moves that wake the next stage's model early, only if that costs no busy or cooling model.
 """
@@ -39,6 +41,7 @@ class ModelView:
     resident_since: float | None = None
     pending: int = 0           # pending requests that need it
     expected: bool = False     # a later stage of an urgent question in flight will need it soon
+    return_s: float = 0.0      # the measured time to bring it back (its last load or wake) if it is evicted
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,21 @@ class Deferred:
     until: float
 
 
+def cooldown_ends(model: ModelView, policy: ResidencyPolicy) -> float | None:
+    """When the model's cooldown stops protecting it: `cooldown_s` after it became resident while work needs it;
+    while idle, once it has been idle as long as bringing it back would take (ski rental: holding an idle model
+    for more work never costs more than one swap), if that comes first."""
+    if model.resident_since is None:
+        return None
+    end = model.resident_since + policy.cooldown_s
+    if model.pending == 0:
+        end = min(end, max(model.last_used, model.resident_since) + model.return_s)
+    return end
+
+
 def in_cooldown(model: ModelView, policy: ResidencyPolicy, now: float) -> bool:
-    return model.resident_since is not None and now - model.resident_since < policy.cooldown_s
+    end = cooldown_ends(model, policy)
+    return end is not None and now < end
 
 
 def host_used(models: Mapping[str, ModelView]) -> int:
@@ -171,7 +187,7 @@ def admit(
     victims = choose_victims(others, missing, policy, now)
     protected = [v for v in victims if in_cooldown(v, policy, now)]
     if protected and not urgent:
-        until = min((v.resident_since or now) + policy.cooldown_s for v in protected)
+        until = min(cooldown_ends(v, policy) or now for v in protected)
         return Deferred(tuple(v.name for v in protected), until)
     moves = evict_moves(victims, models, policy, f"evicted to fit {incoming}", keep=incoming)
     need = "needed by urgent work" if urgent else "needed by pending work"  # the tuner tells them apart

@@ -93,6 +93,10 @@ def test_oscillating_loads_add_cooldown() -> None:
     assert [s.name for s in symptoms] == ["oscillating_loads"]
     assert names(plan(symptoms, knobs(), 1300.0, 1000.0)) == [("cooldown_s", 0, 2)]
     assert diagnose(ev(swaps={"emb": 40}), MODELS) == []  # one model reloading alone is not oscillation
+    # with their time known: only swaps that cost a real share of the window (5 %) call for a cooldown
+    costly = diagnose(ev(swaps={"emb": 40, "gen": 38}, swap_ms=40_000.0), MODELS)
+    assert [s.name for s in costly] == ["oscillating_loads"] and costly[0].evidence["swap_share"] > 0.05
+    assert diagnose(ev(swaps={"emb": 40, "gen": 38}, swap_ms=6_000.0), MODELS) == []   # 78 wakes of 77 ms: 2 %
 
 
 def test_pinned_knobs_never_move() -> None:

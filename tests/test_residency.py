@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 
 from ragq.errors import BudgetExceeded
@@ -91,10 +93,17 @@ def test_cooldown_defers_evicting_a_busy_model() -> None:
     assert actions(admit(state, "generate", POLICY, now=10.0, urgent=True)) == [("embed", SLEEP), ("generate", LOAD)]
 
 
-def test_cooldown_is_a_minimum_residency_even_when_idle() -> None:
-    state = models(view("embed", VRAM, 7.5, since=9.5, pending=0), view("generate", DISK, 7.5, pending=1))
-    assert admit(state, "generate", POLICY, now=10.0) == Deferred(("embed",), until=11.5)
-    assert actions(admit(state, "generate", POLICY, now=11.5)) == [("embed", SLEEP), ("generate", LOAD)]
+def test_an_idle_model_is_held_only_as_long_as_bringing_it_back_would_take() -> None:
+    """Ski rental: inside its cooldown an idle model (nothing pending) is kept for more work at most as long as its
+    measured return (wake or load) takes; a busy one for the whole cooldown."""
+    waiting = view("generate", DISK, 7.5, pending=1)
+    just_used = models(replace(view("embed", VRAM, 7.5, last_used=9.8, since=9.0), return_s=0.4), waiting)
+    assert admit(just_used, "generate", POLICY, now=10.0) == Deferred(("embed",), until=pytest.approx(10.2))
+    assert actions(admit(just_used, "generate", POLICY, now=10.25)) == [("embed", SLEEP), ("generate", LOAD)]
+    long_idle = models(replace(view("embed", VRAM, 7.5, last_used=9.2, since=9.0), return_s=0.4), waiting)
+    assert actions(admit(long_idle, "generate", POLICY, now=10.0)) == [("embed", SLEEP), ("generate", LOAD)]
+    costly = models(replace(view("embed", VRAM, 7.5, last_used=9.2, since=9.0), return_s=5.0), waiting)
+    assert admit(costly, "generate", POLICY, now=10.0) == Deferred(("embed",), until=11.0)   # the cooldown ends first
 
 
 def test_activation_headroom_counts() -> None:
@@ -109,7 +118,8 @@ def test_prewarm_only_when_it_costs_nothing_busy() -> None:
     assert prewarm(idle, "rerank", POLICY, now=10) == [Move("rerank", WAKE, "prewarm: needed by pending work")]
     busy = models(view("embed", VRAM, 7.5, since=0, pending=2), view("generate", DISK, 7.5))
     assert prewarm(busy, "generate", POLICY, now=10) == []
-    cooling = models(view("embed", VRAM, 7.5, since=9.5), view("generate", DISK, 7.5))
+    cooling = models(replace(view("embed", VRAM, 7.5, last_used=9.8, since=9.5), return_s=0.5),
+                     view("generate", DISK, 7.5))
     assert prewarm(cooling, "generate", POLICY, now=10) == []
     assert prewarm(idle, "embed", POLICY, now=10) == []
 

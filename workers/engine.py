@@ -525,7 +525,8 @@ class Engine:
         now = self.clock()
         return {
             name: ModelView(name, s.tier, s.vram_bytes, s.host_bytes, s.last_used, s.resident_since,
-                            pending.get(name, 0), self._expected_until.get(name, 0.0) > now)
+                            pending.get(name, 0), self._expected_until.get(name, 0.0) > now,
+                            self._swap_ms.get(name, s.vram_bytes / 20e9 * 1000.0) / 1000.0)
             for name, s in self._slots.items()
         }
 
