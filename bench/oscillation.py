@@ -170,16 +170,21 @@ def run_variant(name: str, cooldown: float, tune: bool, home: Path, env: dict[st
             a, q = totals(client, ingest_jobs, ask_jobs)
             with client.db.connect() as conn:
                 swaps = swaps_between(conn, name, window_start, now)
+                swap_s = conn.execute(text(
+                    "SELECT coalesce(sum(ms), 0) / 1000.0 FROM model_events WHERE worker LIKE :w AND ts >= :s "
+                    "AND ts < :e AND event IN ('load', 'wake', 'sleep', 'unload')"), {"w": f"{name}@%", "s": window_start, "e": now}).scalar()
             span = time.monotonic() - window_t
             windows.append({"t": round(time.monotonic() - t0, 1), "chunks_per_s": round((a["chunks_total"] - last["chunks"]) / span, 2),
                             "questions_per_s": round((q["questions_done"] - last["answered"]) / span, 2),
-                            "swaps_per_min": round(sum(swaps.values()) * 60 / span, 1), "swaps": swaps})
+                            "swaps_per_min": round(sum(swaps.values()) * 60 / span, 1), "swaps": swaps,
+                            "swap_share": round(float(swap_s) / span, 3)})
             print(f"{name} {windows[-1]}", flush=True)
             last = {"chunks": a["chunks_total"], "answered": q["questions_done"]}
             window_start, window_t = now, time.monotonic()
             if tune and time.monotonic() >= next_tune:
                 next_tune = time.monotonic() + args.tune_interval
-                _, moves = tick(client.db, settings, specs, background_pending=1)
+                symptoms, moves = tick(client.db, settings, specs, background_pending=1)
+                windows[-1]["symptoms"] = {sym.name: sym.evidence for sym in symptoms}
                 for m in moves:
                     actions.append({"t": round(time.monotonic() - t0, 1), "knob": m.knob, "before": m.before,
                                     "after": m.after, "symptom": m.symptom, "evidence": m.evidence})
@@ -229,8 +234,10 @@ def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="ragq-osc-"))
     models = home / "models.toml"
     models.write_text(models_toml(args, home))
+    # the knobs that change the work itself (passages per answer, answer length) stay as configured: this run is
+    # about the cooldown, and throughput is compared over the same work
     env = dict(os.environ, RAGQ_HOME=str(home), RAGQ_MODELS=str(models), RAGQ_TUNE_WINDOW_S=str(args.tune_window),
-               RAGQ_TUNE_SETTLE_S=str(args.tune_settle))
+               RAGQ_TUNE_SETTLE_S=str(args.tune_settle), RAGQ_TUNING_PINNED="generate_chunks,max_new_tokens")
     if args.device == "cpu":   # a budget that holds one of the two models, and evicted models go back to disk
         env.update(RAGQ_CPU_BUDGET=args.budget, RAGQ_HOST_BUDGET="1MiB")
     else:

@@ -76,6 +76,11 @@ def gather(conn: Any, start: datetime, end: datetime, background_pending: int = 
         target[row["model"]] = target.get(row["model"], 0) + int(row["n"])
         if row["event"] != "oom":
             swap_ms += float(row["ms"] or 0.0)
+    # what the evictions that made room cost too (an unload frees memory and collects garbage; a sleep switches
+    # to the host copy)
+    swap_ms += float(conn.execute(text("""
+        SELECT coalesce(sum(ms), 0) FROM model_events WHERE ts >= :since AND ts < :until
+          AND event IN ('sleep', 'unload') AND coalesce(reason, '') LIKE 'evicted to fit%'"""), window).scalar() or 0)
     queue: dict[str, float] = {}
     compute: dict[str, float] = {}
     for row in conn.execute(text("""
@@ -101,21 +106,33 @@ def gather(conn: Any, start: datetime, end: datetime, background_pending: int = 
 RAISED_FOR_THROUGHPUT = ("batch_max:", "max_queue_delay_ms:")
 
 
-def mark_stalled(conn: Any, knobs: dict[str, Knob], evidence: Evidence, gain: float = 1.05) -> dict[str, Knob]:
-    """A batch cap or queue delay raised for throughput is `stalled` when a window gathered after the raise shows no
-    more items per second than the window that called for it (within `gain`)."""
+def mark_stalled(conn: Any, knobs: dict[str, Knob], evidence: Evidence, gain: float = 1.05,
+                 fewer: float = 0.9) -> dict[str, Knob]:
+    """A knob whose last raise did not pay is `stalled` (not raised further): a batch cap or queue delay raised for
+    throughput when a window gathered after the raise shows no more items per second than the window that called
+    for it (within `gain`); the cooldown, raised against oscillation, when swaps per minute did not fall below
+    `fewer` times what they were (a longer cooldown no longer spaces the swaps out)."""
     from sqlalchemy import text
 
-    rate = evidence.embed_items / max(evidence.end - evidence.start, 1e-9)
+    minutes = max(evidence.end - evidence.start, 1e-9) / 60.0
+    rate = evidence.embed_items / (minutes * 60.0)
+    swaps_now = sum(evidence.swaps.values()) / minutes
     out = dict(knobs)
     for name, knob in knobs.items():
-        if not name.startswith(RAISED_FOR_THROUGHPUT) or knob.last_direction <= 0 or knob.last_moved_at is None:
+        cooldown = name == "cooldown_s"
+        if not (cooldown or name.startswith(RAISED_FOR_THROUGHPUT)) or knob.last_direction <= 0 \
+                or knob.last_moved_at is None:
             continue
         if evidence.start < knob.last_moved_at:
             continue  # no window after the move yet: settling decides
         before = conn.execute(text("SELECT evidence FROM tuning_actions WHERE knob = :k ORDER BY id DESC LIMIT 1"),
-                              {"k": name}).scalar()
-        previous = (before or {}).get("embed_items_per_s")
+                              {"k": name}).scalar() or {}
+        if cooldown:
+            previous_swaps = before.get("swaps_per_min")
+            if previous_swaps and swaps_now > fewer * sum(float(v) for v in previous_swaps.values()):
+                out[name] = replace(knob, stalled=True)
+            continue
+        previous = before.get("embed_items_per_s")
         if previous is not None and rate < gain * float(previous):
             out[name] = replace(knob, stalled=True)
     return out

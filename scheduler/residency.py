@@ -41,7 +41,7 @@ class ModelView:
     resident_since: float | None = None
     pending: int = 0           # pending requests that need it
     expected: bool = False     # a later stage of an urgent question in flight will need it soon
-    return_s: float = 0.0      # the measured time to bring it back (its last load or wake) if it is evicted
+    return_s: float = 0.0      # the measured cost of evicting it and bringing it back (last sleep/unload + wake/load)
 
 
 @dataclass(frozen=True)

@@ -205,3 +205,38 @@ def test_tune_cli_rejects_bad_input(ragq_home) -> None:  # type: ignore[no-untyp
     out = run_ragq(ragq_env(ragq_home, RAGQ_TUNING_PINNED="batch_size"), "tune", "--dry-run")
     assert out.returncode == 2 and "RAGQ_TUNING_PINNED: no knob named batch_size" in out.stderr + out.stdout
     assert run_ragq(ragq_env(ragq_home), "tune", "--history", "-1").returncode == 2
+
+
+def test_a_cooldown_raise_that_did_not_space_the_swaps_out_is_not_repeated(db, settings) -> None:  # type: ignore[no-untyped-def]
+    """The cooldown moved 2 -> 4 against 30 swaps a minute; in the window after the move the two models still swap
+    as often: the cooldown is `stalled` and not raised again, though the oscillation is still there. Had the swaps
+    fallen, it would go on."""
+    from sqlalchemy import insert
+
+    from ragq.db import ModelEvent, TuningAction, TuningKnob
+    from ragq.tuning import tick
+
+    settings = settings.model_copy(update={"tune_window_s": 60.0, "tune_settle_s": 10.0})
+    with db.begin() as conn:
+        conn.execute(insert(TuningKnob).values(name="cooldown_s", value=4.0, last_direction=1, last_moved_at=T0))
+        conn.execute(insert(TuningAction).values(
+            ts=T0, knob="cooldown_s", before=2.0, after=4.0, symptom="oscillating_loads",
+            evidence={"swaps_per_min": {"tune-test-emb": 15.0, "tune-test-gen": 15.0}, "swap_share": 0.2}))
+
+    def swaps(start: float, every_s: float) -> None:
+        with db.begin() as conn:
+            conn.execute(insert(ModelEvent), [
+                {"ts": T0 + timedelta(seconds=start + every_s * i), "device": "cuda:0", "model": model,
+                 "event": "load", "ms": 400.0, "reason": "needed by pending work"}
+                for i in range(int(60 / every_s)) for model in ("tune-test-emb", "tune-test-gen")])
+
+    swaps(1.0, 4.0)   # 15 loads of each a minute, 400 ms each: as before the move
+    symptoms, moves = tick(db, settings, SPECS, now=T0 + timedelta(seconds=61), dry_run=True)
+    assert "oscillating_loads" in {s.name for s in symptoms}
+    assert "cooldown_s" not in {m.knob for m in moves}
+
+    with db.begin() as conn:
+        conn.execute(ModelEvent.__table__.delete().where(ModelEvent.ts >= T0))
+    swaps(1.0, 7.5)   # 8 a minute each: the raise spaced them out, and they still cost 10 % of the time
+    symptoms, moves = tick(db, settings, SPECS, now=T0 + timedelta(seconds=61), dry_run=True)
+    assert [(m.knob, m.before, m.after) for m in moves if m.knob == "cooldown_s"] == [("cooldown_s", 4.0, 6.0)]

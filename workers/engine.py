@@ -252,6 +252,7 @@ class Engine:
             for spec in specs.values()
         }
         self._swap_ms: dict[str, float] = {}
+        self._evict_ms: dict[str, float] = {}   # what its last sleep or unload took
         self._prewarm_hints: list[str] = []
         self._ids = itertools.count(1)
         self._cond = threading.Condition()
@@ -526,7 +527,8 @@ class Engine:
         return {
             name: ModelView(name, s.tier, s.vram_bytes, s.host_bytes, s.last_used, s.resident_since,
                             pending.get(name, 0), self._expected_until.get(name, 0.0) > now,
-                            self._swap_ms.get(name, s.vram_bytes / 20e9 * 1000.0) / 1000.0)
+                            (self._swap_ms.get(name, s.vram_bytes / 20e9 * 1000.0) + self._evict_ms.get(name, 0.0))
+                            / 1000.0)
             for name, s in self._slots.items()
         }
 
@@ -859,7 +861,8 @@ class Engine:
         slot.tier = HOST
         slot.resident_since = None
         self.stats.sleeps += 1
-        self._event(slot.spec.name, "sleep", slot.host_bytes, (self.clock() - t0) * 1000.0, reason)
+        self._evict_ms[slot.spec.name] = (self.clock() - t0) * 1000.0
+        self._event(slot.spec.name, "sleep", slot.host_bytes, self._evict_ms[slot.spec.name], reason)
 
     def _unload(self, slot: _Slot, reason: str) -> None:
         if slot.loading is not None:
@@ -880,7 +883,8 @@ class Engine:
         slot.tier = DISK
         slot.resident_since = None
         self.stats.unloads += 1
-        self._event(slot.spec.name, "unload", nbytes, (self.clock() - t0) * 1000.0, reason)
+        self._evict_ms[slot.spec.name] = (self.clock() - t0) * 1000.0
+        self._event(slot.spec.name, "unload", nbytes, self._evict_ms[slot.spec.name], reason)
 
     # -- footprints ----------------------------------------------------------------------------------------------
     def _record_activation(self, slot: _Slot, model: LoadedModel, batch_size: int, max_tokens: int) -> None:
