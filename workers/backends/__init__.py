@@ -31,6 +31,10 @@ def load_model(spec: ModelSpec, device: str) -> LoadedModel:
         from workers.backends.torch_backend import load_torch_model
 
         return load_torch_model(spec, device)
+    if spec.backend == "triton":
+        from workers.backends.triton_backend import load_triton_model
+
+        return load_triton_model(spec, device)
     from ragq.errors import BackendUnavailable
 
     raise BackendUnavailable(f"model {spec.name}: backend {spec.backend!r} is not available")

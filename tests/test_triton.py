@@ -1,0 +1,117 @@
+"""The Triton backend against a real tritonserver (from the nvidia-pytriton wheel, on the CPU): ragq writes the
+model repository, loads each role through the repository API over HTTP and gRPC, infers, unloads and reloads;
+the results equal the torch backend's. Triton's metrics fold into ragq's."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.triton_server import TritonServer, stub_site
+from workers.backends.torch_backend import load_torch_model
+from workers.backends.triton_backend import TritonMetricsCollector, load_triton_model, model_config
+from workers.models import ModelSpec
+
+pytestmark = pytest.mark.integration
+
+TEXTS = ["hello there", "a much longer text about redis and postgres and the GPU worker", "yes"]
+PAIRS = [("what is redis", "Redis is the broker; the result backend answers the synchronous call."), ("x", "yes")]
+PROMPTS = ["Question: what", "The GPU worker loads the embedder then the reranker and"]
+
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    root = tmp_path_factory.mktemp("triton")
+    saved = {k: os.environ.get(k) for k in ("RAGQ_TRITON_STUB_PATH", "RAGQ_TRITON_REPOSITORY", "RAGQ_TRITON_URL")}
+    os.environ["RAGQ_TRITON_STUB_PATH"] = str(stub_site())
+    server = TritonServer(root / "repository", root / "tritonserver.log").start()
+    os.environ["RAGQ_TRITON_REPOSITORY"] = str(server.repository)
+    try:
+        yield server
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def specs(tiny_models: dict[str, Path]) -> dict[str, ModelSpec]:
+    return {
+        "embed": ModelSpec(role="embed", path=tiny_models["embed"], name="tri-embed", kind="last", dim=32,
+                           batch_size=16),
+        "rerank": ModelSpec(role="rerank", path=tiny_models["lm"], name="tri-rerank", batch_size=16),
+        "generate": ModelSpec(role="generate", path=tiny_models["lm"], name="tri-generate", max_new_tokens=8,
+                              batch_size=4),
+    }
+
+
+CASES = {"embed": (TEXTS, {"kind": "query"}), "rerank": (PAIRS, {}), "generate": (PROMPTS, {"max_new_tokens": 6})}
+
+
+def close(a: object, b: object) -> None:
+    if isinstance(a, list):
+        assert a == pytest.approx(b, abs=1e-4)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, abs=1e-4)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("role", ["embed", "rerank", "generate"])
+def test_each_role_loads_infers_unloads_and_reloads_over_http(triton, tiny_models, role) -> None:  # type: ignore[no-untyped-def]
+    spec = specs(tiny_models)[role]
+    items, params = CASES[role]
+    torch_model = load_torch_model(spec, "cpu")
+    expected = torch_model.run(list(items), dict(params))
+    model = load_triton_model(dataclasses.replace(spec, backend="triton", extra={"triton_url": triton.http_url}), "cpu")
+    assert model.client.is_model_ready(spec.name)
+    assert model.nbytes == torch_model.nbytes and model.load_ms > 0   # measured in the server, as the torch backend does
+    for got, want in zip(model.run(list(items), dict(params)), expected):
+        close(got, want)
+    model.sleep()   # Triton keeps no host copy: the model leaves the server
+    assert not model.client.is_model_ready(spec.name)
+    model.wake()
+    assert model.client.is_model_ready(spec.name)
+    for got, want in zip(model.run(list(items), dict(params)), expected):
+        close(got, want)
+    model.unload()
+    assert not model.client.is_model_ready(spec.name)
+
+
+def test_grpc_and_the_metrics_fold_into_ragqs(triton, tiny_models) -> None:  # type: ignore[no-untyped-def]
+    spec = dataclasses.replace(specs(tiny_models)["embed"], backend="triton", name="tri-embed-grpc",
+                               extra={"triton_url": triton.grpc_url})
+    expected = load_torch_model(spec, "cpu").run(TEXTS, {"kind": "document"})
+    model = load_triton_model(spec, "cpu")
+    for got, want in zip(model.run(TEXTS, {"kind": "document"}), expected):
+        assert got == pytest.approx(want, abs=1e-4)
+    families = {f.name: f for f in TritonMetricsCollector(triton.metrics_url).collect()}
+    success = families["ragq_triton_inference_request_success"]
+    assert any(s.labels.get("model") == "tri-embed-grpc" and s.value >= 1 for s in success.samples)
+    model.unload()
+
+
+def test_a_model_triton_cannot_load_fails_with_its_reason(triton, tiny_models, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ragq.errors import ModelLoadFailed
+
+    spec = ModelSpec(role="embed", path=tmp_path / "missing", name="tri-missing", backend="triton",
+                     extra={"triton_url": triton.http_url})
+    with pytest.raises(ModelLoadFailed, match="tri-missing"):
+        load_triton_model(spec, "cpu")
+
+
+def test_the_model_config_asks_for_dynamic_batching_with_priorities() -> None:
+    spec = ModelSpec(role="embed", path=Path("/m"), name="cfg", batch_size=64, urgent_batch=8,
+                     max_queue_delay_ms=2.5)
+    config = model_config(spec, "cuda:1")
+    for line in ('backend: "python"', "max_batch_size: 64", "preferred_batch_size: [ 8, 32, 64 ]",
+                 "max_queue_delay_microseconds: 2500", "priority_levels: 2", "default_priority_level: 2",
+                 "kind: KIND_GPU gpus: [ 1 ]", 'name: "TEXT" data_type: TYPE_STRING'):
+        assert line in config
+    assert "KIND_CPU" in model_config(spec, "cpu")
