@@ -115,3 +115,37 @@ def test_the_model_config_asks_for_dynamic_batching_with_priorities() -> None:
                  "kind: KIND_GPU gpus: [ 1 ]", 'name: "TEXT" data_type: TYPE_STRING'):
         assert line in config
     assert "KIND_CPU" in model_config(spec, "cpu")
+
+
+def test_the_engines_residency_drives_the_triton_repository(triton, tiny_models) -> None:  # type: ignore[no-untyped-def]
+    """ragq's engine with Triton models under a budget that holds one of them at a time: each swap is an unload
+    and a load on the server (recorded as model events), and the answers are the torch backend's."""
+    from workers.backends import load_model
+    from workers.engine import Engine
+
+    base = specs(tiny_models)
+    chosen = {role: dataclasses.replace(base[role], backend="triton", name=f"eng-{role}",
+                                        extra={"triton_url": triton.http_url}) for role in ("embed", "generate")}
+    size = max(load_torch_model(s, "cpu").nbytes for s in chosen.values())
+    events: list[dict[str, object]] = []
+    engine = Engine("cpu", chosen, load_model, int(size * 1.5), host_budget_bytes=0,
+                    on_model_event=events.append).start()
+    try:
+        import tritonclient.http as http
+
+        client = http.InferenceServerClient(triton.http_url.removeprefix("http://"))
+        expected_vec = load_torch_model(base["embed"], "cpu").run(TEXTS, {"kind": "query"})
+        expected_text = load_torch_model(base["generate"], "cpu").run(PROMPTS, {"max_new_tokens": 6})
+        for _ in range(2):
+            vectors = engine.run("embed", TEXTS, params={"kind": "query"}).outputs
+            assert client.is_model_ready("eng-embed") and not client.is_model_ready("eng-generate")
+            texts = engine.run("generate", PROMPTS, params={"max_new_tokens": 6}).outputs
+            assert client.is_model_ready("eng-generate") and not client.is_model_ready("eng-embed")
+            for got, want in zip(vectors, expected_vec):
+                assert got == pytest.approx(want, abs=1e-4)
+            assert texts == expected_text
+        loads = [e for e in events if e.get("event") == "load"]
+        assert [e["model"] for e in loads] == ["eng-embed", "eng-generate", "eng-embed", "eng-generate"]
+        assert all(float(e["ms"]) > 0 and int(e["bytes"]) > 0 for e in loads)
+    finally:
+        engine.stop()

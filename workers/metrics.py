@@ -37,7 +37,8 @@ def setup(home: Path, worker: str) -> Path:
     return directory
 
 
-def serve(port: int, host: str, broker_url: str | None, state_file: Path, info: dict[str, Any]) -> int:
+def serve(port: int, host: str, broker_url: str | None, state_file: Path, info: dict[str, Any],
+          collectors: tuple[Any, ...] = ()) -> int:
     """Serve every process's metrics (plus the broker's queue depths, read at scrape time) on `port` (0 = any free
     port); record the port in `state_file` for `ragq top` and tests. Returns the port."""
     from prometheus_client import CollectorRegistry, start_http_server
@@ -47,6 +48,8 @@ def serve(port: int, host: str, broker_url: str | None, state_file: Path, info: 
     MultiProcessCollector(registry)
     if broker_url:
         registry.register(QueueDepthCollector(broker_url))
+    for collector in collectors:   # e.g. a Triton server's metrics, folded in
+        registry.register(collector)
     try:
         server, _ = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:  # another worker on this host holds the port: serve anyway, on a free one

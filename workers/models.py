@@ -116,6 +116,8 @@ def spec_from_table(role: str, table: dict[str, Any], source: str) -> ModelSpec:
         raise ConfigError(f"{source}: [{role}] {exc}") from None
     if not spec.name:
         spec = ModelSpec(**{**spec.__dict__, "name": path.name})
+    if spec.backend not in ("torch", "triton"):
+        raise ConfigError(f"{source}: [{role}] backend must be \"torch\" or \"triton\", not {spec.backend!r}")
     if spec.packed not in ("auto", "on", "off"):
         raise ConfigError(f"{source}: [{role}] packed must be \"auto\", \"on\" or \"off\", not {spec.packed!r}")
     if spec.batch_size < 1 or spec.max_length < 8 or spec.urgent_batch < 1 or spec.max_batch_tokens < spec.max_length \

@@ -228,9 +228,12 @@ def run_worker(
         if not attach and settings.metrics_port >= 0:
             from workers import metrics
 
+            from workers.backends.triton_backend import metrics_collectors
+
             metrics.serve(settings.metrics_port, settings.metrics_host, runtime.endpoints.broker_url,
                           metrics.worker_state_dir(settings.home) / f"{runtime.worker_name}.json",
-                          {"worker": runtime.worker_name, "device": device, "engine_pid": runtime.engine.pid})
+                          {"worker": runtime.worker_name, "device": device, "engine_pid": runtime.engine.pid},
+                          collectors=metrics_collectors(runtime.specs))
         if settings.celery_profile == "ragq":  # late acks: keep this consumer's tasks leased (workers/leases.py)
             from workers.leases import TaskLeases
 

@@ -260,4 +260,24 @@ class TritonMetricsCollector:
             yield renamed
 
 
-__all__ = ["TritonMetricsCollector", "TritonModel", "load_triton_model", "model_config", "write_model"]
+def metrics_url_for(spec: ModelSpec) -> str | None:
+    """The metrics endpoint of the server `spec` uses: triton_metrics_url / RAGQ_TRITON_METRICS_URL, else port
+    8002 of its server's host (Triton's default)."""
+    explicit = spec.extra.get("triton_metrics_url") or os.environ.get("RAGQ_TRITON_METRICS_URL")
+    if explicit:
+        return str(explicit)
+    url = str(spec.extra.get("triton_url") or os.environ.get("RAGQ_TRITON_URL") or "")
+    if not url:
+        return None
+    host = url.split("://", 1)[-1].rsplit(":", 1)[0]
+    return f"http://{host}:8002/metrics"
+
+
+def metrics_collectors(specs: dict[str, ModelSpec]) -> tuple[TritonMetricsCollector, ...]:
+    """One collector per Triton server the worker's models use."""
+    urls = {metrics_url_for(s) for s in specs.values() if s.backend == "triton"}
+    return tuple(TritonMetricsCollector(url) for url in sorted(u for u in urls if u))
+
+
+__all__ = ["TritonMetricsCollector", "TritonModel", "load_triton_model", "metrics_collectors", "model_config",
+           "write_model"]
