@@ -11,6 +11,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ragq.errors import BadInput, ConfigError, QuestionTimeout, RagqError, ServiceError
@@ -50,8 +51,6 @@ def _setup_logging(level: str = "WARNING") -> None:
 
 
 def _error_line(message: str) -> None:
-    from rich.markup import escape
-
     # escaped: messages name things like "[embed]" or a file "notes[1].md", which rich would take for markup
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
@@ -534,7 +533,7 @@ def questions(
         _print_json(result)
     elif wait:
         for answer in result.get("answers", []):
-            out.print(f"[bold]{answer['n']}. Q:[/] {answer['question']}", highlight=False)
+            out.print(f"[bold]{answer['n']}. Q:[/] {escape(answer['question'])}", highlight=False)
             out.print(f"   A: {answer['answer']}", highlight=False, markup=False)
         out.print(f"job {result['job_id']}: {result['status']} — {len(result.get('answers', []))} answered, "
                   f"{len(result['failed'])} failed")
