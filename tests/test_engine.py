@@ -374,3 +374,26 @@ def test_questions_through_three_models_that_do_not_fit_swap_the_small_one() -> 
     assert brought_in.count("generate") == 1                  # loaded once, never slept
     assert brought_in.count("embed") <= 5 and brought_in.count("rerank") <= 5
     assert h.device.peak <= 16 * MiB
+
+
+def test_urgent_micro_batches_are_marked_for_backends_that_take_a_priority() -> None:
+    """A backend with its own queue (Triton's priority levels) learns which micro-batches are urgent; background
+    micro-batches keep the requests' parameters unchanged."""
+    seen: list[dict[str, Any]] = []
+
+    class Prioritised(FakeModel):
+        takes_priority = True
+
+        def run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
+            seen.append(dict(params))
+            return super().run(items, params)
+
+    h = Harness()
+    h.engine.loader = lambda spec, device: Prioritised(spec, h.device, h.clock, real_time=True, runs=h.runs)
+    h.engine.start()
+    try:
+        h.engine.run("embed", ["a"], priority=URGENT, params={"kind": "query"})
+        h.engine.run("embed", ["b"], params={"kind": "document"})
+    finally:
+        h.engine.stop()
+    assert seen == [{"kind": "query", "urgent": True}, {"kind": "document"}]

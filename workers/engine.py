@@ -604,6 +604,8 @@ class Engine:
             t0 = self.clock()
             ooms = self.stats.ooms
             sched0 = thread_schedstat()
+            if not background and getattr(model, "takes_priority", False):   # e.g. Triton's priority levels
+                params = {**params, "urgent": True}
             outputs = self._run_with_recovery(slot, model, items, params)
             sched1 = thread_schedstat()
             clean_timing = clean_timing and self.stats.ooms == ooms  # a recovery's evictions are not its size

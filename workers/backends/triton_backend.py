@@ -125,6 +125,8 @@ def client_for(url: str) -> tuple[Any, Any]:
 class TritonModel:
     """A model on a Triton server: `run` sends one inference request for the micro-batch (urgent at priority 1)."""
 
+    takes_priority = True   # the engine marks urgent micro-batches (params["urgent"])
+
     def __init__(self, spec: ModelSpec, device: str, url: str, repository: Path) -> None:
         self.spec = spec
         self.name = spec.name
