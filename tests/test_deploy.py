@@ -57,6 +57,12 @@ def test_the_compose_stack_validates_with_the_example_environment(tmp_path: Path
     assert flower["environment"]["RAGQ_FLOWER_USER"] and flower["environment"]["RAGQ_FLOWER_PASSWORD"]
     assert all(p.get("host_ip") == "127.0.0.1" for p in flower["ports"])
     assert services["triton"]["profiles"] == ["triton"]
+    # the worker writes Triton's model repository (backend = "triton" models); the server reads the same volume
+    mounts = {v["target"]: v["source"] for v in services["triton"]["volumes"]}
+    assert {v["target"]: v["source"] for v in services["worker-gpu0"]["volumes"]}["/var/lib/ragq/triton"] \
+        == mounts["/var/lib/ragq/triton"]
+    assert "--model-repository=/var/lib/ragq/triton" in services["triton"]["command"]
+    assert services["worker-gpu0"]["environment"]["RAGQ_TRITON_REPOSITORY"] == "/var/lib/ragq/triton"
     # every file the stack mounts exists in the repository
     for name, service in services.items():
         for volume in service.get("volumes", []):
