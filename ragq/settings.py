@@ -99,11 +99,21 @@ class Settings(BaseSettings):
     top_k: int = Field(5, ge=1, le=100)
     rerank_candidates: int = Field(20, ge=1, le=1000, description="passages the reranker sees per question")
     question_batch: int = Field(16, ge=1, le=1000, description="background questions per task (`ragq questions`)")
+    # host RAM plan (the reference box): what runs on this host beside its workers, checked at `ragq worker` start
+    host_services: str = Field("", description="comma-separated services on this host: redis, postgres, docling, "
+                                               "triton, monitoring (empty: only the workers are counted)")
+    ram_redis: str = Field("8GiB", description="host RAM planned for Redis (its maxmemory plus overhead)")
+    ram_postgres: str = Field("8GiB", description="host RAM planned for Postgres")
+    ram_docling: str = Field("4GiB", description="host RAM planned for Docling conversion")
+    ram_triton: str = Field("2GiB", description="host RAM planned for the Triton server")
+    ram_monitoring: str = Field("4GiB", description="host RAM planned for Prometheus and Grafana")
+    ram_worker: str = Field("2GiB", description="host RAM of one worker's processes, besides its pinned-model tier")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     celery_profile: Literal["ragq", "celery-defaults"] = Field(
         "ragq", description="celery-defaults = round-robin queues, prefetch 4, early acks: the benchmarks' baseline")
 
-    @field_validator("vram_budget", "cpu_budget", "host_budget")
+    @field_validator("vram_budget", "cpu_budget", "host_budget", "ram_redis", "ram_postgres", "ram_docling",
+                     "ram_triton", "ram_monitoring", "ram_worker")
     @classmethod
     def _size_parses(cls, value: str | None) -> str | None:
         if value is not None:

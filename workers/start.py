@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import logging
 import os
 import signal
@@ -200,6 +202,10 @@ def run_worker(
     celery-defaults profile, one Celery worker consumes both queues."""
     if device == "all":
         return _run_all(settings, concurrency, loglevel)
+    if not attach and os.environ.get(HOST_CHECKED_ENV) != "1":
+        from ragq.hostplan import check_host_ram
+
+        check_host_ram(settings, 1, host_budget_for(settings, device))   # before starting anything
     from workers.celery_app import BACKGROUND_QUEUE, URGENT_QUEUE, app, configure_app
     if attach:
         _exit_with_parent()
@@ -272,24 +278,75 @@ def _run_all(settings: Settings, concurrency: int | None, loglevel: str) -> int:
     if count == 0:
         log.warning("--device all: no GPU is visible; starting one cpu worker")
         return run_worker(settings, "cpu", concurrency, loglevel)
+    from ragq.hostplan import check_host_ram
+
+    check_host_ram(settings, count, host_budget_for(settings, "cuda:0"))   # every worker of this host at once
     ensure_services(settings)
-    children = []
-    for index in range(count):
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(index))
+
+    def start(index: int) -> subprocess.Popen[bytes]:
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(index), **{HOST_CHECKED_ENV: "1"})
         if settings.metrics_port > 0:
             env["RAGQ_METRICS_PORT"] = str(settings.metrics_port + index)
         args = [sys.executable, "-m", "ragq.cli", "worker", "--device", "cuda:0", "--name", f"gpu{index}",
                 "--loglevel", loglevel]
         if concurrency:
             args += ["--concurrency", str(concurrency)]
-        children.append(subprocess.Popen(args, env=env))  # noqa: S603
-        log.info("started worker for GPU %d (pid %d)", index, children[-1].pid)
+        child = subprocess.Popen(args, env=env)  # noqa: S603
+        log.info("started worker for GPU %d (pid %d)", index, child.pid)
+        return child
+
+    return supervise(start, count)
+
+
+HOST_CHECKED_ENV = "RAGQ_HOST_CHECKED"   # set by `--device all` for its children: the host was checked for all
+
+
+def supervise(start: Callable[[int], subprocess.Popen[bytes]], count: int, *, poll_s: float = 0.5,
+              max_backoff_s: float = 60.0, stable_s: float = 60.0, handle_signals: bool = True) -> int:
+    """Run `count` children made by `start(index)`; restart one that dies (after 1, 2, 4 ... s, reset once it ran
+    `stable_s`), except one that exits with a configuration error (2), which stops them all. SIGTERM and SIGINT go
+    to every child; returns the highest exit code once all have ended."""
+    import time
+
+    children = [start(i) for i in range(count)]
+    started = [time.monotonic()] * count
+    failures = [0] * count
+    stopping = False
 
     def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         for child in children:
             if child.poll() is None:
                 child.send_signal(signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    return max(child.wait() for child in children)
+    if handle_signals:
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+    codes = [0] * count
+    while True:
+        alive = 0
+        for index, child in enumerate(children):
+            code = child.poll()
+            if code is None:
+                alive += 1
+                continue
+            codes[index] = code
+            if stopping or code == 0:
+                continue
+            if code == 2:   # a configuration error: restarting would fail the same way
+                log.error("worker %d exited with a configuration error; stopping the others", index)
+                forward(signal.SIGTERM, None)
+                continue
+            failures[index] = 1 if time.monotonic() - started[index] >= stable_s else failures[index] + 1
+            delay = min(max_backoff_s, 2.0 ** (failures[index] - 1))
+            log.warning("worker %d (pid %d) died with code %s; restarting it in %.0fs", index, child.pid, code, delay)
+            time.sleep(delay)
+            if stopping:
+                continue
+            children[index] = start(index)
+            started[index] = time.monotonic()
+            alive += 1
+        if alive == 0:
+            return max(codes)
+        time.sleep(poll_s)
