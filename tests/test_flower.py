@@ -108,3 +108,38 @@ def test_flower_without_authentication_refuses_to_start(tmp_path: Path) -> None:
     assert not (tmp_path / "home" / "pgdata").exists()   # refused before starting anything
     half = run_ragq(ragq_env(tmp_path / "home", RAGQ_FLOWER_USER="ops"), "flower", timeout=60)
     assert half.returncode == 2 and "go together" in half.stderr
+
+
+def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=10000"]
+    return subprocess.run(["chromium", *flags, *args], capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.skipif(__import__("shutil").which("chromium") is None, reason="Debian chromium is not installed")
+def test_a_screenshot_of_flower_shows_ragqs_workers_and_queues(flower: FlowerProcess, worker, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Headless Chromium, logged in, renders Flower's workers and broker pages with ragq's worker and both queues;
+    the screenshots are the README's (RAGQ_SCREENSHOT_DIR=docs writes them there)."""
+    import os
+    import shutil
+    from urllib.parse import quote
+
+    from PIL import Image
+
+    flower.workers()
+    base = f"http://{USER}:{quote(PASSWORD, safe='')}@127.0.0.1:{flower.port}"
+    dom = _chromium(tmp_path, "--dump-dom", base + "/workers")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert f"{worker.name}@" in dom.stdout
+    broker = _chromium(tmp_path, "--dump-dom", base + "/broker")
+    assert "urgent" in broker.stdout and "background" in broker.stdout, broker.stdout[-2000:]
+    for page in ("workers", "broker"):
+        shot = tmp_path / f"flower-{page}.png"
+        _chromium(tmp_path, "--window-size=1280,720", f"--screenshot={shot}", f"{base}/{page}")
+        with Image.open(shot) as image:
+            assert image.size == (1280, 720)
+            colours = image.convert("RGB").getcolors(maxcolors=1_000_000)
+            assert colours is not None and len(colours) > 30   # a rendered page, not a blank or an error
+        if os.environ.get("RAGQ_SCREENSHOT_DIR"):
+            shutil.copyfile(shot, Path(os.environ["RAGQ_SCREENSHOT_DIR"]) / shot.name)
