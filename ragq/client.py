@@ -228,10 +228,10 @@ class Client:
                 try:
                     answer_questions.apply_async((job_id, part, k, candidates, max_new_tokens), queue="background")
                 except Exception as exc:
-                    from tasks.questions import _finish
+                    from tasks.questions import finish_answer
 
                     for item in queued[start:]:
-                        _finish(self.db, job_id, item["answer_id"], status="failed", error=f"not queued: {exc}")
+                        finish_answer(self.db, job_id, item["answer_id"], status="failed", error=f"not queued: {exc}")
                     raise
         return QuestionsSubmission(job_id=job_id, questions=len(queued), failed=failures)
 

@@ -27,7 +27,7 @@ from workers.celery_app import RagqTask, app
 log = logging.getLogger(__name__)
 
 
-def _finish(db: Any, job_id: str, answer_id: int, **values: Any) -> bool:
+def finish_answer(db: Any, job_id: str, answer_id: int, **values: Any) -> bool:
     """Move one question out of 'queued' exactly once, counting it on the job."""
     with db.begin() as conn:
         moved = conn.execute(update(Answer).where(Answer.id == answer_id, Answer.status == "queued")
@@ -47,7 +47,7 @@ class QuestionsTask(RagqTask):
             job_id, items = (list(args) + [kwargs.get("job_id"), kwargs.get("items")])[:2]
             db = self.app.require_runtime().db
             for item in items or []:
-                _finish(db, job_id, item["answer_id"], status="failed",
+                finish_answer(db, job_id, item["answer_id"], status="failed",
                         error=f"answering failed: {type(exc).__name__}: {exc}"[:4000])
         except Exception:
             log.exception("could not record the failure of questions task %s", task_id)
@@ -142,10 +142,10 @@ def answer_questions(self: Any, job_id: str, items: list[dict[str, Any]], top_k:
     for item in todo:
         key = item["answer_id"]
         if key in failed:
-            _finish(rt.db, job_id, key, status="failed", error=failed[key][:4000])
+            finish_answer(rt.db, job_id, key, status="failed", error=failed[key][:4000])
         elif key in answers:
             answer, mode = answers[key]
             public = [{k: s[k] for k in ("chunk_id", "document", "source", "text", "headings")}
                       | {"score": round(s["score"], 4)} for s in sources.get(key, [])]
-            answered += _finish(rt.db, job_id, key, status="done", answer=answer, mode=mode, sources=public)
+            answered += finish_answer(rt.db, job_id, key, status="done", answer=answer, mode=mode, sources=public)
     return {"job_id": job_id, "questions": len(items), "answered": answered, "failed": len(failed)}

@@ -29,6 +29,14 @@ def run_ragq(env: dict[str, str], *args: str, timeout: float = 300) -> subproces
     )
 
 
+def run_chromium(tmp_path: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """Headless Debian chromium with a profile of its own under `tmp_path`, nothing fetched in the background."""
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chromium'}"]
+    return subprocess.run(["chromium", *flags, *args], capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.fixture(scope="session")
 def ragq_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One embedded Redis + Postgres for the session's integration tests."""

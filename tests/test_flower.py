@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from ragq.services import _free_port
-from tests.conftest import ROOT, ragq_env, run_ragq
+from tests.conftest import ROOT, ragq_env, run_chromium, run_ragq
 
 pytestmark = pytest.mark.integration
 
@@ -111,10 +111,7 @@ def test_flower_without_authentication_refuses_to_start(tmp_path: Path) -> None:
 
 
 def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=10000"]
-    return subprocess.run(["chromium", *flags, *args], capture_output=True, text=True, timeout=180)
+    return run_chromium(tmp_path, "--virtual-time-budget=10000", *args)   # Flower's pages fill in by script
 
 
 @pytest.mark.skipif(__import__("shutil").which("chromium") is None, reason="Debian chromium is not installed")

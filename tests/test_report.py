@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -80,22 +79,19 @@ def test_numbers_from_known_rows(db) -> None:  # type: ignore[no-untyped-def]
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium is not installed")
 def test_the_html_report_renders_in_headless_chromium(db, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from ragq.report import build, render_html, series
+    from tests.conftest import run_chromium
 
     known_rows(db)
     until = T0 + timedelta(seconds=200)
     page = tmp_path / "report.html"
     page.write_text(render_html(build(db, T0, until), series(db, T0, until)))
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'chromium'}"]
-    dom = subprocess.run(["chromium", *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
-                         timeout=120)
+    dom = run_chromium(tmp_path, "--dump-dom", page.as_uri(), timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     for plot in ("plot-latency", "plot-queue_vs_compute", "plot-memory"):
         assert f'id="{plot}"' in dom.stdout and "<svg" in dom.stdout
     shot = tmp_path / "report.png"
-    subprocess.run(["chromium", *flags, "--window-size=1280,2400", f"--screenshot={shot}", page.as_uri()],
-                   capture_output=True, timeout=120, check=True)
+    run_chromium(tmp_path, "--window-size=1280,2400", f"--screenshot={shot}", page.as_uri(), timeout=120) \
+        .check_returncode()
     assert shot.stat().st_size > 20_000  # a page with plots, not a blank one
     from PIL import Image
 

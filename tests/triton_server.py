@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import site
 import socket
 import subprocess
 import sys
-import sysconfig
 import time
 import zipfile
 from pathlib import Path
 
 WHEEL = "nvidia-pytriton==0.7.0"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def server_dir(cache: Path | None = None) -> Path:
@@ -87,9 +84,8 @@ class TritonServer:
     def start(self, timeout_s: float = 120.0) -> TritonServer:
         server = server_dir()
         libs = server.parent.parent / "nvidia_pytriton.libs"
-        paths = [str(ROOT), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()]
-        env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join([str(libs), os.environ.get("LD_LIBRARY_PATH", "")]),
-                   PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)))
+        # the Python backend's stub does not see PYTHONPATH: ragq writes its paths beside each model.py instead
+        env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join([str(libs), os.environ.get("LD_LIBRARY_PATH", "")]))
         self.repository.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [str(server / "bin" / "tritonserver"), f"--model-repository={self.repository}",

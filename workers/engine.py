@@ -527,10 +527,13 @@ class Engine:
         return {
             name: ModelView(name, s.tier, s.vram_bytes, s.host_bytes, s.last_used, s.resident_since,
                             pending.get(name, 0), self._expected_until.get(name, 0.0) > now,
-                            (self._swap_ms.get(name, s.vram_bytes / 20e9 * 1000.0) + self._evict_ms.get(name, 0.0))
-                            / 1000.0)
+                            (self._swap_in_ms(name) + self._evict_ms.get(name, 0.0)) / 1000.0)
             for name, s in self._slots.items()
         }
+
+    def _swap_in_ms(self, name: str) -> float:
+        """What bringing the model in took last time (a load or a wake); first guess: its bytes at 20 GB/s."""
+        return self._swap_ms.get(name, self._slots[name].vram_bytes / 20e9 * 1000.0)
 
     def _activation_reserve(self, name: str) -> int:
         profile = self.profiles.get(name, self.device_kind, self._slots[name].spec.dtype)
@@ -546,7 +549,7 @@ class Engine:
             background = [p for p in mine if p.priority != URGENT]
             slot = self._slots[spec.name]
             resident = slot.tier == VRAM
-            swap_ms = self._swap_ms.get(spec.name, slot.vram_bytes / 20e9 * 1000.0)  # first guess: 20 GB/s
+            swap_ms = self._swap_in_ms(spec.name)
             loads.append(RoleLoad(
                 role, sum(p.remaining for p in urgent), sum(p.remaining for p in background),
                 max((now - p.enqueued for p in urgent), default=0.0),

@@ -38,7 +38,8 @@ _PROBE = ([11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [22, 23, 24], [25, 26, 2
 _registered = False
 
 
-def _varlen_kwargs() -> tuple[Any, set[str]] | None:
+def _find_varlen() -> tuple[Any, set[str]] | None:
+    """torch's varlen_attn and the names of its parameters (they changed between torch releases), or None."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -46,7 +47,7 @@ def _varlen_kwargs() -> tuple[Any, set[str]] | None:
     return varlen_attn, set(inspect.signature(varlen_attn).parameters)
 
 
-_VARLEN = _varlen_kwargs()
+_VARLEN = _find_varlen()
 
 
 def varlen_available(device: torch.device | str) -> bool:

@@ -213,37 +213,33 @@ class _TorchModel:
         lengths = [len(row["input_ids"]) for row in rows]
         groups = length_groups(lengths, self.pass_overhead_tokens())
         padded = [self.pad([rows[i] for i in group], padding_side or self.tokenizer.padding_side) for group in groups]
-        t0 = time.perf_counter()
-        e0 = e1 = None
-        if self.is_cuda:
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record(torch.cuda.current_stream(self.device))
-        parts, order = [], []
-        for group, batch in zip(groups, padded):
-            parts.append(forward({k: v.to(self.device, non_blocking=True) for k, v in batch.items()}))
-            order.extend(group)
-        if e1 is not None:
-            e1.record(torch.cuda.current_stream(self.device))
-        self._mark = (t0, time.perf_counter(), e0, e1, sum(lengths),
-                      sum(len(g) * max(lengths[i] for i in g) for g in groups), len(groups))
+        parts = self._launch(
+            lambda: [forward({k: v.to(self.device, non_blocking=True) for k, v in batch.items()}) for batch in padded],
+            sum(lengths), sum(len(g) * max(lengths[i] for i in g) for g in groups), len(groups))
+        order = [i for group in groups for i in group]
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
         return out[inverse.to(out.device)]
 
-    def _packed(self, rows: list[dict[str, list[int]]], forward: Callable[[Packed, dict[str, Any]], torch.Tensor]
+    def _packed(self, ids: list[list[int]], forward: Callable[[Packed, dict[str, Any]], torch.Tensor]
                 ) -> torch.Tensor:
-        """`forward` over the rows packed into one padding-free pass; one output row per input row, in order."""
-        packed = Packed([row["input_ids"] for row in rows])
+        """`forward` over the rows' token ids packed into one padding-free pass; one output row per input row."""
+        packed = Packed(ids)
+        return self._launch(lambda: forward(packed, packed.forward_kwargs(self.device)), packed.tokens,
+                            packed.tokens, 1)
+
+    def _launch(self, queue: Callable[[], Any], real: int, padded: int, passes: int) -> Any:
+        """Run `queue` (which queues the forward passes) between two CUDA events, and mark the batch's phases."""
         t0 = time.perf_counter()
         e0 = e1 = None
         if self.is_cuda:
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record(torch.cuda.current_stream(self.device))
-        out = forward(packed, packed.forward_kwargs(self.device))
+        out = queue()
         if e1 is not None:
             e1.record(torch.cuda.current_stream(self.device))
-        self._mark = (t0, time.perf_counter(), e0, e1, packed.tokens, packed.tokens, 1)
+        self._mark = (t0, time.perf_counter(), e0, e1, real, padded, passes)
         return out
 
     def _last_tokens(self, packed: Packed, hidden: torch.Tensor) -> torch.Tensor:
@@ -345,6 +341,10 @@ class TorchEmbedder(_TorchModel):
                                      max_length=self.spec.max_length)
             for j, i in enumerate(texts):
                 rows[i] = {key: encoded[key][j] for key in encoded.keys()}
+        if self.packed:   # token ids are all a packed pass needs
+            ids = [item.ids if isinstance(item, Encoded) else rows[i]["input_ids"] for i, item in enumerate(items)]
+            with torch.inference_mode():
+                return self._packed(ids, self._pool_packed).cpu().tolist()
         names = set(self.tokenizer.model_input_names)
         for i, item in enumerate(items):
             if isinstance(item, Encoded):
@@ -352,7 +352,7 @@ class TorchEmbedder(_TorchModel):
                 if "token_type_ids" in names:
                     rows[i]["token_type_ids"] = [0] * len(item.ids)
         with torch.inference_mode():
-            pooled = self._packed(rows, self._pool_packed) if self.packed else self._passes(rows, self._pool)
+            pooled = self._passes(rows, self._pool)
         return pooled.cpu().tolist()
 
     def _pool_packed(self, packed: Packed, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -441,7 +441,7 @@ class TorchQwen3Reranker(_TorchModel):
         rows = self._encode([tuple(item) for item in items], params.get("instruction") or self.spec.instruction)
         with torch.inference_mode():
             if self.packed:
-                scores = self._packed(rows, self._score_packed)
+                scores = self._packed([row["input_ids"] for row in rows], self._score_packed)
             else:
                 scores = self._passes(rows, self._score, padding_side="left")
         return scores.cpu().tolist()
