@@ -196,10 +196,10 @@ class Client:
         over-long question is recorded as failed with its problem; the others are queued all the same."""
         from tasks.questions import answer_questions
 
-        k = int(top_k or self.settings.top_k)
+        k = int(self.settings.top_k if top_k is None else top_k)
         if not 1 <= k <= 100:
             raise BadInput("--top-k", f"{k} is outside 1..100")
-        size = int(batch or self.settings.question_batch)
+        size = int(self.settings.question_batch if batch is None else batch)
         if size < 1:
             raise BadInput("--batch", f"{size} is not a positive number of questions")
         listed = [str(q) for q in questions]
@@ -299,7 +299,7 @@ class Client:
         if len(question) > MAX_QUESTION_CHARS:
             raise BadInput("question", f"is {len(question)} characters, over the {MAX_QUESTION_CHARS} limit")
         timeout = float(timeout_s or self.settings.ask_timeout_s)
-        k = int(top_k or self.settings.top_k)
+        k = int(self.settings.top_k if top_k is None else top_k)
         if not 1 <= k <= 100:
             raise BadInput("--top-k", f"{k} is outside 1..100")
         started = time.time()

@@ -66,3 +66,23 @@ def test_a_submission_cut_off_by_the_broker_leaves_a_job_that_adds_up(client, tm
     failed = [i for i in items if i["status"] == "failed"]
     assert len(failed) == 4 and all("not queued: broker unreachable" in i["error"] for i in failed)
     assert job["documents_failed"] == 4 and job["status"] == "running"  # the 4 queued documents still to come
+
+
+def test_zero_passages_or_questions_per_task_are_refused_not_replaced_by_the_defaults(client) -> None:  # type: ignore[no-untyped-def]
+    """`--top-k 0` and `--batch 0` are bad input (exit 2 from the CLI), not a silent fall-back to the defaults; nothing
+    is recorded."""
+    from sqlalchemy import func, select
+
+    from ragq.db import Job
+    from ragq.errors import BadInput
+
+    with client.db.connect() as conn:
+        before = conn.execute(select(func.count()).select_from(Job)).scalar()
+    with pytest.raises(BadInput, match="--top-k"):
+        client.submit_questions(["what is redis?"], top_k=0)
+    with pytest.raises(BadInput, match="--batch"):
+        client.submit_questions(["what is redis?"], batch=0)
+    with pytest.raises(BadInput, match="--top-k"):
+        client.ask("what is redis?", top_k=0)
+    with client.db.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(Job)).scalar() == before
