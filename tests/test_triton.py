@@ -11,9 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.triton_server import TritonServer, stub_site
+from tests.triton_server import TritonServer
 from workers.backends.torch_backend import load_torch_model
-from workers.backends.triton_backend import TritonMetricsCollector, load_triton_model, model_config
+from workers.backends.triton_backend import (
+    TritonMetricsCollector,
+    TritonModel,
+    decode_texts,
+    encode_texts,
+    load_triton_model,
+    model_config,
+)
 from workers.models import ModelSpec
 
 pytestmark = pytest.mark.integration
@@ -27,7 +34,7 @@ PROMPTS = ["Question: what", "The GPU worker loads the embedder then the reranke
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     root = tmp_path_factory.mktemp("triton")
     saved = {k: os.environ.get(k) for k in ("RAGQ_TRITON_STUB_PATH", "RAGQ_TRITON_REPOSITORY", "RAGQ_TRITON_URL")}
-    os.environ["RAGQ_TRITON_STUB_PATH"] = str(stub_site())
+    os.environ.pop("RAGQ_TRITON_STUB_PATH", None)   # the stub runs with this environment's own numpy (2.x)
     server = TritonServer(root / "repository", root / "tritonserver.log").start()
     os.environ["RAGQ_TRITON_REPOSITORY"] = str(server.repository)
     try:
@@ -112,9 +119,55 @@ def test_the_model_config_asks_for_dynamic_batching_with_priorities() -> None:
     config = model_config(spec, "cuda:1")
     for line in ('backend: "python"', "max_batch_size: 64", "preferred_batch_size: [ 8, 32, 64 ]",
                  "max_queue_delay_microseconds: 2500", "priority_levels: 2", "default_priority_level: 2",
-                 "kind: KIND_GPU gpus: [ 1 ]", 'name: "TEXT" data_type: TYPE_STRING'):
+                 "kind: KIND_GPU gpus: [ 1 ]",
+                 'name: "TEXT" data_type: TYPE_UINT8 dims: [ -1 ] allow_ragged_batch: true',
+                 'output { name: "EMBEDDING" data_type: TYPE_FP32 dims: [ -1 ] }'):
         assert line in config
     assert "KIND_CPU" in model_config(spec, "cpu")
+
+
+def test_texts_travel_as_utf8_rows() -> None:
+    texts = ["", "héllo wörld — ünïcode ✓", "a", "x" * 300]
+    rows = encode_texts(texts)
+    assert rows.dtype.name == "uint8" and rows.shape == (4, 300)
+    assert decode_texts(rows) == texts
+    assert encode_texts([""]).shape == (1, 1) and decode_texts(encode_texts([""])) == [""]
+
+
+def test_the_dynamic_batcher_joins_concurrent_requests_of_different_lengths(triton, tiny_models) -> None:  # type: ignore[no-untyped-def]
+    """Texts are ragged across requests, so requests of different lengths still share one execution."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    spec = dataclasses.replace(specs(tiny_models)["embed"], backend="triton", name="tri-batcher",
+                               max_queue_delay_ms=500.0, extra={"triton_url": triton.http_url})
+    texts = [("word " * (i * 7 + 1)).strip() for i in range(6)]
+    expected = load_torch_model(spec, "cpu").run(texts, {"kind": "document"})
+    model = load_triton_model(spec, "cpu")
+    clients = [TritonModel(spec, "cpu", triton.http_url, triton.repository)
+               for _ in texts]   # one connection per caller, as separate workers' requests arrive
+    with ThreadPoolExecutor(len(texts)) as pool:
+        got = list(pool.map(lambda i: clients[i].run([texts[i]], {"kind": "document"})[0], range(len(texts))))
+    for g, want in zip(got, expected):
+        assert g == pytest.approx(want, abs=1e-4)
+    stats = model.client.get_inference_statistics(spec.name)["model_stats"][0]
+    assert int(stats["inference_count"]) == len(texts)
+    assert int(stats["execution_count"]) < len(texts)   # joined, though each request's rows had its own length
+    model.unload()
+
+
+def test_the_stub_finds_packages_in_the_order_python_does(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The stub sees neither PYTHONPATH nor site-packages: ragq_paths.json gives them, stub folders first."""
+    import sysconfig
+
+    from workers.backends.triton_backend import ROOT, python_paths
+
+    stub, extra = tmp_path / "stub", tmp_path / "extra"
+    monkeypatch.setenv("RAGQ_TRITON_STUB_PATH", str(stub))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(extra), ""]))
+    paths = python_paths()
+    assert paths[:3] == [str(stub), str(ROOT), str(extra)]
+    assert paths.index(str(extra)) < paths.index(sysconfig.get_paths()["purelib"])
+    assert "" not in paths
 
 
 def test_the_engines_residency_drives_the_triton_repository(triton, tiny_models) -> None:  # type: ignore[no-untyped-def]

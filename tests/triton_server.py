@@ -1,6 +1,7 @@
 """A real Triton Inference Server for tests and benchmarks, from the `nvidia-pytriton` wheel: it carries Triton's
 server binary, the Python backend and its stubs. Only the server is used (pytriton's own Python package, with its
-numpy<2 pin, is never installed): the wheel is fetched once with pip into a cache and unpacked."""
+numpy<2 pin, is never installed): the wheel is fetched once with pip into a cache (RAGQ_PYTRITON_CACHE) and
+unpacked; the stub runs with the calling environment's packages, numpy 2 included."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 import zipfile
 from pathlib import Path
@@ -42,18 +44,6 @@ def server_dir(cache: Path | None = None) -> Path:
     return server
 
 
-def stub_site(cache: Path | None = None) -> Path:
-    """numpy<2 for the Python backend's stub, in a folder of its own (Triton 2.51's Python backend reads BYTES
-    tensors wrongly under numpy 2; ragq's environment keeps its own numpy). Put first on the stub's path by
-    RAGQ_TRITON_STUB_PATH."""
-    cache = cache or Path(os.environ.get("RAGQ_PYTRITON_CACHE", Path.home() / ".cache" / "ragq" / "pytriton"))
-    folder = cache / "stub-site"
-    if not (folder / "numpy").is_dir():
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(folder),
-                        "numpy<2"], check=True)
-    return folder
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -85,13 +75,15 @@ class TritonServer:
         server = server_dir()
         libs = server.parent.parent / "nvidia_pytriton.libs"
         # the Python backend's stub does not see PYTHONPATH: ragq writes its paths beside each model.py instead
-        env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join([str(libs), os.environ.get("LD_LIBRARY_PATH", "")]))
+        # the 3.x stub links libpython3.x: this interpreter's LIBDIR, where a non-system Python keeps it
+        libdirs = [str(libs), str(sysconfig.get_config_var("LIBDIR") or ""), os.environ.get("LD_LIBRARY_PATH", "")]
+        env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(p for p in libdirs if p))
         self.repository.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [str(server / "bin" / "tritonserver"), f"--model-repository={self.repository}",
              "--model-control-mode=explicit", f"--backend-directory={server / 'backends'}",
              f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}",
-             "--allow-metrics=true", "--log-verbose=0"],
+             "--allow-metrics=true", "--log-verbose=0", "--exit-timeout-secs=5"],
             env=env, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
         import tritonclient.http as http
 

@@ -35,17 +35,39 @@ URGENT_LEVEL, BACKGROUND_LEVEL = 1, 2
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_PY = Path(__file__).with_name("triton_model.py")
 
+# Every tensor is numeric: texts travel as UTF-8 bytes in UINT8 rows padded with NULs ([items, longest], ragged
+# across requests so the dynamic batcher still joins requests of different lengths). Triton 2.51's Python-backend
+# stub was built against numpy 1 and reads numpy 2 arrays with the wrong item size (string tensors crash it, numeric
+# ones come out wrong), so model.py moves tensors only through DLPack, and ragq's numpy 2 runs inside the stub.
 _IO = {
-    "embed": ([("TEXT", "TYPE_STRING", [1]), ("KIND", "TYPE_STRING", [1])], [("EMBEDDING", "TYPE_FP32", [-1])]),
-    "rerank": ([("QUERY", "TYPE_STRING", [1]), ("DOCUMENT", "TYPE_STRING", [1])], [("SCORE", "TYPE_FP32", [1])]),
-    "generate": ([("PROMPT", "TYPE_STRING", [1]), ("MAX_NEW_TOKENS", "TYPE_INT32", [1])],
-                 [("TEXT", "TYPE_STRING", [1])]),
+    "embed": ([("TEXT", "TYPE_UINT8", [-1]), ("KIND", "TYPE_UINT8", [-1])], [("EMBEDDING", "TYPE_FP32", [-1])]),
+    "rerank": ([("QUERY", "TYPE_UINT8", [-1]), ("DOCUMENT", "TYPE_UINT8", [-1])], [("SCORE", "TYPE_FP32", [1])]),
+    "generate": ([("PROMPT", "TYPE_UINT8", [-1]), ("MAX_NEW_TOKENS", "TYPE_INT32", [1])],
+                 [("TEXT", "TYPE_UINT8", [-1])]),
 }
 
 
+def encode_texts(texts: list[str]) -> np.ndarray:
+    """UTF-8 rows padded with NULs: uint8 [len(texts), longest] (at least one column). Trailing NULs of a text are
+    not kept (ragq's texts have none: Postgres refuses NUL in text)."""
+    raw = [t.encode("utf-8") for t in texts]
+    out = np.zeros((len(raw), max([1, *map(len, raw)])), dtype=np.uint8)
+    for row, data in zip(out, raw):
+        row[:len(data)] = np.frombuffer(data, dtype=np.uint8)
+    return out
+
+
+def decode_texts(rows: np.ndarray) -> list[str]:
+    """The texts of `encode_texts` rows."""
+    rows = np.asarray(rows, dtype=np.uint8)
+    return [row.tobytes().rstrip(b"\0").decode("utf-8") for row in rows.reshape(rows.shape[0], -1)]
+
+
 def _tensors(kind: str, items: list[tuple[str, str, list[int]]]) -> str:
+    ragged = " allow_ragged_batch: true" if kind == "input" else ""
     return "\n".join(
-        f'{kind} {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(str(d) for d in dims)} ] }}'
+        f'{kind} {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(str(d) for d in dims)} ]'
+        f'{ragged if dtype == "TYPE_UINT8" else ""} }}'
         for name, dtype, dims in items)
 
 
@@ -95,7 +117,8 @@ def python_paths() -> list[str]:
     import sysconfig
 
     first = [p for p in os.environ.get("RAGQ_TRITON_STUB_PATH", "").split(os.pathsep) if p]
-    paths = [*first, str(ROOT), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
+    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]   # as Python orders them
+    paths = [*first, str(ROOT), *extra, sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
              *site.getsitepackages()]
     return list(dict.fromkeys(paths))
 
@@ -187,21 +210,18 @@ class TritonModel:
         n = len(items)
         role = self.spec.role
 
-        def strings(values: list[str]) -> np.ndarray:
-            return np.asarray([v.encode("utf-8") for v in values], dtype=object).reshape(n, 1)
-
         if role == "embed":
-            texts = [getattr(item, "text", item) for item in items]
-            inputs = [self._input("TEXT", strings([str(t) for t in texts]), "BYTES"),
-                      self._input("KIND", strings([str(params.get("kind") or "document")] * n), "BYTES")]
+            texts = [str(getattr(item, "text", item)) for item in items]
+            inputs = [self._input("TEXT", encode_texts(texts), "UINT8"),
+                      self._input("KIND", encode_texts([str(params.get("kind") or "document")] * n), "UINT8")]
             wanted = "EMBEDDING"
         elif role == "rerank":
-            inputs = [self._input("QUERY", strings([str(q) for q, _ in items]), "BYTES"),
-                      self._input("DOCUMENT", strings([str(d) for _, d in items]), "BYTES")]
+            inputs = [self._input("QUERY", encode_texts([str(q) for q, _ in items]), "UINT8"),
+                      self._input("DOCUMENT", encode_texts([str(d) for _, d in items]), "UINT8")]
             wanted = "SCORE"
         else:
             tokens = int(params.get("max_new_tokens") or self.spec.max_new_tokens)
-            inputs = [self._input("PROMPT", strings([str(p) for p in items]), "BYTES"),
+            inputs = [self._input("PROMPT", encode_texts([str(p) for p in items]), "UINT8"),
                       self._input("MAX_NEW_TOKENS", np.full((n, 1), tokens, dtype=np.int32), "INT32")]
             wanted = "TEXT"
         priority = URGENT_LEVEL if params.get("urgent") else BACKGROUND_LEVEL
@@ -217,7 +237,7 @@ class TritonModel:
             return [row.tolist() for row in out]
         if role == "rerank":
             return [float(v) for v in out.reshape(-1)]
-        return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in out.reshape(-1)]
+        return decode_texts(out)
 
     def count_tokens(self, items: list[Any]) -> list[int]:
         from workers.backends.tokens import count_tokens

@@ -25,9 +25,20 @@ for _path in reversed(json.loads(Path(__file__).with_name("ragq_paths.json").rea
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402 - provided by Triton's Python backend
 
+from workers.backends.triton_backend import decode_texts, encode_texts  # noqa: E402
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+def _array(tensor: Any) -> np.ndarray:
+    """An input tensor's values through DLPack: the stub's own numpy conversion (as_numpy) assumes numpy 1."""
+    return np.from_dlpack(tensor)
+
+
+def _output(name: str, values: np.ndarray) -> Any:
+    """An output tensor through DLPack, from a torch tensor: the stub renames a consumed capsule "used_dlpack",
+    which numpy's capsule destructor reports as an error on every response and torch's ignores."""
+    import torch
+
+    return pb_utils.Tensor.from_dlpack(name, torch.from_numpy(np.ascontiguousarray(values)))
 
 
 class TritonPythonModel:
@@ -51,27 +62,28 @@ class TritonPythonModel:
                                          "pid": os.getpid(), "packed": bool(getattr(self.model, "packed", False))}))
 
     def _inputs(self, request: Any) -> tuple[list[Any], tuple[tuple[str, Any], ...]]:
-        def column(name: str) -> list[Any]:
+        def texts(name: str) -> list[str]:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
-            return [] if tensor is None else [row[0] for row in tensor.as_numpy()]
+            return [] if tensor is None else decode_texts(_array(tensor))
 
         role = self.spec.role
         if role == "embed":
-            kinds = column("KIND")
-            return [_text(t) for t in column("TEXT")], (("kind", _text(kinds[0]) if kinds else "document"),)
+            kinds = texts("KIND")
+            return texts("TEXT"), (("kind", kinds[0] if kinds else "document"),)
         if role == "rerank":
-            return [[_text(q), _text(d)] for q, d in zip(column("QUERY"), column("DOCUMENT"))], ()
-        tokens = column("MAX_NEW_TOKENS")
-        return [_text(p) for p in column("PROMPT")], (("max_new_tokens", int(tokens[0]) if tokens else 0),)
+            return [[q, d] for q, d in zip(texts("QUERY"), texts("DOCUMENT"))], ()
+        tokens = pb_utils.get_input_tensor_by_name(request, "MAX_NEW_TOKENS")
+        count = int(_array(tokens).reshape(-1)[0]) if tokens is not None else 0
+        return texts("PROMPT"), (("max_new_tokens", count),)
 
     def _response(self, outputs: list[Any]) -> Any:
         role = self.spec.role
         if role == "embed":
-            tensor = pb_utils.Tensor("EMBEDDING", np.asarray(outputs, dtype=np.float32))
+            tensor = _output("EMBEDDING", np.asarray(outputs, dtype=np.float32))
         elif role == "rerank":
-            tensor = pb_utils.Tensor("SCORE", np.asarray(outputs, dtype=np.float32).reshape(-1, 1))
+            tensor = _output("SCORE", np.asarray(outputs, dtype=np.float32).reshape(-1, 1))
         else:
-            tensor = pb_utils.Tensor("TEXT", np.asarray([o.encode("utf-8") for o in outputs], dtype=object).reshape(-1, 1))
+            tensor = _output("TEXT", encode_texts(outputs))
         return pb_utils.InferenceResponse(output_tensors=[tensor])
 
     def execute(self, requests: list[Any]) -> list[Any]:

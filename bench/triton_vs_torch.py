@@ -5,8 +5,9 @@ Python-backend model.py; the torch backend runs the same model in this process. 
 a generated corpus in micro-batches of --batch (the engine's background size), and generating --new-tokens for a
 few prompts; rounds alternate between the backends. Reports rates and the Triton / torch ratio.
 
-    python bench/triton_cpu.py --out bench/results/triton-cpu-2026-11-27.json
-    python3 bench/triton_cpu.py --device cuda:0 --models /tmp/ragq-models --out $OUT/triton.json   # on a GPU
+    python bench/triton_vs_torch.py --rounds 5 --out bench/results/triton-cpu-2026-11-27-s6.json
+    # on a GPU machine with no package registry: bash bench/triton_carry.sh here, carry .carry/, and there
+    python3 bench/triton_vs_torch.py --device cuda:0 --models /tmp/ragq-models --docs 200 --protocol http|grpc
 """
 
 from __future__ import annotations
@@ -37,13 +38,14 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
+    parser.add_argument("--roles", default="embed,generate", help="which workloads to run (comma-separated)")
     parser.add_argument("--out", type=Path, default=Path("triton.json"))
     args = parser.parse_args()
     import torch
 
     from ragq.chunking import chunk_document, make_chunker
     from ragq.documents import load_document
-    from tests.triton_server import TritonServer, stub_site
+    from tests.triton_server import TritonServer
     from workers.backends.torch_backend import load_torch_model
     from workers.backends.triton_backend import load_triton_model
     from workers.models import ModelSpec, default_embed_spec
@@ -69,7 +71,6 @@ def main() -> int:
     texts = [c.embed_text for p in make_corpus(home / "corpus", args.docs, 1)
              for c in chunk_document(load_document(p).document, chunker, embed.name, "d")]
     prompts = [f"Question {i}: which settings keep urgent questions fast?" for i in range(args.prompts)]
-    os.environ["RAGQ_TRITON_STUB_PATH"] = str(stub_site())
     server = TritonServer(home / "repository", home / "tritonserver.log").start()
     url = server.http_url if args.protocol == "http" else server.grpc_url
     os.environ["RAGQ_TRITON_REPOSITORY"] = str(server.repository)
@@ -78,8 +79,9 @@ def main() -> int:
                                   "cpu_cores": os.cpu_count(), "chunks": len(texts), "args": vars(args) | {
                                       "models": str(args.models), "out": str(args.out)}}
     try:
-        for spec, items, params, unit in ((embed, texts, {"kind": "document"}, "chunks"),
-                                          (generate, prompts, {"max_new_tokens": args.new_tokens}, "prompts")):
+        workloads = ((embed, texts, {"kind": "document"}, "chunks"),
+                     (generate, prompts, {"max_new_tokens": args.new_tokens}, "prompts"))
+        for spec, items, params, unit in (w for w in workloads if w[0].role in args.roles.split(",")):
             local = load_torch_model(spec, args.device)
             t0 = time.perf_counter()
             remote = load_triton_model(dataclasses.replace(spec, backend="triton", extra={"triton_url": url}),
