@@ -28,6 +28,18 @@ sys.path.insert(0, str(ROOT))
 from bench.urgent_cpu import make_corpus  # noqa: E402
 
 
+def agree(want: list, got: list) -> dict[str, float]:
+    """How far the Triton backend's outputs are from the torch backend's: the least cosine between vectors, or the
+    share of identical texts."""
+    if want and isinstance(want[0], list):
+        import numpy as np
+
+        a, b = np.asarray(want, dtype=np.float64), np.asarray(got, dtype=np.float64)
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        return {"min_cosine": float(cos.min()), "rows": len(want)}
+    return {"identical": sum(w == g for w, g in zip(want, got)) / len(want), "rows": len(want)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
@@ -89,8 +101,10 @@ def main() -> int:
             load_s = time.perf_counter() - t0
             size = spec.batch_size
             rates: dict[str, list[float]] = {"torch": [], "triton": []}
-            for model in (local, remote):   # warm-up
-                model.run(items[:size], params)
+            # warm-up, and the check that both backends compute the same thing
+            want, got = (model.run(items[:size], params) for model in (local, remote))
+            agreement = agree(want, got)
+            print(f"{spec.role}: Triton agrees with torch: {agreement}", flush=True)
             for _ in range(args.rounds):
                 for name, model in (("torch", local), ("triton", remote)):
                     t0 = time.perf_counter()
@@ -105,7 +119,8 @@ def main() -> int:
             best = {k: max(v) for k, v in rates.items()}
             results[spec.role] = {"unit": unit, "rates": rates, "best": best, "median": {k: statistics.median(v)
                                                                                     for k, v in rates.items()},
-                                  "triton_over_torch": best["triton"] / best["torch"], "triton_load_s": load_s}
+                                  "triton_over_torch": best["triton"] / best["torch"], "triton_load_s": load_s,
+                                  "agreement": agreement}
             print(f"{spec.role}: triton / torch = {best['triton'] / best['torch']:.3f} (best of {args.rounds}); "
                   f"Triton load {load_s:.1f}s", flush=True)
     finally:
