@@ -155,6 +155,37 @@ def test_the_dynamic_batcher_joins_concurrent_requests_of_different_lengths(trit
     model.unload()
 
 
+def test_an_urgent_request_overtakes_queued_background_ones(triton, tiny_models) -> None:  # type: ignore[no-untyped-def]
+    """Urgent micro-batches go at priority 1: with the instance busy and background requests queued, the urgent one
+    queued last runs next."""
+    import threading
+    import time
+
+    spec = dataclasses.replace(specs(tiny_models)["generate"], backend="triton", name="tri-priority", batch_size=1,
+                               urgent_batch=1, max_queue_delay_ms=0.0, extra={"triton_url": triton.http_url})
+    model = load_triton_model(spec, "cpu")
+    finished: dict[str, float] = {}
+
+    def send(name: str, tokens: int, urgent: bool) -> None:
+        client = TritonModel(spec, "cpu", triton.http_url, triton.repository)   # one connection per caller
+        client.run([f"{name}: the GPU worker"], {"max_new_tokens": tokens, "urgent": urgent})
+        finished[name] = time.monotonic()
+
+    calls = [("running", 400, False), ("bg1", 100, False), ("bg2", 100, False), ("bg3", 100, False),
+             ("urgent", 4, True)]
+    threads = []
+    for name, tokens, urgent in calls:   # the first occupies the one instance; the rest queue in this order
+        threads.append(threading.Thread(target=send, args=(name, tokens, urgent)))
+        threads[-1].start()
+        time.sleep(0.3 if name == "running" else 0.05)
+    for thread in threads:
+        thread.join(120)
+    assert set(finished) == {name for name, _, _ in calls}
+    assert finished["urgent"] < min(finished[f"bg{i}"] for i in (1, 2, 3))
+    assert finished["running"] < finished["urgent"]
+    model.unload()
+
+
 def test_the_stub_finds_packages_in_the_order_python_does(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The stub sees neither PYTHONPATH nor site-packages: ragq_paths.json gives them, stub folders first."""
     import sysconfig
