@@ -75,3 +75,20 @@ def test_a_configuration_error_stops_every_worker_instead_of_restarting() -> Non
     t0 = time.monotonic()
     assert supervise(start, 2, poll_s=0.1, handle_signals=False) == 2
     assert starts == [0, 1] and time.monotonic() - t0 < 20   # the sleeping one was stopped, none restarted
+
+
+def test_a_worker_backing_off_does_not_hold_up_the_others() -> None:
+    """While one worker waits out its restart backoff, the supervisor still sees the others: a configuration error
+    elsewhere stops everything at once, not after the backoff."""
+    from workers.start import supervise
+
+    starts: list[int] = []
+
+    def start(index: int) -> subprocess.Popen[bytes]:
+        starts.append(index)   # worker 0 crashes at once every time (backoff 1, 2, 4 s ...)
+        return _child("import sys; sys.exit(1)" if index == 0 else "import sys, time; time.sleep(4); sys.exit(2)")
+
+    t0 = time.monotonic()
+    assert supervise(start, 2, poll_s=0.1, handle_signals=False) == 2
+    assert time.monotonic() - t0 < 6.5   # worker 1's exit at 4 s is seen during worker 0's backoff (to 7 s or later)
+    assert starts.count(0) >= 2 and starts.count(1) == 1

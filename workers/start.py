@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import logging
 import os
 import signal
@@ -14,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 
 from ragq.db import ensure_schema
 from ragq.services import ensure_services
@@ -324,9 +323,22 @@ def supervise(start: Callable[[int], subprocess.Popen[bytes]], count: int, *, po
         signal.signal(signal.SIGTERM, forward)
         signal.signal(signal.SIGINT, forward)
     codes = [0] * count
+    restart_at: list[float | None] = [None] * count   # a dead worker's restart, after its backoff
     while True:
         alive = 0
+        now = time.monotonic()
         for index, child in enumerate(children):
+            due = restart_at[index]
+            if due is not None:   # backing off: the loop keeps watching the others meanwhile
+                if stopping:
+                    restart_at[index] = None
+                    continue
+                alive += 1
+                if now >= due:
+                    restart_at[index] = None
+                    children[index] = start(index)
+                    started[index] = time.monotonic()
+                continue
             code = child.poll()
             if code is None:
                 alive += 1
@@ -338,14 +350,10 @@ def supervise(start: Callable[[int], subprocess.Popen[bytes]], count: int, *, po
                 log.error("worker %d exited with a configuration error; stopping the others", index)
                 forward(signal.SIGTERM, None)
                 continue
-            failures[index] = 1 if time.monotonic() - started[index] >= stable_s else failures[index] + 1
+            failures[index] = 1 if now - started[index] >= stable_s else failures[index] + 1
             delay = min(max_backoff_s, 2.0 ** (failures[index] - 1))
             log.warning("worker %d (pid %d) died with code %s; restarting it in %.0fs", index, child.pid, code, delay)
-            time.sleep(delay)
-            if stopping:
-                continue
-            children[index] = start(index)
-            started[index] = time.monotonic()
+            restart_at[index] = now + delay
             alive += 1
         if alive == 0:
             return max(codes)
