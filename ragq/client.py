@@ -188,6 +188,12 @@ class Client:
             conn.execute(Job.__table__.update().where(Job.id == job_id).values(documents_total=rows))
             conn.execute(FINISH_JOB, {"job_id": job_id, "done": 0, "failed": len(item_ids), "chunks": 0, "added": 0})
 
+    def _top_k(self, top_k: int | None) -> int:
+        k = int(self.settings.top_k if top_k is None else top_k)
+        if not 1 <= k <= 100:
+            raise BadInput("--top-k", f"{k} is outside 1..100")
+        return k
+
     # -- background questions ---------------------------------------------------------------------------------------
     def submit_questions(self, questions: Iterable[str], *, top_k: int | None = None, batch: int | None = None,
                          max_new_tokens: int | None = None, labels: list[str] | None = None) -> QuestionsSubmission:
@@ -196,9 +202,7 @@ class Client:
         over-long question is recorded as failed with its problem; the others are queued all the same."""
         from tasks.questions import answer_questions
 
-        k = int(self.settings.top_k if top_k is None else top_k)
-        if not 1 <= k <= 100:
-            raise BadInput("--top-k", f"{k} is outside 1..100")
+        k = self._top_k(top_k)
         size = int(self.settings.question_batch if batch is None else batch)
         if size < 1:
             raise BadInput("--batch", f"{size} is not a positive number of questions")
@@ -294,14 +298,11 @@ class Client:
         from tasks.query import question_chain
 
         question = (question or "").strip()
-        if not question:
-            raise BadInput("question", "is empty")
-        if len(question) > MAX_QUESTION_CHARS:
-            raise BadInput("question", f"is {len(question)} characters, over the {MAX_QUESTION_CHARS} limit")
+        problem = _question_problem(question)
+        if problem:
+            raise BadInput("question", problem)
         timeout = float(timeout_s or self.settings.ask_timeout_s)
-        k = int(self.settings.top_k if top_k is None else top_k)
-        if not 1 <= k <= 100:
-            raise BadInput("--top-k", f"{k} is outside 1..100")
+        k = self._top_k(top_k)
         started = time.time()
         state = {
             "question": question, "top_k": k, "candidates": max(k, self.settings.rerank_candidates),

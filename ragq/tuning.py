@@ -114,9 +114,9 @@ def mark_stalled(conn: Any, knobs: dict[str, Knob], evidence: Evidence, gain: fl
     `fewer` times what they were (a longer cooldown no longer spaces the swaps out)."""
     from sqlalchemy import text
 
-    minutes = max(evidence.end - evidence.start, 1e-9) / 60.0
-    rate = evidence.embed_items / (minutes * 60.0)
-    swaps_now = sum(evidence.swaps.values()) / minutes
+    seconds = max(evidence.end - evidence.start, 1e-9)
+    rate = evidence.embed_items / seconds
+    swaps_now = sum(evidence.swaps.values()) / (seconds / 60.0)
     out = dict(knobs)
     for name, knob in knobs.items():
         cooldown = name == "cooldown_s"

@@ -64,10 +64,11 @@ def decode_texts(rows: np.ndarray) -> list[str]:
 
 
 def _tensors(kind: str, items: list[tuple[str, str, list[int]]]) -> str:
-    ragged = " allow_ragged_batch: true" if kind == "input" else ""
+    def ragged(dtype: str) -> str:   # text inputs: requests of different lengths batch together
+        return " allow_ragged_batch: true" if kind == "input" and dtype == "TYPE_UINT8" else ""
+
     return "\n".join(
-        f'{kind} {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(str(d) for d in dims)} ]'
-        f'{ragged if dtype == "TYPE_UINT8" else ""} }}'
+        f'{kind} {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(str(d) for d in dims)} ]{ragged(dtype)} }}'
         for name, dtype, dims in items)
 
 
@@ -123,9 +124,13 @@ def python_paths() -> list[str]:
     return list(dict.fromkeys(paths))
 
 
+def _setting(spec: ModelSpec, key: str) -> str:
+    """A Triton setting: `triton_<key>` in the model's table, else RAGQ_TRITON_<KEY>; "" when neither is set."""
+    return str(spec.extra.get(f"triton_{key}") or os.environ.get(f"RAGQ_TRITON_{key.upper()}") or "")
+
+
 def triton_endpoint(spec: ModelSpec) -> tuple[str, Path]:
-    url = str(spec.extra.get("triton_url") or os.environ.get("RAGQ_TRITON_URL") or "")
-    repository = str(spec.extra.get("triton_repository") or os.environ.get("RAGQ_TRITON_REPOSITORY") or "")
+    url, repository = _setting(spec, "url"), _setting(spec, "repository")
     if not url or not repository:
         raise BackendUnavailable(
             f"model {spec.name}: backend \"triton\" needs RAGQ_TRITON_URL and RAGQ_TRITON_REPOSITORY (or triton_url "
@@ -285,10 +290,10 @@ class TritonMetricsCollector:
 def metrics_url_for(spec: ModelSpec) -> str | None:
     """The metrics endpoint of the server `spec` uses: triton_metrics_url / RAGQ_TRITON_METRICS_URL, else port
     8002 of its server's host (Triton's default)."""
-    explicit = spec.extra.get("triton_metrics_url") or os.environ.get("RAGQ_TRITON_METRICS_URL")
+    explicit = _setting(spec, "metrics_url")
     if explicit:
-        return str(explicit)
-    url = str(spec.extra.get("triton_url") or os.environ.get("RAGQ_TRITON_URL") or "")
+        return explicit
+    url = _setting(spec, "url")
     if not url:
         return None
     host = url.split("://", 1)[-1].rsplit(":", 1)[0]
@@ -301,5 +306,5 @@ def metrics_collectors(specs: dict[str, ModelSpec]) -> tuple[TritonMetricsCollec
     return tuple(TritonMetricsCollector(url) for url in sorted(u for u in urls if u))
 
 
-__all__ = ["TritonMetricsCollector", "TritonModel", "load_triton_model", "metrics_collectors", "model_config",
-           "write_model"]
+__all__ = ["TritonMetricsCollector", "TritonModel", "decode_texts", "encode_texts", "load_triton_model",
+           "metrics_collectors", "model_config", "write_model"]
