@@ -53,6 +53,9 @@ def main() -> int:
     parser.add_argument("--roles", default="embed,generate", help="which workloads to run (comma-separated)")
     parser.add_argument("--out", type=Path, default=Path("triton.json"))
     args = parser.parse_args()
+    roles = [r.strip() for r in args.roles.split(",") if r.strip()]
+    if not roles or set(roles) - {"embed", "generate"}:
+        parser.error(f"--roles {args.roles!r}: the workloads are embed and generate (comma-separated)")
     import torch
 
     from ragq.chunking import chunk_document, make_chunker
@@ -93,7 +96,7 @@ def main() -> int:
     try:
         workloads = ((embed, texts, {"kind": "document"}, "chunks"),
                      (generate, prompts, {"max_new_tokens": args.new_tokens}, "prompts"))
-        for spec, items, params, unit in (w for w in workloads if w[0].role in args.roles.split(",")):
+        for spec, items, params, unit in (w for w in workloads if w[0].role in roles):
             local = load_torch_model(spec, args.device)
             t0 = time.perf_counter()
             remote = load_triton_model(dataclasses.replace(spec, backend="triton", extra={"triton_url": url}),
