@@ -49,5 +49,6 @@ rm -rf "$work/site/bin"
 find "$work" -name __pycache__ -prune -exec rm -rf {} +
 
 mkdir -p "$(dirname "$archive")"
-tar -C "$work" -cf - site unpacked | xz -T0 -6 > "$archive"
+tar -C "$work" -cf - site unpacked | xz -T0 -6 > "$work/archive.tar.xz"   # no half-written archive on failure
+mv "$work/archive.tar.xz" "$archive"
 ls -l "$archive"
