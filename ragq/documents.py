@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,9 @@ def from_docling(doc: DoclingDocument, *, source: str, fmt: str = "docling") -> 
     text = doc.export_to_markdown().strip()
     if not text:
         raise BadInput(source, "document contains no text to index")
+    problem = _unstorable(doc.export_to_dict())
+    if problem:
+        raise BadInput(source, problem)
     return LoadedDocument(source=source, format=fmt, document=doc, document_id=document_id(doc), text_chars=len(text))
 
 
@@ -142,6 +146,33 @@ def parse_docling_json(text: str, source: str) -> DoclingDocument:
         raise BadInput(source, f"not a DoclingDocument: {details}{more}") from None
     except (ValueError, TypeError, KeyError, IndexError, RecursionError) as exc:
         raise BadInput(source, f"not a DoclingDocument: {type(exc).__name__}: {exc}") from None
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _unstorable(value: Any, where: str = "") -> str | None:
+    """The first string in `value` that Postgres cannot store or UTF-8 cannot encode (a NUL, or an unpaired
+    surrogate, which a JSON escape can produce), named by its place in the document."""
+    if isinstance(value, str):
+        found = _UNSTORABLE.search(value)
+        if found is None:
+            return None
+        char = found.group()
+        what = "a NUL character (U+0000), which Postgres cannot store" if char == "\x00" else \
+            f"an unpaired surrogate (U+{ord(char):04X}), which is not valid Unicode"
+        return f"{where or 'text'} contains {what}, at character {found.start()}"
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        problem = _unstorable(item, f"{where}.{key}" if where else str(key))
+        if problem:
+            return problem
+    return None
 
 
 def document_id(doc: DoclingDocument) -> str:

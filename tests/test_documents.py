@@ -67,6 +67,7 @@ def test_chunks_carry_headings_and_stable_ids(chunker) -> None:  # type: ignore[
     ("binary.txt", b"\x89PNG\r\n\x1a\n\x00\x00\x00", "binary file"),
     ("latin1.md", "caf\xe9 cr\xe8me".encode("latin-1"), "not UTF-8 text (byte 0xe9 at offset 3)"),
     ("headings.md", b"```\n\n```\n", "no text to index"),
+    ("late-nul.txt", b"Notes\n\n" + b"x" * 9000 + b" \x00 end\n", "a NUL character (U+0000), which Postgres cannot"),
 ])
 def test_bad_inputs_name_the_file_and_the_problem(tmp_path: Path, name: str, content: bytes, problem: str) -> None:
     path = tmp_path / name
@@ -159,3 +160,20 @@ def test_a_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path: Path,
         load_document(path)
     assert info.value.source == str(path)
     assert "over the 64 MiB limit" in info.value.problem
+
+
+@pytest.mark.parametrize(("char", "problem"), [
+    ("\ud800", "texts.1.text contains an unpaired surrogate (U+D800), which is not valid Unicode"),
+    ("\x00", "texts.1.text contains a NUL character (U+0000), which Postgres cannot store"),
+])
+def test_a_docling_json_escape_postgres_cannot_store_is_refused_by_place(tmp_path: Path, char: str,
+                                                                          problem: str) -> None:
+    """JSON escapes can make a NUL or a lone surrogate, which Postgres (and UTF-8, and the tokenizers) cannot take."""
+    doc = json.loads((SAMPLES / "celery-queues.json").read_text())
+    doc["texts"][1]["text"] += f" {char}"
+    path = tmp_path / "escaped.json"
+    path.write_text(json.dumps(doc))   # ASCII, with the escape
+    with pytest.raises(BadInput) as info:
+        load_document(path)
+    assert info.value.source == str(path)
+    assert problem in info.value.problem
