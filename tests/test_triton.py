@@ -171,18 +171,20 @@ def test_an_urgent_request_overtakes_queued_background_ones(triton, tiny_models)
         client.run([f"{name}: the GPU worker"], {"max_new_tokens": tokens, "urgent": urgent})
         finished[name] = time.monotonic()
 
-    calls = [("running", 400, False), ("bg1", 100, False), ("bg2", 100, False), ("bg3", 100, False),
-             ("urgent", 4, True)]
+    background = [f"bg{i}" for i in range(1, 6)]
+    calls = [("running", 400, False), *((name, 200, False) for name in background), ("urgent", 4, True)]
     threads = []
     for name, tokens, urgent in calls:   # the first occupies the one instance; the rest queue in this order
         threads.append(threading.Thread(target=send, args=(name, tokens, urgent)))
         threads[-1].start()
-        time.sleep(0.3 if name == "running" else 0.05)
+        time.sleep(0.2 if name == "running" else 0.02)
     for thread in threads:
         thread.join(120)
     assert set(finished) == {name for name, _, _ in calls}
-    assert finished["urgent"] < min(finished[f"bg{i}"] for i in (1, 2, 3))
-    assert finished["running"] < finished["urgent"]
+    # first come, first served would finish it last; at priority 1 it runs once the request in progress (the
+    # first, or by then one of the first background ones) is done, ahead of the rest of the queue
+    overtaken = sum(finished["urgent"] < finished[name] for name in background)
+    assert overtaken >= 3, finished
     model.unload()
 
 
