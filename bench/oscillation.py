@@ -113,8 +113,8 @@ def run_variant(name: str, cooldown: float, tune: bool, home: Path, env: dict[st
 
     from ragq.client import Client
     from ragq.demo import stop_worker, wait_until_consuming
-    from ragq.settings import Settings
-    from ragq.tuning import tick
+    from ragq.core.settings import Settings
+    from workers.tuning import tick
     from workers.models import load_model_specs
 
     env = dict(env, RAGQ_COOLDOWN_S=str(cooldown))
@@ -228,8 +228,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--out", type=Path, default=Path("oscillation.json"))
     args = parser.parse_args()
-    from ragq.services import EmbeddedServices
-    from ragq.settings import Settings
+    from ragq.core.services import EmbeddedServices
+    from ragq.core.settings import Settings
 
     home = Path(tempfile.mkdtemp(prefix="ragq-osc-"))
     models = home / "models.toml"

@@ -92,8 +92,8 @@ def main() -> int:
     import torch
     import transformers
 
-    from ragq.chunking import chunk_document, make_chunker
-    from ragq.documents import load_document
+    from ragq.core.chunking import chunk_document, make_chunker
+    from ragq.core.documents import load_document
     from workers.backends.torch_backend import load_torch_model
     from workers.models import load_model_specs
 

@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.models import build_all  # noqa: E402
-from ragq.errors import DeviceOutOfMemory  # noqa: E402
+from ragq.core.errors import DeviceOutOfMemory  # noqa: E402
 from scheduler.batching import BACKGROUND, URGENT  # noqa: E402
-from scheduler.budget import parse_size  # noqa: E402
+from ragq.core.sizes import parse_size  # noqa: E402
 from workers.backends.torch_backend import load_torch_model  # noqa: E402
 from workers.engine import Engine  # noqa: E402
 from workers.models import ModelSpec  # noqa: E402

@@ -51,8 +51,8 @@ def raw_forward(paths: dict[str, Path], corpus: list[Path], device: str, tiny: b
 
     import torch
 
-    from ragq.chunking import chunk_document, make_chunker
-    from ragq.documents import load_document
+    from ragq.core.chunking import chunk_document, make_chunker
+    from ragq.core.documents import load_document
     from workers.backends.torch_backend import load_torch_model
     from workers.models import load_model_specs
 
@@ -99,7 +99,7 @@ def raw_question_stages(specs: dict[str, Any], texts: list[str], device: str) ->
     """The rerank (20 passages) and generate (16 tokens) stages alone, outside the stack, median of 5."""
     import torch
 
-    from ragq.answer import generation_prompt
+    from ragq.core.answer import generation_prompt
     from workers.backends.torch_backend import load_torch_model
 
     out = {}
@@ -135,7 +135,7 @@ VARIANT_ENV = {
 def run_variant(name: str, home: Path, device: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
     from ragq.client import Client
     from ragq.demo import QUESTIONS, sample_paths, stop_worker, wait_until_consuming
-    from ragq.settings import Settings
+    from ragq.core.settings import Settings
     from workers.celery_app import app
 
     naive = name == "naive"
@@ -217,8 +217,8 @@ def main() -> int:
     models_file.write_text(models_toml(paths, args.tiny))
     os.environ.update(RAGQ_MODELS=str(models_file), RAGQ_HOME=str(home), RAGQ_VRAM_BUDGET="16GiB",
                       RAGQ_CPU_BUDGET="16GiB", RAGQ_STATS_INTERVAL_S="10")
-    from ragq.services import EmbeddedServices
-    from ragq.settings import Settings
+    from ragq.core.services import EmbeddedServices
+    from ragq.core.settings import Settings
 
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if cuda else "cpu",

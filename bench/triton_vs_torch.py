@@ -58,8 +58,8 @@ def main() -> int:
         parser.error(f"--roles {args.roles!r}: the workloads are embed and generate (comma-separated)")
     import torch
 
-    from ragq.chunking import chunk_document, make_chunker
-    from ragq.documents import load_document
+    from ragq.core.chunking import chunk_document, make_chunker
+    from ragq.core.documents import load_document
     from tests.triton_server import TritonServer
     from workers.backends.torch_backend import load_torch_model
     from workers.backends.triton_backend import load_triton_model

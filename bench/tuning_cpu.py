@@ -50,8 +50,8 @@ def run_variant(name: str, home: Path, batch: int, tune: bool, corpus: list[Path
                 ) -> dict[str, Any]:
     from ragq.client import Client
     from ragq.demo import stop_worker, wait_until_consuming
-    from ragq.settings import Settings
-    from ragq.tuning import tick
+    from ragq.core.settings import Settings
+    from workers.tuning import tick
     from workers.models import load_model_specs
 
     env = dict(os.environ, RAGQ_HOME=str(home), RAGQ_MODELS=str(models_file(home, batch)),
@@ -105,8 +105,8 @@ def run_tokens(home: Path, args: argparse.Namespace, tokens: int, tune: bool) ->
     from bench.models import build_all
     from ragq.client import Client
     from ragq.demo import QUESTIONS, sample_paths, stop_worker, wait_until_consuming
-    from ragq.settings import Settings
-    from ragq.tuning import tick
+    from ragq.core.settings import Settings
+    from workers.tuning import tick
     from workers.models import load_model_specs
 
     paths = build_all(home / "models", "cpu", tiny=True)
@@ -180,8 +180,8 @@ def main() -> int:
     parser.add_argument("--static-tokens", type=int, default=0,
                         help="also run a static configuration with this many new tokens (no tuner)")
     args = parser.parse_args()
-    from ragq.services import EmbeddedServices
-    from ragq.settings import Settings
+    from ragq.core.services import EmbeddedServices
+    from ragq.core.settings import Settings
 
     home = Path(tempfile.mkdtemp(prefix="ragq-tune-"))
     services = EmbeddedServices(Settings(home=home))

@@ -31,8 +31,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ragq.demo import QUESTIONS, sample_paths  # noqa: E402
-from ragq.services import EmbeddedServices  # noqa: E402
-from ragq.settings import Settings  # noqa: E402
+from ragq.core.services import EmbeddedServices  # noqa: E402
+from ragq.core.settings import Settings  # noqa: E402
 
 WORDS = ("the worker queue batch model memory urgent background question answer chunk vector index search rerank "
          "embed generate latency throughput budget residency pinned host device card load wake sleep evict").split()
@@ -68,7 +68,7 @@ def start_worker(home: Path, profile: str, log: Path) -> subprocess.Popen[bytes]
 def ask_many(client: Any, count: int, timeout_s: float, busy_job: str | None = None) -> tuple[list[float], int]:
     """Sequential questions; with `busy_job`, only those answered while that job was still running count, and
     asking stops when it finishes (so 'loaded' numbers are never partly idle)."""
-    from ragq.errors import QuestionTimeout
+    from ragq.core.errors import QuestionTimeout
 
     latencies, timeouts = [], 0
     for i in range(count):

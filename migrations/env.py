@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool, text
 
-from ragq.db import Base  # noqa: F401 - metadata for autogenerate comparisons
+from ragq.core.db import Base  # noqa: F401 - metadata for autogenerate comparisons
 
 MIGRATION_LOCK_ID = 7216000
 

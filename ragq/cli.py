@@ -14,8 +14,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ragq.errors import BadInput, ConfigError, QuestionTimeout, RagqError, ServiceError
-from ragq.settings import Settings, load_settings
+from ragq.core.errors import BadInput, ConfigError, QuestionTimeout, RagqError, ServiceError
+from ragq.core.settings import Settings, load_settings
+from ragq.replies import print_reply
 
 app = typer.Typer(
     name="ragq", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -99,7 +100,7 @@ def _print_json(data: Any) -> None:
 @_guard
 def services_up(as_json: Annotated[bool, typer.Option("--json", help="print the endpoints as JSON")] = False) -> None:
     """Start the embedded Redis and Postgres (only those with no URL configured); reuse them if running."""
-    from ragq.services import EmbeddedServices
+    from ragq.core.services import EmbeddedServices
 
     _setup_logging()
     settings = _settings()
@@ -112,7 +113,7 @@ def services_up(as_json: Annotated[bool, typer.Option("--json", help="print the 
 @_guard
 def services_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Show the endpoints and whether the embedded servers run."""
-    from ragq.services import EmbeddedServices
+    from ragq.core.services import EmbeddedServices
 
     _setup_logging()
     _show_status(EmbeddedServices(_settings()).status(), as_json)
@@ -122,7 +123,7 @@ def services_status(as_json: Annotated[bool, typer.Option("--json")] = False) ->
 @_guard
 def services_down(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Stop the embedded servers that ragq started (by their recorded pids); external services are untouched."""
-    from ragq.services import EmbeddedServices
+    from ragq.core.services import EmbeddedServices
 
     _setup_logging()
     stopped = EmbeddedServices(_settings()).down()
@@ -137,7 +138,7 @@ def _show_status(status: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _print_json(status)
         return
-    from ragq.services import redact
+    from ragq.core.services import redact
 
     table = Table(show_header=False, box=None)
     for key in ("home", "redis", "postgres", "broker_url", "result_backend", "database_url", "redis_pid",
@@ -151,8 +152,8 @@ def _show_status(status: dict[str, Any], as_json: bool) -> None:
 @_guard
 def migrate() -> None:
     """Apply the database migrations (also applied automatically on first use)."""
-    from ragq.db import migrate as run_migrations
-    from ragq.services import ensure_services
+    from ragq.core.db import migrate as run_migrations
+    from ragq.core.services import ensure_services
 
     _setup_logging()
     revision = run_migrations(ensure_services(_settings()).database_url)
@@ -291,7 +292,7 @@ def job(job_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -
 @_guard
 def beat(loglevel: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO") -> None:
     """Run Celery beat: sends the periodic jobs (alert evaluation every RAGQ_ALERT_INTERVAL_S) to the workers."""
-    from ragq.services import ensure_services
+    from ragq.core.services import ensure_services
     from workers.celery_app import app as celery_app
     from workers.celery_app import configure_app
 
@@ -313,9 +314,9 @@ def alerts(
     """List open alerts and those started recently (pending, firing, resolved)."""
     from datetime import datetime, timezone
 
-    from ragq import alerts as alert_rules
-    from ragq.db import ensure_schema, get_engine
-    from ragq.services import ensure_services
+    from workers import alerts as alert_rules
+    from ragq.core.db import ensure_schema, get_engine
+    from ragq.core.services import ensure_services
 
     _setup_logging()
     settings = _settings()
@@ -351,8 +352,8 @@ def report(
     from datetime import datetime, timezone
 
     from ragq import report as reports
-    from ragq.db import ensure_schema, get_engine
-    from ragq.services import ensure_services
+    from ragq.core.db import ensure_schema, get_engine
+    from ragq.core.services import ensure_services
 
     _setup_logging()
     window = parse_duration(since)
@@ -390,8 +391,8 @@ def top(
 
     from rich.live import Live
 
-    from ragq.db import ensure_schema, get_engine
-    from ragq.services import ensure_services
+    from ragq.core.db import ensure_schema, get_engine
+    from ragq.core.services import ensure_services
     from ragq.top import render, snapshot
 
     _setup_logging()
@@ -429,9 +430,9 @@ def tune(
 
     from sqlalchemy import text
 
-    from ragq import tuning
-    from ragq.db import ensure_schema, get_engine
-    from ragq.services import ensure_services
+    from workers import tuning
+    from ragq.core.db import ensure_schema, get_engine
+    from ragq.core.services import ensure_services
     from workers.models import load_model_specs
 
     _setup_logging()
@@ -542,31 +543,6 @@ def questions(
                   f"rejected; follow it with `ragq job {result['job_id']}`")
     if result["failed"]:
         raise typer.Exit(EXIT_FAILED_INPUT)
-
-
-def print_reply(reply: dict[str, Any], console: Console) -> None:
-    console.print(f"[bold]Q:[/] {reply['question']}", highlight=False)
-    console.print(f"[bold]A:[/] {reply['answer']}", highlight=False)
-    if reply.get("note"):
-        console.print(f"[dim]({reply['note']})[/]", highlight=False)
-    sources = Table(title="sources", show_lines=False, title_justify="left")
-    for column in ("#", "document", "score", "passage"):
-        sources.add_column(column, overflow="fold")
-    for i, s in enumerate(reply["sources"], 1):
-        snippet = s["text"].replace("\n", " ")
-        sources.add_row(str(i), s["document"], f"{s['score']:.3f}", snippet[:110] + ("…" if len(snippet) > 110 else ""))
-    console.print(sources)
-    console.print(timing_table(reply))
-
-
-def timing_table(reply: dict[str, Any]) -> Table:
-    table = Table(title=f"timings (total {reply.get('total_ms') or 0:.0f} ms)", title_justify="left")
-    for column in ("stage", "model", "queue ms", "load ms", "compute ms", "batch"):
-        table.add_column(column, justify="right" if "ms" in column or column == "batch" else "left")
-    for stage, t in reply["timings"].items():
-        table.add_row(stage, str(t.get("model") or "-"), f"{t['queue_ms']:.1f}", f"{t['load_ms']:.1f}",
-                      f"{t['compute_ms']:.1f}", str(t.get("batch_size") or "-"))
-    return table
 
 
 @app.command()

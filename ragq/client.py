@@ -19,12 +19,12 @@ from typing import Any
 from docling_core.types.doc import DoclingDocument
 from sqlalchemy import func, insert, select
 
-from ragq import tracing
-from ragq.db import Answer, Job, JobItem, ensure_schema, get_engine
-from ragq.documents import Failure, LoadedDocument, expand_paths, from_docling, load_document
-from ragq.errors import BadInput, QuestionTimeout, RagqError
-from ragq.services import Endpoints, ensure_services
-from ragq.settings import Settings, load_settings
+from ragq.core import tracing
+from ragq.core.db import FINISH_JOB, Answer, Job, JobItem, ensure_schema, get_engine
+from ragq.core.documents import Failure, LoadedDocument, expand_paths, from_docling, load_document
+from ragq.core.errors import BadInput, QuestionTimeout, RagqError
+from ragq.core.services import Endpoints, ensure_services
+from ragq.core.settings import Settings, load_settings
 
 Source = str | Path | DoclingDocument
 MAX_QUESTION_CHARS = 8000
@@ -102,7 +102,7 @@ class Client:
         Streams: the job row (with its total) is written first, and each task message is published as soon as
         its documents are read, so workers start on the first documents while the rest are still being read.
         A bad input is recorded as a failed item with its error; the others are queued all the same."""
-        from tasks.ingest import FINISH_JOB, ingest_documents
+        from tasks.ingest import ingest_documents
 
         work: list[tuple[str, Any]] = []
         paths: list[str | Path] = []
@@ -178,8 +178,6 @@ class Client:
     def _abandon(self, job_id: str, item_ids: list[int], error: str) -> None:
         """Submission stopped part-way (the broker away, an interrupt): the items written but not queued fail
         with the error, and the job's total becomes the items it has, so the job still finishes."""
-        from tasks.ingest import FINISH_JOB
-
         with self.db.begin() as conn:
             if item_ids:
                 conn.execute(JobItem.__table__.update().where(JobItem.id.in_(item_ids))

@@ -12,8 +12,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from ragq.services import EmbeddedServices
-from ragq.settings import Settings
+from ragq.core.services import EmbeddedServices
+from ragq.core.settings import Settings
 
 SAMPLES = Path(__file__).parent / "samples"
 QUESTIONS = (
@@ -68,8 +68,8 @@ def stop_worker(worker: subprocess.Popen[bytes]) -> None:
 
 
 def run_demo(settings: Settings, console: Console, keep_services: bool = False) -> int:
-    from ragq.cli import print_reply
     from ragq.client import Client
+    from ragq.replies import print_reply
 
     services = EmbeddedServices(settings)
     before = services.status()

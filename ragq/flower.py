@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ragq.errors import ConfigError
-from ragq.settings import Settings
+from ragq.core.errors import ConfigError
+from ragq.core.settings import Settings
 
 # Flower's endpoints that act on workers or tasks (flower/urls.py, Flower 2.x)
 MUTATING = (
@@ -67,7 +67,7 @@ def make_read_only() -> int:
 
 
 def run(settings: Settings, *, read_only: bool, extra: list[str] | None = None) -> Any:
-    from ragq.services import ensure_services
+    from ragq.core.services import ensure_services
     from workers.celery_app import configure_app
 
     auth = auth_arguments(settings)   # before anything starts

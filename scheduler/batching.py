@@ -19,10 +19,22 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from enum import IntEnum
 
-URGENT = 0
-BACKGROUND = 1
-PRIORITY_NAMES = {URGENT: "urgent", BACKGROUND: "background"}
+
+class Priority(IntEnum):
+    """A request's priority: lower runs first (stored and sent as the number)."""
+
+    URGENT = 0
+    BACKGROUND = 1
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+URGENT, BACKGROUND = Priority.URGENT, Priority.BACKGROUND
+PRIORITY_NAMES = {p: p.label for p in Priority}
 
 
 @dataclass(frozen=True)
@@ -32,7 +44,7 @@ class Pending:
     key: int                # the engine's request id
     role: str
     group: Hashable         # requests with equal (role, group) may share a micro-batch
-    priority: int
+    priority: Priority
     enqueued: float
     items: tuple[tuple[int, int], ...]   # (index, tokens) of the items not yet scheduled, in order
     deadline: float | None = None

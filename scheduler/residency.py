@@ -16,25 +16,37 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from itertools import combinations
 
-from ragq.errors import BudgetExceeded
+from ragq.core.errors import BudgetExceeded
 
-VRAM = "vram"
-HOST = "host"
-DISK = "disk"
+class Tier(StrEnum):
+    """Where a model's weights are (the values are what ragq stores and shows)."""
 
-SLEEP = "sleep"        # vram -> host (keeps a pinned copy; wake is one host-to-device copy)
-UNLOAD = "unload"      # vram -> disk
-DROP_HOST = "drop"     # host -> disk
-WAKE = "wake"          # host -> vram
-LOAD = "load"          # disk -> vram (through host)
+    VRAM = "vram"      # active on the device
+    HOST = "host"      # asleep in pinned host RAM
+    DISK = "disk"      # cold
+
+
+class Action(StrEnum):
+    """A residency move between tiers (the values are the model_events' event names)."""
+
+    SLEEP = "sleep"        # vram -> host (keeps a pinned copy; wake is one host-to-device copy)
+    UNLOAD = "unload"      # vram -> disk
+    DROP_HOST = "drop"     # host -> disk
+    WAKE = "wake"          # host -> vram
+    LOAD = "load"          # disk -> vram (through host)
+
+
+VRAM, HOST, DISK = Tier.VRAM, Tier.HOST, Tier.DISK
+SLEEP, UNLOAD, DROP_HOST, WAKE, LOAD = Action.SLEEP, Action.UNLOAD, Action.DROP_HOST, Action.WAKE, Action.LOAD
 
 
 @dataclass(frozen=True)
 class ModelView:
     name: str
-    tier: str                  # vram | host | disk
+    tier: Tier
     vram_bytes: int            # measured weights bytes on the device (or the configured first guess)
     host_bytes: int = 0        # bytes of its pinned host copy (equal to vram_bytes once measured)
     last_used: float = 0.0
@@ -54,7 +66,7 @@ class ResidencyPolicy:
 @dataclass(frozen=True)
 class Move:
     model: str
-    action: str
+    action: Action
     reason: str
 
 

@@ -14,33 +14,15 @@ from sqlalchemy import select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import OperationalError
 
-from ragq.chunking import ChunkText
-from ragq.db import Chunk, Document, JobItem, ensure_vector_index
-from ragq.errors import BadInput
+from ragq.core.chunking import ChunkText
+from ragq.core.db import FINISH_JOB, Chunk, Document, JobItem, ensure_vector_index
+from ragq.core.errors import BadInput
 from scheduler.batching import BACKGROUND
 from tasks.common import sent_at
 from workers.celery_app import RagqTask, app
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
-
-FINISH_JOB = text("""
-UPDATE jobs SET
-  documents_done = documents_done + :done,
-  documents_failed = documents_failed + :failed,
-  chunks_total = chunks_total + :chunks,
-  chunks_added = chunks_added + :added,
-  updated_at = now(),
-  status = CASE
-    WHEN documents_done + :done + documents_failed + :failed < documents_total THEN 'running'
-    WHEN documents_failed + :failed = 0 THEN 'completed'
-    WHEN documents_done + :done = 0 THEN 'failed'
-    ELSE 'completed_with_errors' END,
-  finished_at = CASE
-    WHEN documents_done + :done + documents_failed + :failed >= documents_total THEN now() ELSE NULL END
-WHERE id = :job_id
-""")
-
 
 def _claim_item(conn: Any, item_id: int, **values: Any) -> bool:
     """Move a job item out of 'queued' exactly once (a redelivered task finds it done and counts nothing)."""

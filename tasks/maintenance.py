@@ -10,7 +10,7 @@ from workers.celery_app import app
 
 @app.task(name="ragq.evaluate_alerts", bind=True, ignore_result=True)
 def evaluate_alerts(self: Any) -> int:
-    from ragq.alerts import evaluate
+    from workers.alerts import evaluate
 
     rt = self.app.require_runtime()
     settings = rt.settings
@@ -19,7 +19,7 @@ def evaluate_alerts(self: Any) -> int:
 
 @app.task(name="ragq.tune", bind=True, ignore_result=True)
 def tune(self: Any) -> int:
-    from ragq.tuning import tick
+    from workers.tuning import tick
     from workers.metrics import queue_depths
 
     rt = self.app.require_runtime()

@@ -13,8 +13,8 @@ from typing import Any
 from celery import chain
 from sqlalchemy import text
 
-from ragq.answer import EXTRACTIVE_NOTE, extractive_answer, generation_prompt
-from ragq.errors import RequestExpired
+from ragq.core.answer import EXTRACTIVE_NOTE, extractive_answer, generation_prompt
+from ragq.core.errors import RequestExpired
 from scheduler.batching import URGENT
 from tasks.common import engine_deadline, sent_at
 from workers.celery_app import URGENT_QUEUE, app

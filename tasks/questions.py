@@ -16,11 +16,10 @@ from typing import Any
 from sqlalchemy import text, update
 from sqlalchemy.exc import OperationalError
 
-from ragq.answer import extractive_answer, generation_prompt
-from ragq.db import Answer
+from ragq.core.answer import extractive_answer, generation_prompt
+from ragq.core.db import FINISH_JOB, Answer
 from scheduler.batching import BACKGROUND
 from tasks.common import sent_at
-from tasks.ingest import FINISH_JOB
 from tasks.query import search_chunks
 from workers.celery_app import RagqTask, app
 

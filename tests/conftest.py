@@ -40,8 +40,8 @@ def run_chromium(tmp_path: Path, *args: str, timeout: float = 180) -> subprocess
 @pytest.fixture(scope="session")
 def ragq_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One embedded Redis + Postgres for the session's integration tests."""
-    from ragq.services import EmbeddedServices
-    from ragq.settings import Settings
+    from ragq.core.services import EmbeddedServices
+    from ragq.core.settings import Settings
 
     home = tmp_path_factory.mktemp("home")
     services = EmbeddedServices(Settings(home=home))
@@ -52,7 +52,7 @@ def ragq_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def settings(ragq_home: Path):  # type: ignore[no-untyped-def]
-    from ragq.settings import Settings
+    from ragq.core.settings import Settings
 
     return Settings(home=ragq_home)
 
@@ -123,8 +123,8 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def db_engine(settings):  # type: ignore[no-untyped-def]
     """The session's Postgres, migrated, as a SQLAlchemy engine."""
-    from ragq.db import ensure_schema, get_engine
-    from ragq.services import ensure_services
+    from ragq.core.db import ensure_schema, get_engine
+    from ragq.core.services import ensure_services
 
     url = ensure_services(settings).database_url
     ensure_schema(url)

@@ -49,8 +49,8 @@ def kill_hard(proc: subprocess.Popen[bytes]) -> int:
 
 def drill_services(home: Path) -> tuple[Any, Any]:
     """(settings, services) of a drill's own home, with its embedded Redis and Postgres up."""
-    from ragq.services import EmbeddedServices
-    from ragq.settings import Settings
+    from ragq.core.services import EmbeddedServices
+    from ragq.core.settings import Settings
 
     home.mkdir(parents=True, exist_ok=True)
     settings = Settings(home=home)

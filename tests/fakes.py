@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ragq.errors import DeviceOutOfMemory
+from ragq.core.errors import DeviceOutOfMemory
 from workers.models import ModelSpec
 
 MiB = 2**20
@@ -139,7 +139,7 @@ def spec(role: str, mib: float, batch: int = 8) -> ModelSpec:
 
 def fake_engine(run_s_fixed: float = 0.0, fail_to_start: str | None = None) -> Any:
     """An engine over fake models that take real time, for running in an engine process (a picklable factory)."""
-    from ragq.errors import ConfigError
+    from ragq.core.errors import ConfigError
     from workers.engine import Engine
 
     if fail_to_start:

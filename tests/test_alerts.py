@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from ragq.alerts import AlertState, Observation, evaluate, step, vram_severity
+from workers.alerts import AlertState, Observation, evaluate, step, vram_severity
 
 T0 = datetime(2099, 1, 1, tzinfo=timezone.utc)
 
@@ -74,7 +74,7 @@ def db(db_engine):  # type: ignore[no-untyped-def]
 def sample(engine, seconds: float, used_gib: float, total_gib: float = 16.0) -> None:  # type: ignore[no-untyped-def]
     from sqlalchemy import insert
 
-    from ragq.db import DeviceSample
+    from ragq.core.db import DeviceSample
 
     with engine.begin() as conn:
         conn.execute(insert(DeviceSample).values(ts=at(seconds), worker="alert-test", device="cuda:0",
@@ -86,7 +86,7 @@ def stages(engine, seconds: float, n: int, errors: int = 0, queue_ms: float = 10
            compute_ms: float = 100.0, priority: str = "background") -> None:
     from sqlalchemy import insert
 
-    from ragq.db import StageTiming
+    from ragq.core.db import StageTiming
 
     rows = [{"stage": "embed", "priority": priority, "outcome": "error" if i < errors else "ok",
              "started_at": at(seconds), "finished_at": at(seconds), "queue_ms": queue_ms, "load_ms": 0.0,
@@ -148,7 +148,7 @@ def test_beat_has_the_workers_evaluate_alerts_and_the_cli_lists_them(worker, rag
 
     from sqlalchemy import insert, text
 
-    from ragq.db import DeviceSample
+    from ragq.core.db import DeviceSample
     from tests.conftest import ROOT, ragq_env, run_ragq
 
     with db.begin() as conn:  # a device at 97 % of its memory, now

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ragq.errors import ModelLoadFailed
+from ragq.core.errors import ModelLoadFailed
 from workers.backends.torch_backend import load_torch_model
 from workers.models import ModelSpec, default_embed_spec
 
@@ -202,7 +202,7 @@ def test_packed_forward_gives_what_padded_passes_give(tiny_models, pooling: str)
 def test_packing_is_refused_where_the_model_cannot_do_it(tiny_models) -> None:  # type: ignore[no-untyped-def]
     """MiniLM (BERT) has no packed attention path: asked for packing, it stays padded and still embeds; on a CPU
     "auto" means padded; a bad setting is a configuration error naming the model's table."""
-    from ragq.errors import ConfigError
+    from ragq.core.errors import ConfigError
     from workers.models import spec_from_table
 
     import dataclasses

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from ragq.documents import load_document
+from ragq.core.documents import load_document
 from workers.chunk_pool import ChunkPool
 from workers.models import default_embed_spec
 

@@ -3,7 +3,7 @@
 import pynvml
 import pytest
 
-from ragq.errors import BadInput
+from ragq.core.errors import BadInput
 from workers.devices import device_kind, device_memory, gpu_count, parse_device
 
 

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ragq.chunking import chunk_document, make_chunker
-from ragq.documents import expand_paths, load_document, markdown_to_docling
-from ragq.errors import BadInput
+from ragq.core.chunking import chunk_document, make_chunker
+from ragq.core.documents import expand_paths, load_document, markdown_to_docling
+from ragq.core.errors import BadInput
 
 SAMPLES = Path(__file__).resolve().parent.parent / "ragq" / "samples"
 
@@ -151,7 +151,7 @@ def test_fuzzed_docling_json_is_loaded_or_refused_clearly(tmp_path_factory, base
 
 @pytest.mark.parametrize("suffix", [".md", ".txt", ".json"])
 def test_a_file_over_the_size_limit_is_refused_before_it_is_read(tmp_path: Path, suffix: str) -> None:
-    from ragq.documents import MAX_DOCUMENT_BYTES
+    from ragq.core.documents import MAX_DOCUMENT_BYTES
 
     path = tmp_path / f"huge{suffix}"
     with open(path, "wb") as f:   # sparse: the size is there, the bytes are not (reading it would take a while)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from ragq.errors import BudgetExceeded, RequestExpired
+from ragq.core.errors import BudgetExceeded, RequestExpired
 from scheduler.batching import BACKGROUND, URGENT
 from tests.fakes import MiB, FakeClock, FakeDevice, FakeModel, spec
 from workers.engine import Engine

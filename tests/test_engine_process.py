@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ragq.errors import BackendUnavailable, ConfigError, RequestExpired
+from ragq.core.errors import BackendUnavailable, ConfigError, RequestExpired
 from scheduler.batching import URGENT
 from tests.fakes import fake_engine, spec
 from workers.engine_process import EngineClient

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from ragq.services import _free_port
+from ragq.core.services import _free_port
 from tests.conftest import ROOT, ragq_env, run_chromium, run_ragq
 
 pytestmark = pytest.mark.integration

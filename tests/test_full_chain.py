@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def tiny_env(tiny_models, settings, tmp_path_factory):  # type: ignore[no-untyped-def]
-    from ragq.services import EmbeddedServices
+    from ragq.core.services import EmbeddedServices
 
     endpoints = EmbeddedServices(settings).up()
     root = tmp_path_factory.mktemp("tiny")

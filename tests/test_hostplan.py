@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from ragq.errors import ConfigError
-from ragq.hostplan import check_host_ram, planned
-from ragq.settings import Settings
+from ragq.core.errors import ConfigError
+from ragq.core.hostplan import check_host_ram, planned
+from ragq.core.settings import Settings
 from tests.conftest import ragq_env, run_ragq
 
 GiB = 2**30

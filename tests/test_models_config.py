@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from ragq.errors import ConfigError
+from ragq.core.errors import ConfigError
 from workers.models import DEFAULT_EMBED_NAME, load_model_specs
 
 
@@ -42,7 +42,7 @@ def test_invalid_config_names_file_and_problem(tmp_path: Path, text: str, proble
 
 
 def test_invalid_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ragq.settings import load_settings
+    from ragq.core.settings import load_settings
 
     monkeypatch.setenv("RAGQ_VRAM_BUDGET", "plenty")
     with pytest.raises(ConfigError, match="RAGQ_VRAM_BUDGET"):

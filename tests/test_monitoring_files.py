@@ -27,7 +27,7 @@ def test_promtool_checks_and_tests_the_rules() -> None:
 
 
 def test_rules_use_the_in_process_thresholds() -> None:
-    from ragq.alerts import ERROR_RATE_THRESHOLD, VRAM_LEVELS
+    from workers.alerts import ERROR_RATE_THRESHOLD, VRAM_LEVELS
 
     rules = (MONITORING / "prometheus-rules.yml").read_text()
     for threshold, _severity in VRAM_LEVELS:

@@ -118,7 +118,7 @@ def test_python_api_takes_docling_documents(worker, client) -> None:  # type: ig
 
 
 def test_bad_questions_are_refused_clearly(client, ragq_home: Path) -> None:  # type: ignore[no-untyped-def]
-    from ragq.errors import BadInput
+    from ragq.core.errors import BadInput
 
     with pytest.raises(BadInput, match="question: is empty"):
         client.ask("   ")

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 def test_profiles_round_trip_through_postgres(db_engine, settings) -> None:  # type: ignore[no-untyped-def]
     from sqlalchemy import text
 
-    from ragq.services import ensure_services
+    from ragq.core.services import ensure_services
     from workers.profiles import ModelProfile, PostgresProfileStore
 
     url = ensure_services(settings).database_url

@@ -173,7 +173,7 @@ def test_a_question_whose_caller_timed_out_never_reaches_the_device(worker, clie
 
     from sqlalchemy import text
 
-    from ragq.errors import QuestionTimeout
+    from ragq.core.errors import QuestionTimeout
 
     since = datetime.now(timezone.utc)
     blockers = [client.app.send_task("ragq.probe", args=[f"block-{i}", 6.0], queue="urgent")
@@ -264,8 +264,8 @@ def test_closing_a_channel_whose_broker_is_gone_does_not_kill_the_worker(monkeyp
     qos = broker.QoS.__new__(broker.QoS)
     assert qos.restore_unacked_once() is None            # swallowed, logged
     assert broker.Transport.Channel.QoS is broker.QoS
-    from ragq.services import Endpoints
-    from ragq.settings import Settings
+    from ragq.core.services import Endpoints
+    from ragq.core.settings import Settings
 
     endpoints = Endpoints("redis://:pw@127.0.0.1:1/0", "redis://:pw@127.0.0.1:1/0", "x")
     assert celery_config(Settings(), endpoints, consumer=True)["broker_transport"] == "workers.broker:Transport"

@@ -25,7 +25,7 @@ def db(db_engine):  # type: ignore[no-untyped-def]
 def known_rows(engine) -> None:  # type: ignore[no-untyped-def]
     from sqlalchemy import insert
 
-    from ragq.db import Alert, DeviceSample, ModelEvent, StageTiming
+    from ragq.core.db import Alert, DeviceSample, ModelEvent, StageTiming
 
     stages = []
     for i in range(1, 101):  # urgent embed: totals 1..100 ms (queue 0.1 i, load 0, compute 0.9 i)

@@ -2,7 +2,7 @@ from dataclasses import replace
 
 import pytest
 
-from ragq.errors import BudgetExceeded
+from ragq.core.errors import BudgetExceeded
 from scheduler.residency import (
     DISK, DROP_HOST, HOST, LOAD, SLEEP, UNLOAD, VRAM, WAKE, Deferred, ModelView, Move, ResidencyPolicy, admit, prewarm,
 )

@@ -57,7 +57,7 @@ def test_up_is_idempotent_status_reports_and_down_stops_exactly_its_processes(tm
 
 
 def test_external_urls_are_used_and_nothing_is_started(tmp_path: Path, settings) -> None:  # type: ignore[no-untyped-def]
-    from ragq.services import EmbeddedServices
+    from ragq.core.services import EmbeddedServices
 
     endpoints = EmbeddedServices(settings).up()
     env = ragq_env(tmp_path / "ext", RAGQ_BROKER_URL=endpoints.broker_url, RAGQ_DATABASE_URL=endpoints.database_url)

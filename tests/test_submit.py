@@ -73,8 +73,8 @@ def test_zero_passages_or_questions_per_task_are_refused_not_replaced_by_the_def
     is recorded."""
     from sqlalchemy import func, select
 
-    from ragq.db import Job
-    from ragq.errors import BadInput
+    from ragq.core.db import Job
+    from ragq.core.errors import BadInput
 
     with client.db.connect() as conn:
         before = conn.execute(select(func.count()).select_from(Job)).scalar()

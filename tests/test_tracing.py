@@ -32,7 +32,7 @@ def wait_for(path: Path, predicate, timeout_s: float = 60.0) -> list[dict]:  # t
 
 def test_one_trace_per_question_and_per_job(settings, ragq_home, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
     from ragq.demo import sample_paths
-    from ragq.services import ensure_services
+    from ragq.core.services import ensure_services
     from tests.conftest import WorkerProcess, ragq_env, run_ragq
 
     base = ensure_services(settings).broker_url.rsplit("/", 1)[0]
@@ -76,7 +76,7 @@ def test_one_trace_per_question_and_per_job(settings, ragq_home, tmp_path_factor
 
 
 def test_tracing_off_installs_nothing() -> None:
-    from ragq import tracing
+    from ragq.core import tracing
 
     with tracing.span("embed", items=3) as span:
         assert span is None

@@ -105,7 +105,7 @@ def test_grpc_and_the_metrics_fold_into_ragqs(triton, tiny_models) -> None:  # t
 
 
 def test_a_model_triton_cannot_load_fails_with_its_reason(triton, tiny_models, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from ragq.errors import ModelLoadFailed
+    from ragq.core.errors import ModelLoadFailed
 
     spec = ModelSpec(role="embed", path=tmp_path / "missing", name="tri-missing", backend="triton",
                      extra={"triton_url": triton.http_url})

@@ -39,7 +39,7 @@ def db(db_engine):  # type: ignore[no-untyped-def]
 def events(engine, seconds: float, model: str, event: str, n: int) -> None:  # type: ignore[no-untyped-def]
     from sqlalchemy import insert
 
-    from ragq.db import ModelEvent
+    from ragq.core.db import ModelEvent
 
     with engine.begin() as conn:
         conn.execute(insert(ModelEvent), [{"ts": T0 + timedelta(seconds=seconds + i), "device": "cuda:0",
@@ -49,7 +49,7 @@ def events(engine, seconds: float, model: str, event: str, n: int) -> None:  # t
 def generations(engine, compute_ms: float, n: int = 10) -> None:  # type: ignore[no-untyped-def]
     from sqlalchemy import insert
 
-    from ragq.db import StageTiming
+    from ragq.core.db import StageTiming
 
     with engine.begin() as conn:
         conn.execute(insert(StageTiming), [{"stage": "generate", "model": "tune-test-gen", "priority": "urgent",
@@ -61,7 +61,7 @@ def generations(engine, compute_ms: float, n: int = 10) -> None:  # type: ignore
 def test_an_oom_shrinks_the_batch_cap_unloads_idle_models_and_is_audited(db, settings) -> None:  # type: ignore[no-untyped-def]
     from sqlalchemy import text
 
-    from ragq.tuning import live_values, tick
+    from workers.tuning import live_values, tick
 
     events(db, 10, "tune-test-emb", "oom", 2)
     symptoms, moves = tick(db, settings, SPECS, now=T0 + timedelta(seconds=100), dry_run=True)
@@ -84,7 +84,7 @@ def test_an_oom_shrinks_the_batch_cap_unloads_idle_models_and_is_audited(db, set
 
 
 def test_slow_generation_cuts_new_tokens_unless_pinned(db, settings) -> None:  # type: ignore[no-untyped-def]
-    from ragq.tuning import live_values, tick
+    from workers.tuning import live_values, tick
 
     generations(db, compute_ms=9000.0)
     pinned = settings.model_copy(update={"tuning_pinned": "max_new_tokens"})
@@ -96,8 +96,8 @@ def test_slow_generation_cuts_new_tokens_unless_pinned(db, settings) -> None:  #
 def test_swaps_for_urgent_work_are_not_oscillation_a_cooldown_could_stop(db, settings) -> None:  # type: ignore[no-untyped-def]
     from sqlalchemy import insert
 
-    from ragq.db import ModelEvent
-    from ragq.tuning import tick
+    from ragq.core.db import ModelEvent
+    from workers.tuning import tick
 
     def swaps(offset: float, reason: str) -> None:
         with db.begin() as conn:
@@ -119,7 +119,7 @@ def test_swaps_for_urgent_work_are_not_oscillation_a_cooldown_could_stop(db, set
 
 
 def test_the_generation_latency_target_is_configurable(db, settings) -> None:  # type: ignore[no-untyped-def]
-    from ragq.tuning import tick
+    from workers.tuning import tick
 
     generations(db, compute_ms=1500.0)
     symptoms, _ = tick(db, settings, SPECS, now=T0 + timedelta(seconds=60), dry_run=True)
@@ -146,8 +146,8 @@ def test_tune_cli(worker, ragq_home) -> None:  # type: ignore[no-untyped-def]
 def test_queue_time_in_the_engine_grows_batches_a_broker_backlog_does_not(db, settings) -> None:  # type: ignore[no-untyped-def]
     from sqlalchemy import insert
 
-    from ragq.db import StageTiming
-    from ragq.tuning import tick
+    from ragq.core.db import StageTiming
+    from workers.tuning import tick
 
     def rows(seconds: float, broker_ms: float, engine_ms: float) -> None:
         with db.begin() as conn:
@@ -168,8 +168,8 @@ def test_queue_time_in_the_engine_grows_batches_a_broker_backlog_does_not(db, se
 def test_a_batch_cap_that_stopped_paying_is_not_raised_again(db, settings) -> None:  # type: ignore[no-untyped-def]
     from sqlalchemy import insert
 
-    from ragq.db import StageTiming
-    from ragq.tuning import live_values, tick
+    from ragq.core.db import StageTiming
+    from workers.tuning import live_values, tick
 
     def window(seconds: float, items: int) -> None:
         with db.begin() as conn:
@@ -191,8 +191,8 @@ def test_a_batch_cap_that_stopped_paying_is_not_raised_again(db, settings) -> No
 
 
 def test_a_pinned_knob_that_does_not_exist_is_a_config_error(settings) -> None:  # type: ignore[no-untyped-def]
-    from ragq.errors import ConfigError
-    from ragq.tuning import knob_defaults
+    from ragq.core.errors import ConfigError
+    from workers.tuning import knob_defaults
 
     with pytest.raises(ConfigError, match="RAGQ_TUNING_PINNED: no knob named cooldown"):
         knob_defaults(settings.model_copy(update={"tuning_pinned": "cooldown"}), SPECS)
@@ -213,8 +213,8 @@ def test_a_cooldown_raise_that_did_not_space_the_swaps_out_is_not_repeated(db, s
     fallen, it would go on."""
     from sqlalchemy import insert
 
-    from ragq.db import ModelEvent, TuningAction, TuningKnob
-    from ragq.tuning import tick
+    from ragq.core.db import ModelEvent, TuningAction, TuningKnob
+    from workers.tuning import tick
 
     settings = settings.model_copy(update={"tune_window_s": 60.0, "tune_settle_s": 10.0})
     with db.begin() as conn:

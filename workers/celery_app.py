@@ -15,8 +15,8 @@ from celery.signals import before_task_publish
 from kombu import Exchange, Queue
 
 if TYPE_CHECKING:
-    from ragq.services import Endpoints
-    from ragq.settings import Settings
+    from ragq.core.services import Endpoints
+    from ragq.core.settings import Settings
     from workers.runtime import WorkerRuntime
 
 URGENT_QUEUE = "urgent"
@@ -46,7 +46,7 @@ class RagqTask(Task):  # type: ignore[misc]
         if runtime is not None and not request.called_directly and request.id:
             starts = runtime.deliveries.arrive(request.id, request.retries or 0)
             if starts > runtime.deliveries.limit:
-                from ragq.errors import PoisonMessage
+                from ragq.core.errors import PoisonMessage
 
                 raise PoisonMessage(
                     f"task {self.name}[{request.id}] started {starts} times without finishing (its worker died "

@@ -11,7 +11,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ragq.chunking import ChunkText, chunk_document, make_chunker
+from ragq.core.chunking import ChunkText, chunk_document, make_chunker
 
 log = logging.getLogger(__name__)
 

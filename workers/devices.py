@@ -102,7 +102,7 @@ def device_memory(device: str) -> DeviceMemory:
 
 
 def parse_device(text: str) -> str:
-    from ragq.errors import BadInput
+    from ragq.core.errors import BadInput
 
     value = text.strip().lower()
     if value in ("cpu", "all"):

@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ragq.errors import BackendUnavailable, BudgetExceeded, DeviceOutOfMemory, RagqError, RequestExpired
+from ragq.core.errors import BackendUnavailable, BudgetExceeded, DeviceOutOfMemory, RagqError, RequestExpired
 from scheduler.batching import (
     BACKGROUND, URGENT, BatchLimits, BatchTuner, Pending, expired, form_batch, should_wait_for_fuller_batch,
     yield_to_urgent,
@@ -232,7 +232,7 @@ class Engine:
         self.sample_interval_s = sample_interval_s
         self._last_sample = float("-inf")
         self._busy_mark = 0.0
-        self.knob_source = knob_source          # the tuner's live knob values (ragq/tuning.py), read periodically
+        self.knob_source = knob_source          # the tuner's live knob values (workers/tuning.py), read periodically
         self.knob_interval_s = knob_interval_s
         self._unload_seen: float | None = None
         self._last_urgent: float | None = None

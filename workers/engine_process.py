@@ -27,8 +27,8 @@ from concurrent.futures import Future
 from multiprocessing.connection import Client, Listener, wait
 from typing import Any
 
-from ragq import errors
-from ragq.errors import BackendUnavailable, RagqError
+from ragq.core import errors
+from ragq.core.errors import BackendUnavailable, RagqError
 from scheduler.batching import BACKGROUND
 from workers.engine import Engine, EngineResult, EngineStats
 from workers.models import ModelSpec

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ragq.errors import ConfigError
-from scheduler.budget import parse_size
+from ragq.core.errors import ConfigError
+from ragq.core.sizes import parse_size
 
 ROLES = ("embed", "rerank", "generate")
 DEFAULT_EMBED_NAME = "all-MiniLM-L6-v2"

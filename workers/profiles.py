@@ -100,7 +100,7 @@ class PostgresProfileStore(MemoryProfileStore):
     def _load_all(self) -> None:
         from sqlalchemy import select
 
-        from ragq.db import ModelProfileRow, get_engine
+        from ragq.core.db import ModelProfileRow, get_engine
 
         try:
             with get_engine(self.database_url).connect() as conn:
@@ -120,7 +120,7 @@ class PostgresProfileStore(MemoryProfileStore):
         from sqlalchemy import func
         from sqlalchemy.dialects.postgresql import insert
 
-        from ragq.db import ModelProfileRow, get_engine
+        from ragq.core.db import ModelProfileRow, get_engine
 
         values = {"model": profile.model, "device_kind": profile.device_kind, "dtype": profile.dtype,
                   "weights_bytes": profile.weights_bytes, "activations": profile.activations,

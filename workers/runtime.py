@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from ragq import tracing
-from ragq.services import Endpoints
-from ragq.settings import Settings
+from ragq.core import tracing
+from ragq.core.services import Endpoints
+from ragq.core.settings import Settings
 from scheduler.batching import PRIORITY_NAMES
 from workers.engine_process import EngineClient
 from workers.metrics import observe_stage
@@ -68,7 +68,7 @@ class WorkerRuntime:
 
     @cached_property
     def db(self):  # type: ignore[no-untyped-def]
-        from ragq.db import get_engine
+        from ragq.core.db import get_engine
 
         return get_engine(self.endpoints.database_url)
 
@@ -78,7 +78,7 @@ class WorkerRuntime:
         """A live knob the tuner moved (read from Postgres at most every 10 s), else `default`."""
         read_at, values = self._knobs
         if time.monotonic() - read_at > 10.0:
-            from ragq.tuning import live_values
+            from workers.tuning import live_values
 
             try:
                 values = live_values(self.db)

@@ -14,9 +14,9 @@ import sys
 import threading
 from collections.abc import Callable
 
-from ragq.db import ensure_schema
-from ragq.services import ensure_services
-from ragq.settings import Settings
+from ragq.core.db import ensure_schema
+from ragq.core.services import ensure_services
+from ragq.core.settings import Settings
 from scheduler.budget import device_budget, format_size, parse_size
 from workers.devices import device_kind, device_memory, gpu_count
 
@@ -55,8 +55,8 @@ def host_budget_for(settings: Settings, device: str) -> int:
 def build_engine(settings: Settings, device: str, database_url: str, worker: str):  # type: ignore[no-untyped-def]
     """In the engine process: the budget (enforced on the card), the profiles, the model-event sink, the engine."""
     from workers.backends import load_model
-    from ragq import tuning
-    from ragq.db import get_engine
+    from workers import tuning
+    from ragq.core.db import get_engine
     from workers.engine import Engine
     from workers.metrics import EngineMetrics
     from workers.models import load_model_specs
@@ -202,7 +202,7 @@ def run_worker(
     if device == "all":
         return _run_all(settings, concurrency, loglevel)
     if not attach and os.environ.get(HOST_CHECKED_ENV) != "1":
-        from ragq.hostplan import check_host_ram
+        from ragq.core.hostplan import check_host_ram
 
         check_host_ram(settings, 1, host_budget_for(settings, device))   # before starting anything
     from workers.celery_app import BACKGROUND_QUEUE, URGENT_QUEUE, app, configure_app
@@ -218,7 +218,7 @@ def run_worker(
     split = not attach and queues is None and settings.urgent_concurrency > 0 and settings.celery_profile == "ragq"
     if queues is None:
         queues = BACKGROUND_QUEUE if split else f"{URGENT_QUEUE},{BACKGROUND_QUEUE}"
-    from ragq import tracing
+    from ragq.core import tracing
 
     tracing.setup(settings, f"ragq-worker-{worker_name(device, name)}")
     runtime = build_runtime(settings, device, name, loglevel.upper(), attach=attach)
@@ -277,7 +277,7 @@ def _run_all(settings: Settings, concurrency: int | None, loglevel: str) -> int:
     if count == 0:
         log.warning("--device all: no GPU is visible; starting one cpu worker")
         return run_worker(settings, "cpu", concurrency, loglevel)
-    from ragq.hostplan import check_host_ram
+    from ragq.core.hostplan import check_host_ram
 
     check_host_ram(settings, count, host_budget_for(settings, "cuda:0"))   # every worker of this host at once
     ensure_services(settings)

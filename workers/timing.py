@@ -129,7 +129,7 @@ class PostgresSink(TimingSink):
             return True
         from sqlalchemy import insert
 
-        from ragq.db import DeviceSample, ModelEvent, StageTiming, get_engine
+        from ragq.core.db import DeviceSample, ModelEvent, StageTiming, get_engine
 
         by_table: dict[str, list[dict[str, Any]]] = {"stage_timings": [], "model_events": [], "device_samples": []}
         for table, row in rows:

@@ -46,7 +46,7 @@ def upgrade() -> None:
     )
     op.create_index("ix_chunks_document_id", "chunks", ["document_id"])
     # The default CPU embedder (all-MiniLM-L6-v2, 384 dims) gets its HNSW cosine index here; other embedders get
-    # theirs from ragq.db.ensure_vector_index (same naming) when their first vectors are written.
+    # theirs from ragq.core.db.ensure_vector_index (same naming) when their first vectors are written.
     op.execute(
         "CREATE INDEX IF NOT EXISTS ix_chunks_hnsw_all_minilm_l6_v2_fa870ee1_384 ON chunks "
         "USING hnsw ((embedding::vector(384)) vector_cosine_ops) WHERE embed_model = 'all-MiniLM-L6-v2'"

@@ -35,6 +35,6 @@ def load_model(spec: ModelSpec, device: str) -> LoadedModel:
         from workers.backends.triton_backend import load_triton_model
 
         return load_triton_model(spec, device)
-    from ragq.errors import BackendUnavailable
+    from ragq.core.errors import BackendUnavailable
 
     raise BackendUnavailable(f"model {spec.name}: backend {spec.backend!r} is not available")

@@ -22,7 +22,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
-from ragq.errors import DeviceOutOfMemory, ModelLoadFailed
+from ragq.core.errors import DeviceOutOfMemory, ModelLoadFailed
 from scheduler.batching import PassCostModel, length_groups
 from workers.backends.packed import Packed, enable_packing, varlen_available
 from workers.backends.tokens import Encoded

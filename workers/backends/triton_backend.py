@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ragq.errors import BackendUnavailable, ModelLoadFailed
+from ragq.core.errors import BackendUnavailable, ModelLoadFailed
 from workers.models import ModelSpec
 
 log = logging.getLogger(__name__)

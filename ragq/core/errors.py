@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 class RagqError(Exception):
-    """Base of every error ragq raises deliberately."""
+    """Base of every error ragq raises deliberately. Every one pickles and unpickles as itself (they cross from the
+    engine process to the worker's task threads)."""
 
 
 class BadInput(RagqError):
@@ -14,6 +15,9 @@ class BadInput(RagqError):
         super().__init__(f"{source}: {problem}")
         self.source = source
         self.problem = problem
+
+    def __reduce__(self) -> tuple[type[BadInput], tuple[str, str]]:
+        return type(self), (self.source, self.problem)
 
 
 class ConfigError(RagqError):

@@ -18,7 +18,7 @@ from typing import Any
 from docling_core.types.doc import DocItemLabel, DoclingDocument
 from docling_core.types.doc.document import DocumentOrigin
 
-from ragq.errors import BadInput
+from ragq.core.errors import BadInput
 
 SUPPORTED_SUFFIXES = {".json": "docling", ".md": "markdown", ".markdown": "markdown", ".txt": "text"}
 MAX_DOCUMENT_BYTES = 64 * 2**20

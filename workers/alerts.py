@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-log = logging.getLogger("ragq.alerts")
+log = logging.getLogger("workers.alerts")
 
 SEVERITIES = ("warning", "major", "critical")
 VRAM_LEVELS = ((0.95, "critical"), (0.90, "major"), (0.80, "warning"))
@@ -152,7 +152,7 @@ def evaluate(db: Any, now: datetime | None = None, *, window_s: float = 300.0, q
     """One evaluation: conditions from Postgres, the state machine, rows written, transitions logged."""
     from sqlalchemy import delete, select, text, update
 
-    from ragq.db import Alert
+    from ragq.core.db import Alert
 
     now = now or datetime.now(timezone.utc)
     with db.begin() as conn:
@@ -193,7 +193,7 @@ def recent(db: Any, since: datetime, now: datetime | None = None) -> list[dict[s
     """Alerts open now or started since `since`, newest first."""
     from sqlalchemy import or_, select
 
-    from ragq.db import Alert
+    from ragq.core.db import Alert
 
     with db.connect() as conn:
         rows = conn.execute(select(Alert.__table__).where(

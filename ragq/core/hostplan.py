@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ragq.errors import ConfigError
-from scheduler.budget import format_size, parse_size
+from ragq.core.errors import ConfigError
+from ragq.core.sizes import format_size, parse_size
 
 SERVICES = ("redis", "postgres", "docling", "triton", "monitoring")
 

@@ -35,7 +35,7 @@ def setup(settings: Any, service: str) -> bool:
         try:
             out = open(settings.trace_file, "a", buffering=1) if settings.trace_file else sys.stderr  # noqa: SIM115
         except OSError as exc:
-            from ragq.errors import ConfigError
+            from ragq.core.errors import ConfigError
 
             raise ConfigError(f"RAGQ_TRACE_FILE: cannot append to {settings.trace_file}: "
                               f"{exc.strerror or exc}") from None

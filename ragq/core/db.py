@@ -218,13 +218,21 @@ def dispose_engines() -> None:
         _engines.clear()
 
 
+def _migrations_dir() -> Path:
+    """The `migrations` package's folder, found without importing it (its env.py imports this module)."""
+    from importlib.util import find_spec
+
+    spec = find_spec("migrations")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the migrations package is not installed beside ragq")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def _alembic_config(url: str):  # type: ignore[no-untyped-def]
     from alembic.config import Config
 
-    import migrations
-
     cfg = Config()
-    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    cfg.set_main_option("script_location", str(_migrations_dir()))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 
@@ -247,10 +255,7 @@ def current_revision(url: str) -> str | None:
 def head_revision() -> str:
     from alembic.script import ScriptDirectory
 
-    import migrations
-
     cfg = _alembic_config("postgresql://unused")
-    del migrations
     return str(ScriptDirectory.from_config(cfg).get_current_head())
 
 
@@ -279,7 +284,7 @@ def vector_index_name(model: str, dim: int) -> str:
 def ensure_vector_index(engine: Engine, model: str, dim: int) -> str:
     """Create the partial HNSW cosine index for one embedder's vectors, if missing."""
     if not 0 < dim <= MAX_INDEXED_DIM:
-        from ragq.errors import ConfigError
+        from ragq.core.errors import ConfigError
 
         raise ConfigError(
             f"embedder {model} makes {dim}-dimensional vectors; pgvector indexes at most {MAX_INDEXED_DIM}: "
@@ -294,3 +299,22 @@ def ensure_vector_index(engine: Engine, model: str, dim: int) -> str:
             f"WHERE embed_model = '{literal}'"
         ))
     return name
+
+
+# a job item finished (done or failed): the job's counts and status move with it, in the same statement
+FINISH_JOB = text("""
+UPDATE jobs SET
+  documents_done = documents_done + :done,
+  documents_failed = documents_failed + :failed,
+  chunks_total = chunks_total + :chunks,
+  chunks_added = chunks_added + :added,
+  updated_at = now(),
+  status = CASE
+    WHEN documents_done + :done + documents_failed + :failed < documents_total THEN 'running'
+    WHEN documents_failed + :failed = 0 THEN 'completed'
+    WHEN documents_done + :done = 0 THEN 'failed'
+    ELSE 'completed_with_errors' END,
+  finished_at = CASE
+    WHEN documents_done + :done + documents_failed + :failed >= documents_total THEN now() ELSE NULL END
+WHERE id = :job_id
+""")

@@ -25,8 +25,8 @@ from urllib.parse import quote
 
 import psutil
 
-from ragq.errors import ServiceError
-from ragq.settings import Settings
+from ragq.core.errors import ServiceError
+from ragq.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
