@@ -54,11 +54,11 @@ def busy_thread(stop: threading.Event, spec: Any, texts: list[str], io_ms: float
 def embed_engine(models_file: Path, device: str) -> Any:
     """The engine with the embedder alone and no budget pressure (a picklable factory for the engine process)."""
     from workers.backends import load_model
-    from workers.engine import Engine
+    from workers.engine import Engine, EngineConfig
     from workers.models import load_model_specs
 
     specs = {"embed": load_model_specs(models_file)["embed"]}
-    return Engine(device, specs, load_model, 2**40, report_interval_s=0)
+    return Engine(device, specs, load_model, 2**40, config=EngineConfig(report_interval_s=0))
 
 
 def time_batches(engine: Any, batch: list[str], repeats: int) -> list[float]:

@@ -168,8 +168,7 @@ def main() -> int:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for b in run_batches:
-            runner.run(b, {})
-            for key, value in runner.last_phases.items():
+            for key, value in runner.execute(b, {}).phases.items():
                 sums[key] = sums.get(key, 0.0) + value
         phases[name] = sums   # the last round's
         if cuda:

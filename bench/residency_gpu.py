@@ -34,6 +34,7 @@ from scheduler.batching import BACKGROUND, URGENT  # noqa: E402
 from ragq.core.sizes import parse_size  # noqa: E402
 from workers.backends.torch_backend import load_torch_model  # noqa: E402
 from workers.engine import Engine  # noqa: E402
+from workers.observer import EventLog  # noqa: E402
 from workers.models import ModelSpec  # noqa: E402
 
 GiB = 2**30
@@ -190,7 +191,7 @@ def run_ragq(specs: dict[str, ModelSpec], jobs: list[Any], device: str, budget: 
              cooldown_s: float) -> dict[str, Any]:
     events: list[dict[str, Any]] = []
     engine = Engine(device, specs, lambda spec, dev: load_torch_model(spec, dev), budget,
-                    host_budget_bytes=host_budget, cooldown_s=cooldown_s, on_model_event=events.append,
+                    host_budget_bytes=host_budget, cooldown_s=cooldown_s, observer=EventLog(events),
                     device_kind=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu").start()
     failed = 0
     for kind, stages in jobs:

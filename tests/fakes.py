@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ragq.core.errors import DeviceOutOfMemory
+from workers.backends import BatchOutput, ModelBase
 from workers.models import ModelSpec
 
 MiB = 2**20
@@ -63,7 +64,7 @@ class FakeReady:
         self.done.wait(10)
 
 
-class FakeModel:
+class FakeModel(ModelBase):
     def __init__(self, spec: ModelSpec, device: FakeDevice, clock: Any, *, run_s_per_item: float = 0.0,
                  act_bytes_per_item: int = 0, wake_s: float = 0.0, real_time: bool = False,
                  runs: list[tuple[str, list[Any]]] | None = None,
@@ -83,7 +84,6 @@ class FakeModel:
         self.fail_on = fail_on
         self.gate = gate
         self.run_s_fixed = run_s_fixed
-        self.last_peak_bytes: int | None = None
         self.on_device = True
         device.allocate(self.nbytes, f"load {self.name}")
 
@@ -93,7 +93,7 @@ class FakeModel:
         elif seconds:
             self.clock.advance(seconds)
 
-    def run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
+    def execute(self, items: list[Any], params: dict[str, Any]) -> BatchOutput:
         assert self.on_device, f"{self.name} ran while asleep"
         if self.gate is not None:
             self.gate.wait(5)
@@ -108,9 +108,9 @@ class FakeModel:
                 self.timeline.append((f"run:{self.name}", start, time.monotonic()))
         finally:
             self.device.free(activations)
-        self.last_peak_bytes = activations if self.act_bytes_per_item else None
         self.runs.append((self.name, list(items)))
-        return [f"{self.name}:{item}" for item in items]
+        return BatchOutput([f"{self.name}:{item}" for item in items],
+                           peak_bytes=activations if self.act_bytes_per_item else None)
 
     def count_tokens(self, items: list[Any]) -> list[int]:
         return [len(str(item)) for item in items]

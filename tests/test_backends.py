@@ -190,12 +190,13 @@ def test_packed_forward_gives_what_padded_passes_give(tiny_models, pooling: str)
         padded = load_torch_model(dataclasses.replace(spec, packed="off"), "cpu")
         assert packed.packed and not padded.packed
         assert packed.model.config._attn_implementation == "ragq_packed"
-        got, expected = packed.run(items, {}), padded.run(items, {})
+        packed_out, padded_out = packed.execute(items, {}), padded.execute(items, {})
+        got, expected = packed_out.outputs, padded_out.outputs
         for a, b in zip(got, expected):
             assert a == pytest.approx(b, abs=1e-5), spec.name
-        assert packed.last_phases["passes"] == 1
-        assert packed.last_phases["real_tokens"] == packed.last_phases["padded_tokens"] \
-            == padded.last_phases["real_tokens"] < padded.last_phases["padded_tokens"]
+        assert packed_out.phases["passes"] == 1
+        assert packed_out.phases["real_tokens"] == packed_out.phases["padded_tokens"] \
+            == padded_out.phases["real_tokens"] < padded_out.phases["padded_tokens"]
         assert packed.run(items[2:3], {})[0] == pytest.approx(expected[2], abs=1e-5)   # a batch of one
 
 

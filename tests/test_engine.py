@@ -11,7 +11,9 @@ import pytest
 from ragq.core.errors import BudgetExceeded, RequestExpired
 from scheduler.batching import BACKGROUND, URGENT
 from tests.fakes import MiB, FakeClock, FakeDevice, FakeModel, spec
+from workers.backends import BatchOutput
 from workers.engine import Engine
+from workers.observer import EventLog
 from workers.models import ModelSpec
 from workers.profiles import MemoryProfileStore
 
@@ -38,7 +40,7 @@ class Harness:
 
         self.engine = Engine(
             "fake", self.specs, loader, int(budget_mib * MiB), host_budget_bytes=int(host_mib * MiB),
-            cooldown_s=cooldown_s, on_model_event=self.events.append, profiles=self.profiles,
+            cooldown_s=cooldown_s, observer=EventLog(self.events), profiles=self.profiles,
             clock=self.clock, waiter=self.clock.advance if isinstance(self.clock, FakeClock) else None,
         )
 
@@ -384,9 +386,9 @@ def test_urgent_micro_batches_are_marked_for_backends_that_take_a_priority() -> 
     class Prioritised(FakeModel):
         takes_priority = True
 
-        def run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
+        def execute(self, items: list[Any], params: dict[str, Any]) -> BatchOutput:
             seen.append(dict(params))
-            return super().run(items, params)
+            return super().execute(items, params)
 
     h = Harness()
     h.engine.loader = lambda spec, device: Prioritised(spec, h.device, h.clock, real_time=True, runs=h.runs)

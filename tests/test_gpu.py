@@ -30,8 +30,9 @@ def _embedder(root: Path):  # type: ignore[no-untyped-def]
 def test_prepared_host_copy_sleep_and_wake_keep_outputs(tmp_path: Path) -> None:
     model = _embedder(tmp_path)
     texts = ["pinned memory", "a second, longer text about budgets and batches"]
-    before = model.run(texts, {})
-    assert model.last_device_ms is not None and model.last_device_ms > 0 and model.last_alloc_retries >= 0
+    first = model.execute(texts, {})
+    before = first.outputs
+    assert first.device_ms is not None and first.device_ms > 0 and first.alloc_retries >= 0
     model.prepare_host_copy()
     assert model._host_buffer is not None and model._host_buffer.is_pinned()
     assert model._host_buffer.numel() < 2 * model.nbytes  # exactly sized, not rounded up to a power of two

@@ -208,6 +208,7 @@ def test_the_engines_residency_drives_the_triton_repository(triton, tiny_models)
     and a load on the server (recorded as model events), and the answers are the torch backend's."""
     from workers.backends import load_model
     from workers.engine import Engine
+    from workers.observer import EventLog
 
     base = specs(tiny_models)
     chosen = {role: dataclasses.replace(base[role], backend="triton", name=f"eng-{role}",
@@ -215,7 +216,7 @@ def test_the_engines_residency_drives_the_triton_repository(triton, tiny_models)
     size = max(load_torch_model(s, "cpu").nbytes for s in chosen.values())
     events: list[dict[str, object]] = []
     engine = Engine("cpu", chosen, load_model, int(size * 1.5), host_budget_bytes=0,
-                    on_model_event=events.append).start()
+                    observer=EventLog(events)).start()
     try:
         import tritonclient.http as http
 

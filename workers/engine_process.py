@@ -24,10 +24,10 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from multiprocessing.connection import Client, Listener, wait
-from typing import Any
+from typing import Any, Literal
 
-from ragq.core import errors
 from ragq.core.errors import BackendUnavailable, RagqError
 from scheduler.batching import BACKGROUND
 from workers.engine import Engine, EngineResult, EngineStats
@@ -36,27 +36,74 @@ from workers.models import ModelSpec
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[..., Engine]
-_CALLS = ("resident_models", "tiers", "pending_count", "stats_snapshot")
 
 
-def _exception_message(exc: BaseException) -> tuple[str, str]:
-    return type(exc).__name__, str(exc)
+# -- messages over the pipe (pickled by multiprocessing between two local processes of one worker) ---------------
+@dataclass(frozen=True)
+class SubmitCall:
+    rid: int
+    role: str
+    items: list[Any]
+    tokens: list[int] | None
+    priority: int
+    deadline: float | None
+    params: dict[str, Any]
 
 
-def _rebuild_exception(name: str, message: str) -> Exception:
-    """ragq's errors come back as themselves (their classes take one message); anything else as a RagqError."""
-    cls = getattr(errors, name, None)
-    if isinstance(cls, type) and issubclass(cls, RagqError):
-        exc = cls.__new__(cls)
-        Exception.__init__(exc, message)
+@dataclass(frozen=True)
+class PrewarmCall:
+    role: str
+
+
+@dataclass(frozen=True)
+class ReadCall:
+    rid: int
+    what: Literal["resident_models", "tiers", "pending_count", "stats_snapshot"]
+
+
+@dataclass(frozen=True)
+class StopCall:
+    pass
+
+
+@dataclass(frozen=True)
+class Ready:
+    pass
+
+
+@dataclass(frozen=True)
+class Fatal:
+    error: RagqError
+
+
+@dataclass(frozen=True)
+class Answer:
+    rid: int
+    value: Any          # an EngineResult, or what a ReadCall read
+
+
+@dataclass(frozen=True)
+class Failure:
+    rid: int
+    error: RagqError
+
+
+@dataclass(frozen=True)
+class Stopped:
+    pass
+
+
+def transportable(exc: BaseException) -> RagqError:
+    """ragq's errors travel as themselves (each pickles as itself); anything else as a RagqError naming it."""
+    if isinstance(exc, RagqError):
         return exc
-    return RagqError(f"{name}: {message}")
+    return RagqError(f"{type(exc).__name__}: {exc}")
 
 
 # -- the engine process --------------------------------------------------------------------------------------------
 def _serve_connection(conn: Any, engine: Engine, owner: bool) -> None:
     """Answer one client's requests until it goes (or, for the owner, says stop)."""
-    outbox: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+    outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
     def sender() -> None:
         while (message := outbox.get()) is not None:
@@ -69,9 +116,13 @@ def _serve_connection(conn: Any, engine: Engine, owner: bool) -> None:
 
     def reply(rid: int, future: Future[EngineResult]) -> None:
         exc = future.exception()
-        outbox.put(("result", rid, future.result()) if exc is None else ("error", rid, _exception_message(exc)))
+        outbox.put(Answer(rid, future.result()) if exc is None else Failure(rid, transportable(exc)))
 
-    outbox.put(("ready", {}))
+    reads: dict[str, Callable[[], Any]] = {
+        "resident_models": engine.resident_models, "tiers": engine.tiers, "pending_count": engine.pending_count,
+        "stats_snapshot": engine.stats_snapshot,
+    }
+    outbox.put(Ready())
     try:
         while True:
             try:
@@ -80,30 +131,27 @@ def _serve_connection(conn: Any, engine: Engine, owner: bool) -> None:
                 if owner:
                     log.warning("the worker process went away; the engine stops")
                 return
-            kind = message[0]
-            if kind == "submit":
-                _, rid, role, items, tokens, priority, deadline, params = message
+            if isinstance(message, SubmitCall):
                 try:
-                    future = engine.submit(role, items, tokens=tokens, priority=priority, deadline=deadline,
-                                           params=params)
+                    future = engine.submit(message.role, message.items, tokens=message.tokens,
+                                           priority=message.priority, deadline=message.deadline,
+                                           params=message.params)
                 except Exception as exc:
-                    outbox.put(("error", rid, _exception_message(exc)))
+                    outbox.put(Failure(message.rid, transportable(exc)))
                     continue
-                future.add_done_callback(lambda f, rid=rid: reply(rid, f))
-            elif kind == "prewarm":
-                engine.prewarm(message[1])
-            elif kind == "call":
-                _, rid, name = message
+                future.add_done_callback(lambda f, rid=message.rid: reply(rid, f))
+            elif isinstance(message, PrewarmCall):
+                engine.prewarm(message.role)
+            elif isinstance(message, ReadCall):
                 try:
-                    value = engine.stats_snapshot() if name == "stats_snapshot" else getattr(engine, name)()
-                    outbox.put(("value", rid, value))
+                    outbox.put(Answer(message.rid, reads[message.what]()))
                 except Exception as exc:
-                    outbox.put(("error", rid, _exception_message(exc)))
-            elif kind == "stop" and owner:
+                    outbox.put(Failure(message.rid, transportable(exc)))
+            elif isinstance(message, StopCall) and owner:
                 return
     finally:
         if owner:
-            outbox.put(("stopped", {}))
+            outbox.put(Stopped())
         outbox.put(None)
 
 
@@ -117,7 +165,7 @@ def serve(conn: Any, address: str, authkey: bytes, factory: EngineFactory, args:
         listener = Listener(address, family="AF_UNIX", authkey=authkey)
     except BaseException as exc:  # noqa: BLE001 - the worker must learn why, whatever it is
         log.exception("engine process could not start")
-        conn.send(("fatal", _exception_message(exc)))
+        conn.send(Fatal(transportable(exc)))
         return
 
     def accept() -> None:
@@ -205,8 +253,8 @@ class EngineClient:
                 if time.monotonic() > deadline:
                     raise BackendUnavailable(f"no engine for {self.device} answers at its address: {exc}") from None
                 time.sleep(0.2)
-        kind, _ = conn.recv()
-        assert kind == "ready", kind
+        hello = conn.recv()
+        assert isinstance(hello, Ready), hello
         self._use(conn, None)
 
     def _start_process(self) -> None:
@@ -222,14 +270,14 @@ class EngineClient:
             process.kill()
             raise BackendUnavailable(f"the engine process for {self.device} did not start in {self.start_timeout_s:.0f}s")
         try:
-            kind, detail = parent.recv()
+            hello = parent.recv()
         except EOFError:
             process.join(5)
             raise BackendUnavailable(
                 f"the engine process for {self.device} exited at start (code {process.exitcode})") from None
-        if kind == "fatal":
+        if isinstance(hello, Fatal):
             process.join(5)
-            raise _rebuild_exception(*detail)
+            raise hello.error
         self._process = process
         self._use(parent, process)
         log.info("engine process for %s started (pid %d)", self.device, process.pid)
@@ -259,18 +307,17 @@ class EngineClient:
                 message = conn.recv()
             except (EOFError, OSError):
                 break
-            kind = message[0]
-            if kind == "stopped":
+            if isinstance(message, Stopped):
                 break
-            if kind in ("result", "value", "error"):
+            if isinstance(message, (Answer, Failure)):
                 with self._lock:
-                    future = self._pending.pop(message[1], None)
+                    future = self._pending.pop(message.rid, None)
                 if future is None:
                     continue
-                if kind == "error":
-                    future.set_exception(_rebuild_exception(*message[2]))
+                if isinstance(message, Failure):
+                    future.set_exception(message.error)
                 else:
-                    future.set_result(message[2])
+                    future.set_result(message.value)
         code = None
         if process is not None:  # wait for its end without reaping it (stop() joins; two joins race)
             wait([process.sentinel], 10)
@@ -287,7 +334,7 @@ class EngineClient:
             future.set_exception(BackendUnavailable(
                 f"the engine process for {self.device} exited (code {code}) before answering"))
 
-    def _send(self, message_for: Callable[[int], tuple[Any, ...]]) -> Future[Any]:
+    def _send(self, message_for: Callable[[int], SubmitCall | ReadCall]) -> Future[Any]:
         conn = self._ensure_running()
         future: Future[Any] = Future()
         rid = next(self._ids)
@@ -314,7 +361,7 @@ class EngineClient:
             return
         try:
             with self._send_lock:
-                conn.send(("stop",))
+                conn.send(StopCall())
         except (OSError, EOFError, AttributeError):
             pass
         process.join(timeout_s)
@@ -343,7 +390,7 @@ class EngineClient:
             tokens = list(tokens)
         else:
             tokens = list(self.token_counter(self.specs[role], items)) if self.token_counter and items else None
-        return self._send(lambda rid: ("submit", rid, role, items, tokens, priority, deadline, dict(params or {})))
+        return self._send(lambda rid: SubmitCall(rid, role, items, tokens, priority, deadline, dict(params or {})))
 
     def run(self, role: str, items: list[Any], **kwargs: Any) -> EngineResult:
         return self.submit(role, items, **kwargs).result()
@@ -352,11 +399,11 @@ class EngineClient:
         if role in self.specs:
             conn = self._ensure_running()
             with self._send_lock:
-                conn.send(("prewarm", role))
+                conn.send(PrewarmCall(role))
 
-    def _call(self, name: str, timeout_s: float = 30.0) -> Any:
-        assert name in _CALLS
-        return self._send(lambda rid: ("call", rid, name)).result(timeout_s)
+    def _call(self, what: Literal["resident_models", "tiers", "pending_count", "stats_snapshot"],
+              timeout_s: float = 30.0) -> Any:
+        return self._send(lambda rid: ReadCall(rid, what)).result(timeout_s)
 
     def resident_models(self) -> dict[str, int]:
         return self._call("resident_models")

@@ -16,6 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from workers.observer import BatchReport, DeviceState, EngineObserver
+
 log = logging.getLogger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -173,8 +175,8 @@ def observe_stage(model: str | None, stage: str, priority: str, outcome: str, qu
     m.requests.labels(stage, priority, outcome).inc()
 
 
-class EngineMetrics:
-    """What the engine reports; every method is cheap and never raises into the device loop."""
+class EngineMetrics(EngineObserver):
+    """The engine's Prometheus metrics; every hook is cheap."""
 
     def __init__(self, device: str, total_bytes: int = 0) -> None:
         from workers.devices import Utilization
@@ -183,22 +185,23 @@ class EngineMetrics:
         self.total_bytes = total_bytes
         self.utilization = Utilization(device)
 
-    def batch(self, model: str, role: str, items: int, tokens: int, seconds: float, alloc_retries: int) -> None:
+    def batch(self, report: BatchReport) -> None:
         m = metrics()
         if m is None:
             return
-        labels = (self.device, model, role)
-        m.items.labels(*labels).inc(items)
-        m.tokens.labels(*labels).inc(tokens)
-        m.batch_size.labels(*labels).observe(items)
-        m.batch_time.labels(*labels).observe(seconds)
-        if alloc_retries:
-            m.retries.labels(self.device, model).inc(alloc_retries)
+        labels = (self.device, report.model, report.role)
+        m.items.labels(*labels).inc(report.items)
+        m.tokens.labels(*labels).inc(report.tokens)
+        m.batch_size.labels(*labels).observe(report.items)
+        m.batch_time.labels(*labels).observe(report.seconds)
+        if report.alloc_retries:
+            m.retries.labels(self.device, report.model).inc(report.alloc_retries)
 
-    def model_event(self, model: str, event: str, ms: float) -> None:
+    def model_event(self, row: dict[str, Any]) -> None:
         m = metrics()
         if m is None:
             return
+        model, event, ms = row["model"], row["event"], row["ms"]
         if event == "oom":
             m.oom.labels(self.device, model).inc()
         elif event in ("load", "wake"):
@@ -207,18 +210,19 @@ class EngineMetrics:
         elif event in ("sleep", "unload"):
             m.evictions.labels(self.device, model, event).inc()
 
-    def state(self, resident: dict[str, bool], used_bytes: int, budget_bytes: int, pending: dict[str, int]) -> None:
+    def state(self, state: DeviceState) -> None:
         m = metrics()
         if m is None:
             return
-        for model, here in resident.items():
+        for model, here in state.resident.items():
             m.resident.labels(self.device, model).set(1 if here else 0)
-        m.memory_used.labels(self.device).set(used_bytes)
-        m.memory_budget.labels(self.device).set(budget_bytes)
-        m.memory_total.labels(self.device).set(self.total_bytes or budget_bytes)
-        m.memory_ratio.labels(self.device).set(used_bytes / budget_bytes if budget_bytes else 0.0)
+        used, budget = state.used_bytes, state.budget_bytes
+        m.memory_used.labels(self.device).set(used)
+        m.memory_budget.labels(self.device).set(budget)
+        m.memory_total.labels(self.device).set(self.total_bytes or budget)
+        m.memory_ratio.labels(self.device).set(used / budget if budget else 0.0)
         busy = self.utilization.read()
         if busy is not None:
             m.gpu_utilization.labels(self.device).set(busy)
-        for priority, count in pending.items():
+        for priority, count in state.pending.items():
             m.pending.labels(self.device, priority).set(count)

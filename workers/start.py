@@ -57,11 +57,12 @@ def build_engine(settings: Settings, device: str, database_url: str, worker: str
     from workers.backends import load_model
     from workers import tuning
     from ragq.core.db import get_engine
-    from workers.engine import Engine
+    from workers.engine import Engine, EngineConfig
     from workers.metrics import EngineMetrics
     from workers.models import load_model_specs
     from workers.profiles import PostgresProfileStore
-    from workers.timing import PostgresSink
+    from workers.observer import Observers
+    from workers.timing import PostgresSink, SinkObserver
 
     _allocator_settings(device)
     specs = load_model_specs(settings.models)
@@ -79,12 +80,11 @@ def build_engine(settings: Settings, device: str, database_url: str, worker: str
              format_size(host_budget), ", ".join(f"{role}={spec.name}" for role, spec in specs.items()))
     return Engine(
         device, specs, load_model, budget, host_budget_bytes=host_budget, cooldown_s=settings.cooldown_s,
-        on_model_event=sink.record_model_event, profiles=PostgresProfileStore(database_url),
-        device_kind=device_kind(device), report_interval_s=settings.stats_interval_s,
-        urgent_yield_s=settings.urgent_yield_s, urgent_yield_ms=settings.urgent_yield_ms,
-        metrics=EngineMetrics(device, total), memory_used=memory_used,
-        on_sample=lambda row: sink.record_device_sample({**row, "total_bytes": total or None}),
+        observer=Observers(EngineMetrics(device, total), SinkObserver(sink, total)),
+        profiles=PostgresProfileStore(database_url), device_kind=device_kind(device), memory_used=memory_used,
         knob_source=lambda: tuning.live_values(get_engine(database_url)),
+        config=EngineConfig(report_interval_s=settings.stats_interval_s, urgent_yield_s=settings.urgent_yield_s,
+                            urgent_yield_ms=settings.urgent_yield_ms),
     )
 
 

@@ -14,6 +14,8 @@ from collections import deque
 from datetime import datetime, timezone
 from typing import Any
 
+from workers.observer import EngineObserver
+
 log = logging.getLogger("ragq.timing")
 
 STAGE_FIELDS = (
@@ -167,3 +169,17 @@ class PostgresSink(TimingSink):
             self._stopping = True
             self._lock.notify_all()
         self._thread.join(15)
+
+
+class SinkObserver(EngineObserver):
+    """The engine's model events and device samples, as rows of a timing sink (model_events, device_samples)."""
+
+    def __init__(self, sink: TimingSink, total_bytes: int | None = None) -> None:
+        self.sink = sink
+        self.total_bytes = total_bytes
+
+    def model_event(self, row: dict[str, Any]) -> None:
+        self.sink.record_model_event(row)
+
+    def sample(self, row: dict[str, Any]) -> None:
+        self.sink.record_device_sample({**row, "total_bytes": self.total_bytes or None})

@@ -24,6 +24,7 @@ from typing import Any
 
 from ragq.core.errors import DeviceOutOfMemory, ModelLoadFailed
 from scheduler.batching import PassCostModel, length_groups
+from workers.backends import BatchOutput, ModelBase
 from workers.backends.packed import Packed, enable_packing, varlen_available
 from workers.backends.tokens import Encoded
 from workers.models import ModelSpec
@@ -102,7 +103,7 @@ class _CudaReady:
         torch.cuda.current_stream(self.device).wait_event(self.event)
 
 
-class _TorchModel:
+class _TorchModel(ModelBase):
     """Weights on the device; `sleep` keeps them in pinned host memory, `wake` copies them back."""
 
     def __init__(self, spec: ModelSpec, device: str, model: torch.nn.Module, tokenizer: Any) -> None:
@@ -112,13 +113,7 @@ class _TorchModel:
         self.model = model
         self.tokenizer = tokenizer
         self.nbytes = module_bytes(model)
-        self.last_peak_bytes: int | None = None
-        self.last_device_ms: float | None = None  # the last batch's span on the device's stream (CUDA events)
-        self.last_alloc_retries = 0
-        # where the last batch's time went (ms): prep = tokenising and padding before the first forward is queued,
-        # launch = queuing the forward passes (the CPU's part), passes_gpu = the passes on the device (CUDA
-        # events), tail = waiting for the device and copying out; plus real and padded tokens
-        self.last_phases: dict[str, float] = {}
+        # set by _launch inside a batch: the times, events and token counts its phases are made of (BatchOutput)
         self._mark: tuple[float, float, Any, Any, int, int, int] | None = None
         self.pass_costs = PassCostModel()
         self.packed = False   # one padding-free forward pass per batch (enable_packing said yes at load)
@@ -138,13 +133,12 @@ class _TorchModel:
             seen.setdefault(id(tensor), tensor)
         return list(seen.values())
 
-    def run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
+    def execute(self, items: list[Any], params: dict[str, Any]) -> BatchOutput:
         self._mark = None
         if not self.is_cuda:
             t_start = time.perf_counter()
             outputs = self._run(items, params)
-            self._phases(t_start, time.perf_counter())
-            return outputs
+            return BatchOutput(outputs, phases=self._phases(t_start, time.perf_counter()))
         t_start = time.perf_counter()
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
@@ -158,27 +152,26 @@ class _TorchModel:
             raise DeviceOutOfMemory(f"{self.name}: batch of {len(items)}: {str(exc).splitlines()[0]}") from None
         end.record(stream)
         end.synchronize()  # the outputs are on the host already; this returns at once
-        self._phases(t_start, time.perf_counter())
-        self.last_peak_bytes = int(torch.cuda.max_memory_allocated(self.device) - before)
-        self.last_device_ms = start.elapsed_time(end)
+        phases = self._phases(t_start, time.perf_counter())
         # allocations that had to free cached blocks first (each a device synchronisation): churn near the budget
-        self.last_alloc_retries = torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0) - retries
-        return outputs
+        return BatchOutput(
+            outputs, device_ms=start.elapsed_time(end),
+            peak_bytes=int(torch.cuda.max_memory_allocated(self.device) - before),
+            alloc_retries=torch.cuda.memory_stats(self.device).get("num_alloc_retries", 0) - retries, phases=phases)
 
     def _run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
         raise NotImplementedError
 
-    def _phases(self, t_start: float, t_end: float) -> None:
+    def _phases(self, t_start: float, t_end: float) -> dict[str, float]:
         if self._mark is None:
-            self.last_phases = {}
-            return
+            return {}
         t0, t1, e0, e1, real, padded, passes = self._mark
         phases = {"prep": (t0 - t_start) * 1000.0, "launch": (t1 - t0) * 1000.0, "tail": (t_end - t1) * 1000.0,
                   "real_tokens": float(real), "padded_tokens": float(padded), "passes": float(passes)}
         if e0 is not None:
             phases["passes_gpu"] = e0.elapsed_time(e1)
-        self.last_phases = phases
         self.pass_costs.observe(padded, passes, phases.get("passes_gpu", phases["launch"] + phases["tail"]))
+        return phases
 
     def pad(self, rows: list[dict[str, list[int]]], side: str) -> dict[str, torch.Tensor]:
         """What tokenizer.pad(rows, padding=True, return_tensors="pt") gives, several times faster (it pads row by

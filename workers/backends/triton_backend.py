@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ragq.core.errors import BackendUnavailable, ModelLoadFailed
+from workers.backends import BatchOutput, ModelBase
 from workers.models import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def client_for(url: str) -> tuple[Any, Any]:
                                         connection_timeout=600.0), module
 
 
-class TritonModel:
+class TritonModel(ModelBase):
     """A model on a Triton server: `run` sends one inference request for the micro-batch (urgent at priority 1)."""
 
     takes_priority = True   # the engine marks urgent micro-batches (params["urgent"])
@@ -165,7 +166,6 @@ class TritonModel:
         self.nbytes = 0
         self.load_ms = 0.0
         self.packed = False
-        self.last_phases: dict[str, float] = {}
 
     # -- lifecycle --------------------------------------------------------------------------------------------------
     def load(self) -> None:
@@ -209,9 +209,9 @@ class TritonModel:
         tensor.set_data_from_numpy(values)
         return tensor
 
-    def run(self, items: list[Any], params: dict[str, Any]) -> list[Any]:
+    def execute(self, items: list[Any], params: dict[str, Any]) -> BatchOutput:
         if not items:
-            return []
+            return BatchOutput([])
         n = len(items)
         role = self.spec.role
 
@@ -236,13 +236,15 @@ class TritonModel:
                                        priority=priority)
         except Exception as exc:
             raise BackendUnavailable(f"model {self.name}: Triton inference failed: {exc}") from None
-        self.last_phases = {"launch": (time.perf_counter() - t0) * 1000.0}
+        phases = {"launch": (time.perf_counter() - t0) * 1000.0}
         out = result.as_numpy(wanted)
         if role == "embed":
-            return [row.tolist() for row in out]
-        if role == "rerank":
-            return [float(v) for v in out.reshape(-1)]
-        return decode_texts(out)
+            outputs: list[Any] = [row.tolist() for row in out]
+        elif role == "rerank":
+            outputs = [float(v) for v in out.reshape(-1)]
+        else:
+            outputs = decode_texts(out)
+        return BatchOutput(outputs, phases=phases)
 
     def count_tokens(self, items: list[Any]) -> list[int]:
         from workers.backends.tokens import count_tokens
