@@ -9,6 +9,7 @@ With no URLs configured the embedded Redis and Postgres are started on demand.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -22,12 +23,15 @@ from sqlalchemy import func, insert, select
 from ragq.core import tracing
 from ragq.core.db import FINISH_JOB, Answer, Job, JobItem, ensure_schema, get_engine
 from ragq.core.documents import Failure, LoadedDocument, expand_paths, from_docling, load_document
-from ragq.core.errors import BadInput, QuestionTimeout, RagqError
+from ragq.core.errors import BadInput, QuestionTimeout, RagqError, WorkerLost
 from ragq.core.services import Endpoints, ensure_services
 from ragq.core.settings import Settings, load_settings
 
 Source = str | Path | DoclingDocument
+log = logging.getLogger(__name__)
+
 MAX_QUESTION_CHARS = 8000
+POLL_S = 0.5   # how often a waiting `ask` looks whether the worker holding its question still lives
 CHARS_PER_TOKEN = 4  # a rough size estimate: the client does not tokenise
 FINISHED = ("completed", "completed_with_errors", "failed")
 
@@ -93,6 +97,7 @@ class Client:
         ensure_schema(self.endpoints.database_url)
         self.db = get_engine(self.endpoints.database_url)
         self.app = configure_app(self.settings, self.endpoints)
+        self._redis: Any = None   # the broker's Redis, for workers' heartbeats (made on first need)
         tracing.setup(self.settings, "ragq-client")
 
     # -- ingestion --------------------------------------------------------------------------------------------------
@@ -291,8 +296,6 @@ class Client:
             max_new_tokens: int | None = None) -> dict[str, Any]:
         """A synchronous RPC over the urgent queue. Raises QuestionTimeout if no answer comes in time; the
         question's tasks expire with it, so a late question never runs on the device."""
-        from celery.exceptions import TimeoutError as CeleryTimeout
-
         from tasks.query import question_chain
 
         question = (question or "").strip()
@@ -307,15 +310,61 @@ class Client:
             "deadline": started + timeout, "max_new_tokens": max_new_tokens,
         }
         with tracing.span("ask", question_chars=len(question), top_k=k):  # the root of the question's trace
-            result = question_chain(state).apply_async()
+            reply = self._answer(lambda: question_chain(state), started, timeout)
+        reply["total_ms"] = round((time.time() - started) * 1000.0, 2)
+        return _public_reply(reply)
+
+
+    def _answer(self, make_chain: Callable[[], Any], started: float, timeout: float) -> dict[str, Any]:
+        """Publish the question's chain and wait for its answer. Its later stages run on the urgent consumer that
+        took the first one: if that consumer dies mid-question (its heartbeat stops), the question is asked again
+        whole, once, while time is left — never left to wait out its timeout."""
+        from celery.exceptions import TimeoutError as CeleryTimeout
+
+        deadline = started + timeout
+        retried = False
+        result = make_chain().apply_async()
+        while True:
             try:
-                reply = result.get(timeout=timeout, propagate=True, disable_sync_subtasks=False)
+                return result.get(timeout=max(0.05, min(POLL_S, deadline - time.time())), propagate=True,
+                                  disable_sync_subtasks=False)
             except CeleryTimeout:
+                pass
+            if time.time() >= deadline:
                 raise QuestionTimeout(
                     f"no answer within {timeout:.1f}s: is a worker running (`ragq worker`) and the urgent queue "
                     "moving?") from None
-        reply["total_ms"] = round((time.time() - started) * 1000.0, 2)
-        return _public_reply(reply)
+            lost = self._lost_worker(result)
+            if lost is None:
+                continue
+            if retried:
+                raise WorkerLost(f"worker {lost} stopped while answering this question, and so did the worker that "
+                                 "took it again; ask again once the workers are back")
+            log.warning("worker %s stopped mid-question; asking again elsewhere", lost)
+            retried = True
+            result = make_chain().apply_async()
+
+    def _lost_worker(self, result: Any) -> str | None:
+        """The urgent consumer holding this question's stages, if it has stopped beating (else None)."""
+        from workers.leases import alive_key
+
+        first = result
+        while first.parent is not None:
+            first = first.parent
+        state = first.state
+        if state == "STARTED":
+            worker = (first.info or {}).get("hostname") if isinstance(first.info, dict) else None
+        elif state == "SUCCESS" and isinstance(first.result, dict):
+            worker = first.result.get("worker")
+        else:
+            return None
+        if not worker:
+            return None
+        if self._redis is None:
+            import redis
+
+            self._redis = redis.Redis.from_url(self.endpoints.broker_url, socket_timeout=5)
+        return None if self._redis.exists(alive_key(worker)) else str(worker)
 
 
 def _public_reply(state: dict[str, Any]) -> dict[str, Any]:
@@ -330,7 +379,8 @@ def _public_reply(state: dict[str, Any]) -> dict[str, Any]:
             for s in state.get("sources", [])
         ],
         "timings": {
-            stage: {k: state["timings"][stage][k] for k in ("queue_ms", "load_ms", "compute_ms", "model", "batch_size")}
+            stage: {k: state["timings"][stage].get(k) for k in ("queue_ms", "load_ms", "compute_ms", "model", "batch_size",
+                                                                "worker")}
             for stage in ("embed", "search", "rerank", "generate") if stage in state.get("timings", {})
         },
         "total_ms": state.get("total_ms"),

@@ -17,7 +17,7 @@ from ragq.core.answer import EXTRACTIVE_NOTE, extractive_answer, generation_prom
 from ragq.core.errors import RequestExpired
 from scheduler.batching import URGENT
 from tasks.common import engine_deadline, sent_at
-from workers.celery_app import URGENT_QUEUE, app
+from workers.celery_app import URGENT_QUEUE, app, direct_queue
 
 STAGES = ("embed", "search", "rerank", "generate")
 
@@ -27,12 +27,23 @@ def _begin(task: Any, state: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     if deadline is not None and time.time() > deadline:
         raise RequestExpired(f"question expired {time.time() - deadline:.2f}s ago; its caller has gone")
     rt = task.app.require_runtime()
+    stay_on_this_worker(task)
     context = {"priority": URGENT, "job_id": None, "task_id": task.request.id, "sent_at": sent_at(task.request)}
     return rt, context
 
 
-def _keep_timing(state: dict[str, Any], stage: str, clock: Any) -> None:
+def stay_on_this_worker(task: Any) -> None:
+    """Route the question's remaining stages to this urgent consumer's own queue (Celery runs the next stage of a
+    chain from the request's `chain`, once this task returns), so the prewarm of the next stage's model and the
+    engine's "next stage expected" protection help the device that runs it."""
+    queue = direct_queue(task.request.hostname)
+    for signature in task.request.chain or ():
+        signature.setdefault("options", {})["queue"] = queue
+
+
+def _keep_timing(state: dict[str, Any], stage: str, clock: Any, worker: str | None = None) -> None:
     state.setdefault("timings", {})[stage] = {
+        "worker": worker,
         "queue_ms": round(clock.extra.get("queue_ms", 0.0), 2),
         "load_ms": round(clock.load_ms, 2),
         "compute_ms": round(clock.extra.get("compute_ms", 0.0), 2),
@@ -50,11 +61,12 @@ def embed_query(self: Any, state: dict[str, Any]) -> dict[str, Any]:
             params={"kind": "query"},
         )
         clock.from_engine(result)
-    _keep_timing(state, "embed", clock)
+    _keep_timing(state, "embed", clock, self.request.hostname)
     if rt.engine.has_role("rerank"):
         rt.engine.prewarm("rerank")  # wake the reranker while Postgres searches
     state["vector"] = result.outputs[0]
     state["embed_model"] = result.model
+    state["worker"] = self.request.hostname   # where its later stages run (a client watches that it lives)
     return state
 
 
@@ -90,7 +102,7 @@ def search(self: Any, state: dict[str, Any]) -> dict[str, Any]:
         clock.model = "pgvector-hnsw"
         state["candidates"] = search_chunks(rt, vector, state["embed_model"], wanted)
         clock.items = len(state["candidates"])
-    _keep_timing(state, "search", clock)
+    _keep_timing(state, "search", clock, self.request.hostname)
     return state
 
 
@@ -111,7 +123,7 @@ def rerank(self: Any, state: dict[str, Any]) -> dict[str, Any]:
         else:
             clock.model = "vector-similarity"  # no reranker configured: keep the search order
             clock.items = len(candidates)
-    _keep_timing(state, "rerank", clock)
+    _keep_timing(state, "rerank", clock, self.request.hostname)
     if rt.engine.has_role("generate"):
         rt.engine.prewarm("generate")
     state["sources"] = candidates[: state["top_k"]]
@@ -149,7 +161,7 @@ def generate(self: Any, state: dict[str, Any]) -> dict[str, Any]:
             state["answer"] = extractive_answer(state["question"], passages)
             state["mode"] = "extractive"
             state["note"] = EXTRACTIVE_NOTE
-    _keep_timing(state, "generate", clock)
+    _keep_timing(state, "generate", clock, self.request.hostname)
     return state
 
 

@@ -22,6 +22,16 @@ if TYPE_CHECKING:
 URGENT_QUEUE = "urgent"
 BACKGROUND_QUEUE = "background"
 SENT_AT_HEADER = "ragq_sent_at"
+# a question's stages after the first go to the queue of the urgent consumer that took the first one, so its
+# prewarm of the next stage's model and its "next stage expected" protection help the GPU that runs them
+DIRECT_PREFIX = "urgent."
+
+
+def direct_queue(worker_name: str) -> str:
+    """The urgent consumer `worker_name`'s own queue (consumed ahead of the shared urgent queue)."""
+    return f"{DIRECT_PREFIX}{worker_name}"
+
+
 TASK_MODULES = ["tasks.ingest", "tasks.query", "tasks.questions", "tasks.diagnostics", "tasks.maintenance"]
 
 

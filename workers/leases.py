@@ -267,3 +267,49 @@ class DeliveryCounter:
             self.redis.delete(delivery_key(task_id, retries))
         except Exception as exc:  # noqa: BLE001 - the key expires by itself
             log.warning("could not clear the delivery count of task %s: %s", task_id, exc)
+
+
+ALIVE_TTL_S = 3.0
+
+
+def alive_key(worker_name: str) -> str:
+    return f"ragq:alive:{worker_name}"
+
+
+class Heartbeat:
+    """A key in the broker's Redis that lives while this consumer does (refreshed every second, gone 3 s after the
+    process stops). A client waiting on a question whose stages are routed to this consumer's own queue looks at
+    it: a missing key means the worker died mid-question, and the question is asked again elsewhere at once
+    instead of waiting out its timeout."""
+
+    def __init__(self, broker_url: str, worker_name: str, interval_s: float = 1.0, ttl_s: float = ALIVE_TTL_S) -> None:
+        import redis
+
+        self.redis = redis.Redis.from_url(broker_url, socket_timeout=2)
+        self.key = alive_key(worker_name)
+        self.interval_s = interval_s
+        self.ttl_s = ttl_s
+        self._stop = threading.Event()
+
+    def beat(self) -> None:
+        self.redis.set(self.key, str(os.getpid()), px=int(self.ttl_s * 1000))
+
+    def start(self) -> Heartbeat:
+        def loop() -> None:
+            while True:
+                try:
+                    self.beat()
+                except Exception as exc:  # noqa: BLE001 - the broker away: the next beat tries again
+                    log.debug("heartbeat %s: %s", self.key, exc)
+                if self._stop.wait(self.interval_s):
+                    return
+
+        threading.Thread(target=loop, name="ragq-heartbeat", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self.redis.delete(self.key)
+        except Exception:  # noqa: BLE001 - it expires by itself
+            pass

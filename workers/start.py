@@ -205,7 +205,7 @@ def run_worker(
         from ragq.core.hostplan import check_host_ram
 
         check_host_ram(settings, 1, host_budget_for(settings, device))   # before starting anything
-    from workers.celery_app import BACKGROUND_QUEUE, URGENT_QUEUE, app, configure_app
+    from workers.celery_app import BACKGROUND_QUEUE, URGENT_QUEUE, app, configure_app, direct_queue
     if attach:
         _exit_with_parent()
     else:
@@ -222,11 +222,14 @@ def run_worker(
 
     tracing.setup(settings, f"ragq-worker-{worker_name(device, name)}")
     runtime = build_runtime(settings, device, name, loglevel.upper(), attach=attach)
+    if URGENT_QUEUE in queues.split(","):   # questions in flight here first: their later stages come to this queue
+        queues = f"{direct_queue(runtime.worker_name)},{queues}"
     configure_app(settings, runtime.endpoints, consumer=True)
     app.runtime = runtime
     urgent = None
     leases = None
     watchdog = None
+    heartbeat = None
     try:
         if BACKGROUND_QUEUE in queues.split(","):
             runtime.chunk_pool  # noqa: B018 - start chunking processes before the first task, not during it
@@ -251,6 +254,10 @@ def run_worker(
             watchdog = ConsumerWatchdog(runtime.endpoints.broker_url, runtime.worker_name, queues.split(","),
                                         concurrency or settings.worker_concurrency,
                                         stall_after_s=settings.consumer_stall_s).start()
+        if direct_queue(runtime.worker_name) in queues:   # clients see this consumer die mid-question
+            from workers.leases import Heartbeat
+
+            heartbeat = Heartbeat(runtime.endpoints.broker_url, runtime.worker_name).start()
         if split:
             urgent = UrgentConsumer(runtime, settings.urgent_concurrency, loglevel)
         app.worker_main([
@@ -265,6 +272,8 @@ def run_worker(
             leases.stop()
         if watchdog is not None:
             watchdog.stop()
+        if heartbeat is not None:
+            heartbeat.stop()
         runtime.engine.stop()
         runtime.sink.close()
         if "chunk_pool" in runtime.__dict__:

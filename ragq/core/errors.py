@@ -48,6 +48,10 @@ class QuestionTimeout(RagqError):
     """An urgent question did not complete within its timeout."""
 
 
+class WorkerLost(RagqError):
+    """The worker running a question's stages stopped mid-question (and asking again elsewhere did not help)."""
+
+
 class DeviceOutOfMemory(RagqError):
     """A backend ran out of device memory (torch.cuda.OutOfMemoryError and the like). The engine treats it as an
     event: it evicts idle models, splits the batch and retries."""
