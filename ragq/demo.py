@@ -12,8 +12,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from ragq.client import Client
 from ragq.core.services import EmbeddedServices
 from ragq.core.settings import Settings
+from ragq.replies import print_reply
+from tasks.diagnostics import probe
 
 SAMPLES = Path(__file__).parent / "samples"
 QUESTIONS = (
@@ -40,7 +43,6 @@ def wait_until_consuming(worker: subprocess.Popen[bytes], log_path: Path, timeou
     """Wait until the worker runs a probe task from each queue (so both consumers consume, not merely started)."""
     from celery.exceptions import TimeoutError as CeleryTimeout
 
-    from tasks.diagnostics import probe
 
     results = [probe.apply_async(("ready",), queue=queue, expires=timeout_s) for queue in ("urgent", "background")]
     deadline = time.monotonic() + timeout_s
@@ -68,9 +70,6 @@ def stop_worker(worker: subprocess.Popen[bytes]) -> None:
 
 
 def run_demo(settings: Settings, console: Console, keep_services: bool = False) -> int:
-    from ragq.client import Client
-    from ragq.replies import print_reply
-
     services = EmbeddedServices(settings)
     before = services.status()
     t0 = time.monotonic()

@@ -15,7 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 from ragq.core.errors import ConfigError
+from ragq.core.services import ensure_services
 from ragq.core.settings import Settings
+from workers.celery_app import configure_app
 
 # Flower's endpoints that act on workers or tasks (flower/urls.py, Flower 2.x)
 MUTATING = (
@@ -67,9 +69,6 @@ def make_read_only() -> int:
 
 
 def run(settings: Settings, *, read_only: bool, extra: list[str] | None = None) -> Any:
-    from ragq.core.services import ensure_services
-    from workers.celery_app import configure_app
-
     auth = auth_arguments(settings)   # before anything starts
     endpoints = ensure_services(settings)
     app = configure_app(settings, endpoints)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from workers.alerts import evaluate
 from workers.celery_app import app
+from workers.metrics import queue_depths
+from workers.tuning import tick
 
 
 @app.task(name="ragq.evaluate_alerts", bind=True, ignore_result=True)
 def evaluate_alerts(self: Any) -> int:
-    from workers.alerts import evaluate
-
     rt = self.app.require_runtime()
     settings = rt.settings
     return len(evaluate(rt.db, window_s=settings.alert_window_s, queue_for_s=settings.alert_queue_for_s))
@@ -19,9 +20,6 @@ def evaluate_alerts(self: Any) -> int:
 
 @app.task(name="ragq.tune", bind=True, ignore_result=True)
 def tune(self: Any) -> int:
-    from workers.tuning import tick
-    from workers.metrics import queue_depths
-
     rt = self.app.require_runtime()
     try:
         import redis

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ragq.core.errors import DeviceOutOfMemory
+from ragq.core.errors import BadInput, DeviceOutOfMemory
 from workers.backends import BatchOutput, ModelBase
 from workers.models import ModelSpec
 
@@ -69,7 +69,7 @@ class FakeModel(ModelBase):
                  act_bytes_per_item: int = 0, wake_s: float = 0.0, real_time: bool = False,
                  runs: list[tuple[str, list[Any]]] | None = None,
                  timeline: list[tuple[str, float, float]] | None = None, fail_on: str | None = None,
-                 gate: threading.Event | None = None, run_s_fixed: float = 0.0) -> None:
+                 gate: threading.Event | None = None, run_s_fixed: float = 0.0, bad_input: str | None = None) -> None:
         self.spec = spec
         self.name = spec.name
         self.nbytes = spec.estimate_bytes or MiB
@@ -84,6 +84,7 @@ class FakeModel(ModelBase):
         self.fail_on = fail_on
         self.gate = gate
         self.run_s_fixed = run_s_fixed
+        self.bad_input = bad_input
         self.on_device = True
         device.allocate(self.nbytes, f"load {self.name}")
 
@@ -99,6 +100,8 @@ class FakeModel(ModelBase):
             self.gate.wait(5)
         if self.fail_on is not None and self.fail_on in items:
             raise RuntimeError(f"cannot process {self.fail_on}")
+        if self.bad_input is not None and self.bad_input in items:
+            raise BadInput(self.bad_input, "cannot be embedded")
         activations = self.act_bytes_per_item * len(items)
         self.device.allocate(activations, f"{self.name} batch of {len(items)}")
         try:
@@ -137,7 +140,7 @@ def spec(role: str, mib: float, batch: int = 8) -> ModelSpec:
                      urgent_batch=batch, estimate_bytes=int(mib * MiB))
 
 
-def fake_engine(run_s_fixed: float = 0.0, fail_to_start: str | None = None) -> Any:
+def fake_engine(run_s_fixed: float = 0.0, fail_to_start: str | None = None, bad_input: str | None = None) -> Any:
     """An engine over fake models that take real time, for running in an engine process (a picklable factory)."""
     from ragq.core.errors import ConfigError
     from workers.engine import Engine
@@ -147,4 +150,4 @@ def fake_engine(run_s_fixed: float = 0.0, fail_to_start: str | None = None) -> A
     device = FakeDevice(1024 * MiB)
     specs = {"embed": spec("embed", 100), "generate": spec("generate", 200)}
     return Engine("fake", specs, lambda s, d: FakeModel(s, device, time.monotonic, real_time=True,
-                                                        run_s_fixed=run_s_fixed), 1024 * MiB)
+                                                        run_s_fixed=run_s_fixed, bad_input=bad_input), 1024 * MiB)

@@ -10,6 +10,7 @@ import pytest
 
 from ragq.core.errors import BudgetExceeded, RequestExpired
 from scheduler.batching import BACKGROUND, URGENT
+from scheduler.residency import VRAM
 from tests.fakes import MiB, FakeClock, FakeDevice, FakeModel, spec
 from workers.backends import BatchOutput
 from workers.engine import Engine
@@ -399,3 +400,70 @@ def test_urgent_micro_batches_are_marked_for_backends_that_take_a_priority() -> 
     finally:
         h.engine.stop()
     assert seen == [{"kind": "query", "urgent": True}, {"kind": "document"}]
+
+
+def test_submissions_arrive_in_the_inbox_and_only_the_engine_thread_schedules_them() -> None:
+    """submit() from any thread only queues a message; the engine's pending work is the engine thread's alone."""
+    h = Harness()
+    threads = [threading.Thread(target=lambda i=i: h.engine.submit("embed", [f"t{i}"])) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert h.engine._pending == {} and h.engine.pending_count() == 8    # nothing scheduled yet: all in the inbox
+    seen: set[str] = set()
+    handle = h.engine._handle
+
+    def on_engine_thread(message: Any) -> None:
+        seen.add(threading.current_thread().name)
+        handle(message)
+
+    h.engine._handle = on_engine_thread  # type: ignore[method-assign]
+    h.engine.start()
+    h.engine.prewarm("rerank")
+    h.engine.push_knobs({"cooldown_s": 1.5})
+    assert h.engine.run("embed", ["last"]).outputs == ["embed:last"]
+    assert h.engine.tiers()["embed"] == VRAM
+    h.engine.stop()
+    assert seen == {"ragq-engine-fake"}
+    assert h.engine.policy.cooldown_s == 1.5 and h.engine.pending_count() == 0
+
+
+def test_the_engine_counts_what_the_backend_measured_and_a_failing_observer_breaks_nothing() -> None:
+    """A backend's BatchOutput (device time, allocator retries, phases) reaches the stats and the observers; an
+    observer that raises is logged and the others still hear."""
+    from workers.observer import EngineObserver
+
+    class Measured(FakeModel):
+        def execute(self, items: list[Any], params: dict[str, Any]) -> BatchOutput:
+            output = super().execute(items, params)
+            return BatchOutput(output.outputs, device_ms=2.5, alloc_retries=1,
+                               phases={"prep": 1.0, "padded_tokens": 8.0, "real_tokens": 4.0})
+
+    class Broken(EngineObserver):
+        def batch(self, report: Any) -> None:
+            raise RuntimeError("observer down")
+
+        def model_event(self, row: dict[str, Any]) -> None:
+            raise RuntimeError("observer down")
+
+    batches: list[Any] = []
+
+    class Batches(EngineObserver):
+        def batch(self, report: Any) -> None:
+            batches.append(report)
+
+    h = Harness()
+    h.engine.observer.add(Broken())
+    h.engine.observer.add(Batches())
+    h.engine.loader = lambda spec, device: Measured(spec, h.device, h.clock, real_time=True, runs=h.runs)
+    h.engine.start()
+    try:
+        assert h.engine.run("embed", ["a", "b"]).outputs == ["embed:a", "embed:b"]
+        assert h.engine.run("embed", ["c"]).outputs == ["embed:c"]
+    finally:
+        h.engine.stop()
+    stats = h.engine.stats.roles["embed"]
+    assert stats.device_ms == 5.0 and stats.alloc_retries == 2 and stats.phases["prep"] == 2.0
+    assert [(b.items, b.alloc_retries) for b in batches] == [(2, 1), (1, 1)]
+    assert ("load", "embed") in h.kinds()       # the EventLog heard the load although Broken raised before it

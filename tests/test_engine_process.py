@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ragq.core.errors import BackendUnavailable, ConfigError, RequestExpired
+from ragq.core.errors import BackendUnavailable, BadInput, ConfigError, RequestExpired
 from scheduler.batching import URGENT
 from tests.fakes import fake_engine, spec
 from workers.engine_process import EngineClient
@@ -129,3 +129,31 @@ def test_a_client_with_the_wrong_key_is_refused() -> None:
         assert owner.run("embed", ["still fine"]).outputs == ["embed:still fine"]
     finally:
         owner.stop()
+
+
+def test_every_ragq_error_pickles_as_itself() -> None:
+    import inspect
+    import pickle
+
+    from ragq.core import errors
+
+    classes = [c for c in vars(errors).values() if inspect.isclass(c) and issubclass(c, errors.RagqError)]
+    assert len(classes) >= 10
+    for cls in classes:
+        exc = cls("notes.md", "is empty") if cls is errors.BadInput else cls("it broke")
+        back = pickle.loads(pickle.dumps(exc))
+        assert type(back) is cls and str(back) == str(exc)
+    bad = pickle.loads(pickle.dumps(errors.BadInput("notes.md", "is empty")))
+    assert (bad.source, bad.problem) == ("notes.md", "is empty")
+
+
+def test_a_bad_input_raised_in_the_engine_process_arrives_with_its_source_and_problem() -> None:
+    engine = EngineClient("fake", SPECS, fake_engine, (0.0, None, "poison"),
+                          token_counter=lambda s, items: [len(str(i)) for i in items])
+    try:
+        with pytest.raises(BadInput) as caught:
+            engine.run("embed", ["fine", "poison"])
+        assert (caught.value.source, caught.value.problem) == ("poison", "cannot be embedded")
+        assert engine.run("embed", ["fine"]).outputs == ["embed:fine"]
+    finally:
+        engine.stop()

@@ -22,6 +22,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from ragq.core.db import Alert
+
 log = logging.getLogger("workers.alerts")
 
 SEVERITIES = ("warning", "major", "critical")
@@ -152,7 +154,6 @@ def evaluate(db: Any, now: datetime | None = None, *, window_s: float = 300.0, q
     """One evaluation: conditions from Postgres, the state machine, rows written, transitions logged."""
     from sqlalchemy import delete, select, text, update
 
-    from ragq.core.db import Alert
 
     now = now or datetime.now(timezone.utc)
     with db.begin() as conn:
@@ -193,7 +194,6 @@ def recent(db: Any, since: datetime, now: datetime | None = None) -> list[dict[s
     """Alerts open now or started since `since`, newest first."""
     from sqlalchemy import or_, select
 
-    from ragq.core.db import Alert
 
     with db.connect() as conn:
         rows = conn.execute(select(Alert.__table__).where(

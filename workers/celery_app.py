@@ -14,6 +14,8 @@ from celery import Celery, Task
 from celery.signals import before_task_publish
 from kombu import Exchange, Queue
 
+from ragq.core.errors import PoisonMessage
+
 if TYPE_CHECKING:
     from ragq.core.services import Endpoints
     from ragq.core.settings import Settings
@@ -56,8 +58,6 @@ class RagqTask(Task):  # type: ignore[misc]
         if runtime is not None and not request.called_directly and request.id:
             starts = runtime.deliveries.arrive(request.id, request.retries or 0)
             if starts > runtime.deliveries.limit:
-                from ragq.core.errors import PoisonMessage
-
                 raise PoisonMessage(
                     f"task {self.name}[{request.id}] started {starts} times without finishing (its worker died "
                     f"each time); failed instead of run again (RAGQ_MAX_DELIVERIES={runtime.deliveries.limit})")

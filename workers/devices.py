@@ -8,6 +8,8 @@ import os
 import time
 from dataclasses import dataclass
 
+from ragq.core.errors import BadInput
+
 log = logging.getLogger(__name__)
 
 
@@ -102,8 +104,6 @@ def device_memory(device: str) -> DeviceMemory:
 
 
 def parse_device(text: str) -> str:
-    from ragq.core.errors import BadInput
-
     value = text.strip().lower()
     if value in ("cpu", "all"):
         return value

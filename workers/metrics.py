@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from workers.devices import Utilization
 from workers.observer import BatchReport, DeviceState, EngineObserver
 
 log = logging.getLogger(__name__)
@@ -179,8 +180,6 @@ class EngineMetrics(EngineObserver):
     """The engine's Prometheus metrics; every hook is cheap."""
 
     def __init__(self, device: str, total_bytes: int = 0) -> None:
-        from workers.devices import Utilization
-
         self.device = device
         self.total_bytes = total_bytes
         self.utilization = Utilization(device)

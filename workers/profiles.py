@@ -12,6 +12,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
+from ragq.core.db import ModelProfileRow, get_engine
 from scheduler.footprints import ModelProfile, token_bucket
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,6 @@ class PostgresProfileStore(MemoryProfileStore):
     def _load_all(self) -> None:
         from sqlalchemy import select
 
-        from ragq.core.db import ModelProfileRow, get_engine
 
         try:
             with get_engine(self.database_url).connect() as conn:
@@ -69,7 +69,6 @@ class PostgresProfileStore(MemoryProfileStore):
         from sqlalchemy import func
         from sqlalchemy.dialects.postgresql import insert
 
-        from ragq.core.db import ModelProfileRow, get_engine
 
         values = {"model": profile.model, "device_kind": profile.device_kind, "dtype": profile.dtype,
                   "weights_bytes": profile.weights_bytes, "activations": profile.activations,

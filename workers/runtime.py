@@ -14,13 +14,16 @@ from functools import cached_property
 from typing import Any
 
 from ragq.core import tracing
+from ragq.core.db import get_engine
 from ragq.core.services import Endpoints
 from ragq.core.settings import Settings
 from scheduler.batching import PRIORITY_NAMES
 from workers.engine_process import EngineClient
+from workers.leases import DeliveryCounter
 from workers.metrics import observe_stage
 from workers.models import ModelSpec
 from workers.timing import TimingSink, utc
+from workers.tuning import live_values
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +65,11 @@ class WorkerRuntime:
 
     @cached_property
     def deliveries(self):  # type: ignore[no-untyped-def]
-        from workers.leases import DeliveryCounter
 
         return DeliveryCounter(self.endpoints.broker_url, self.settings.max_deliveries)
 
     @cached_property
     def db(self):  # type: ignore[no-untyped-def]
-        from ragq.core.db import get_engine
 
         return get_engine(self.endpoints.database_url)
 
@@ -78,8 +79,6 @@ class WorkerRuntime:
         """A live knob the tuner moved (read from Postgres at most every 10 s), else `default`."""
         read_at, values = self._knobs
         if time.monotonic() - read_at > 10.0:
-            from workers.tuning import live_values
-
             try:
                 values = live_values(self.db)
             except Exception as exc:  # the database away: keep what we had

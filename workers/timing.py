@@ -14,6 +14,7 @@ from collections import deque
 from datetime import datetime, timezone
 from typing import Any
 
+from ragq.core.db import DeviceSample, ModelEvent, StageTiming, get_engine
 from workers.observer import EngineObserver
 
 log = logging.getLogger("ragq.timing")
@@ -131,7 +132,6 @@ class PostgresSink(TimingSink):
             return True
         from sqlalchemy import insert
 
-        from ragq.core.db import DeviceSample, ModelEvent, StageTiming, get_engine
 
         by_table: dict[str, list[dict[str, Any]]] = {"stage_timings": [], "model_events": [], "device_samples": []}
         for table, row in rows:

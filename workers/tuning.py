@@ -13,6 +13,8 @@ from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from ragq.core.db import TuningAction, TuningKnob
+from ragq.core.errors import ConfigError
 from scheduler.playbook import ONCE, Evidence, Knob, Move, Symptom, Thresholds, diagnose, plan
 
 log = logging.getLogger("workers.tuning")
@@ -38,8 +40,6 @@ def knob_defaults(settings: Any, specs: dict[str, Any]) -> dict[str, Knob]:
     out.append(Knob("unload_idle", 0, 0, 1e12, 1))  # a counter: each one-shot action adds one
     unknown = sorted(pinned - {k.name for k in out})
     if unknown:
-        from ragq.core.errors import ConfigError
-
         raise ConfigError(f"RAGQ_TUNING_PINNED: no knob named {', '.join(unknown)}; the knobs are "
                           f"{', '.join(k.name for k in out)}")
     return {k.name: replace(k, pinned=k.name in pinned) for k in out}
@@ -143,7 +143,6 @@ def tick(db: Any, settings: Any, specs: dict[str, Any], *, now: datetime | None 
     """One tuner step over the last RAGQ_TUNE_WINDOW_S; with dry_run nothing is written."""
     from sqlalchemy import text
 
-    from ragq.core.db import TuningAction, TuningKnob
 
     now = now or datetime.now(timezone.utc)
     start = now - timedelta(seconds=settings.tune_window_s)

@@ -21,6 +21,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from ragq.core.errors import ConfigError
+
 MAX_INDEXED_DIM = 2000
 
 
@@ -284,8 +286,6 @@ def vector_index_name(model: str, dim: int) -> str:
 def ensure_vector_index(engine: Engine, model: str, dim: int) -> str:
     """Create the partial HNSW cosine index for one embedder's vectors, if missing."""
     if not 0 < dim <= MAX_INDEXED_DIM:
-        from ragq.core.errors import ConfigError
-
         raise ConfigError(
             f"embedder {model} makes {dim}-dimensional vectors; pgvector indexes at most {MAX_INDEXED_DIM}: "
             "set `dim` in the models file to truncate (Matryoshka)"

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ragq.core.errors import ConfigError
 from ragq.core.sizes import parse_size
 
 
@@ -157,7 +158,6 @@ def load_settings(**overrides: object) -> Settings:
     """Build settings, turning pydantic's validation error into a ConfigError that names the variable."""
     from pydantic import ValidationError
 
-    from ragq.core.errors import ConfigError
 
     try:
         return Settings(**overrides)  # type: ignore[arg-type]

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from ragq.core.errors import ConfigError
+
 log = logging.getLogger(__name__)
 _enabled = False
 
@@ -35,8 +37,6 @@ def setup(settings: Any, service: str) -> bool:
         try:
             out = open(settings.trace_file, "a", buffering=1) if settings.trace_file else sys.stderr  # noqa: SIM115
         except OSError as exc:
-            from ragq.core.errors import ConfigError
-
             raise ConfigError(f"RAGQ_TRACE_FILE: cannot append to {settings.trace_file}: "
                               f"{exc.strerror or exc}") from None
         exporter: Any = ConsoleSpanExporter(
