@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ragq.core.errors import BadInput, ConfigError, QuestionTimeout, RagqError, ServiceError
+from ragq.core.errors import BadInput, ConfigError, JobStillRunning, QuestionTimeout, RagqError, ServiceError
 from ragq.core.settings import Settings, load_settings
 from ragq.replies import print_reply
 
@@ -214,6 +214,7 @@ def ingest(
     client = Client(_settings())
     submission = client.submit_ingest(paths)
     result: dict[str, Any] = {**submission.as_dict(), "chunks": None, "chunks_added": None, "status": "queued"}
+    still = None
     for failure in submission.failed:
         _error_line(f"{failure.path}: {failure.error}")
     if wait and submission.documents:
@@ -226,6 +227,7 @@ def ingest(
             status=status["status"], chunks=status["chunks_total"], chunks_added=status["chunks_added"],
             documents=status["documents_done"], failed=status["failed"],
         )
+        still = status.get("still_running")
     elif not submission.documents:
         result["status"] = "failed" if submission.failed else "completed"
     if as_json:
@@ -236,11 +238,22 @@ def ingest(
     else:
         out.print(f"job {result['job_id']}: queued {submission.documents} documents, "
                   f"{len(submission.failed)} rejected; follow it with `ragq job {result['job_id']}`")
-    if result["failed"]:
+    if still:
+        _error_line(still)
+    if result["failed"] or still:
         raise typer.Exit(EXIT_FAILED_INPUT)
 
 
 def _wait_with_progress(client: Any, job_id: str, timeout: float | None, show: bool) -> dict[str, Any]:
+    """The job's final status; or, when `timeout` passes first, its last status with "still_running" set to the
+    message to show (the job goes on)."""
+    try:
+        return _follow(client, job_id, timeout, show)
+    except JobStillRunning as exc:
+        return {**exc.status, "still_running": str(exc)}
+
+
+def _follow(client: Any, job_id: str, timeout: float | None, show: bool) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     if not show:
@@ -270,6 +283,8 @@ def job(job_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -
     status = Client(_settings()).job_status(job_id)
     if as_json:
         _print_json(status)
+        if status["status"] in ("failed", "completed_with_errors"):
+            raise typer.Exit(EXIT_FAILED_INPUT)
         return
     if status["kind"] == "questions":
         out.print(f"job {job_id}: {status['status']} — {status['questions_done']}/{status['questions_total']} "
@@ -280,11 +295,15 @@ def job(job_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -
         for failure in status["failed"]:
             out.print(f"  failed: {failure['path'] or 'question ' + str(failure['n'])}: {failure['error']}",
                       highlight=False, markup=False, soft_wrap=True)
+        if status["status"] in ("failed", "completed_with_errors"):
+            raise typer.Exit(EXIT_FAILED_INPUT)
         return
     out.print(f"job {job_id}: {status['status']} — {status['documents_done']}/{status['documents_total']} documents, "
               f"{status['chunks_total']} chunks ({status['chunks_added']} new), {status['documents_failed']} failed")
     for failure in status["failed"]:
-        out.print(f"  failed: {failure['error']}", highlight=False, markup=False)
+        out.print(f"  failed: {failure['path']}: {failure['error']}", highlight=False, markup=False, soft_wrap=True)
+    if status["status"] in ("failed", "completed_with_errors"):
+        raise typer.Exit(EXIT_FAILED_INPUT)
 
 
 # -- operations ---------------------------------------------------------------------------------------------------
@@ -520,6 +539,7 @@ def questions(
     for failure in submission.failed:
         _error_line(f"{failure.path}: {failure.error}")
     result: dict[str, Any] = {**submission.as_dict(), "status": "queued"}
+    still = None
     if wait and submission.questions:
         status = _wait_with_progress(client, submission.job_id, timeout, show=not as_json)
         already = {f.path for f in submission.failed}
@@ -528,6 +548,7 @@ def questions(
                 _error_line(f"{failure['path']}: {failure['error']}")
         result.update(status=status["status"], answers=status["answers"],
                       failed=[{"path": f["path"], "error": f["error"]} for f in status["failed"]])
+        still = status.get("still_running")
     elif not submission.questions:
         result["status"] = "failed"
     if as_json:
@@ -541,7 +562,9 @@ def questions(
     else:
         out.print(f"job {result['job_id']}: queued {submission.questions} questions, {len(submission.failed)} "
                   f"rejected; follow it with `ragq job {result['job_id']}`")
-    if result["failed"]:
+    if still:
+        _error_line(still)
+    if result["failed"] or still:
         raise typer.Exit(EXIT_FAILED_INPUT)
 
 

@@ -19,13 +19,15 @@ from typing import Any
 
 from docling_core.types.doc import DoclingDocument
 from sqlalchemy import func, insert, select
+from sqlalchemy.exc import OperationalError
 
 from ragq.core import tracing
 from ragq.core.db import FINISH_JOB, Answer, Job, JobItem, ensure_schema, get_engine
 from ragq.core.documents import Failure, LoadedDocument, expand_paths, from_docling, load_document
-from ragq.core.errors import BadInput, QuestionTimeout, RagqError, WorkerLost
-from ragq.core.services import Endpoints, ensure_services
+from ragq.core.errors import BadInput, JobStillRunning, QuestionTimeout, ServiceError, WorkerLost
+from ragq.core.services import Endpoints, ensure_services, redact
 from ragq.core.settings import Settings, load_settings
+from workers.leases import alive_key, urgent_consumers
 
 Source = str | Path | DoclingDocument
 log = logging.getLogger(__name__)
@@ -94,15 +96,31 @@ class Client:
 
         self.settings = settings or load_settings()
         self.endpoints = endpoints or ensure_services(self.settings)
-        ensure_schema(self.endpoints.database_url)
+        self._redis: Any = _reachable_broker(self.endpoints.broker_url)
+        try:
+            ensure_schema(self.endpoints.database_url)
+        except OperationalError as exc:
+            reason = str(exc.orig or exc).strip().splitlines()[0]
+            raise ServiceError(f"database unreachable at {redact(self.endpoints.database_url)}: {reason}") from None
         self.db = get_engine(self.endpoints.database_url)
         self.app = configure_app(self.settings, self.endpoints)
-        self._redis: Any = None   # the broker's Redis, for workers' heartbeats (made on first need)
         tracing.setup(self.settings, "ragq-client")
 
+    def close(self) -> None:
+        """Close the client's connections (the broker's Redis, the database pool)."""
+        self._redis.close()
+        self.db.dispose()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
     # -- ingestion --------------------------------------------------------------------------------------------------
-    def submit_ingest(self, sources: Iterable[Source], *, batch_docs: int | None = None) -> IngestSubmission:
+    def submit_ingest(self, sources: Source | Iterable[Source], *, batch_docs: int | None = None) -> IngestSubmission:
         """Validate every input, record a job, and queue the valid documents on the background queue in batches.
+        `sources`: one path, folder or DoclingDocument, or an iterable of them; none at all is refused.
 
         Streams: the job row (with its total) is written first, and each task message is published as soon as
         its documents are read, so workers start on the first documents while the rest are still being read.
@@ -111,7 +129,7 @@ class Client:
 
         work: list[tuple[str, Any]] = []
         paths: list[str | Path] = []
-        for index, source in enumerate(sources):
+        for index, source in enumerate(_sources(sources)):
             if isinstance(source, DoclingDocument):
                 work.append((f"<document {index}: {source.name}>", source))
             else:
@@ -287,8 +305,10 @@ class Client:
             if status["status"] in FINISHED:
                 return status
             if deadline is not None and time.monotonic() > deadline:
-                raise RagqError(f"job {job_id} did not finish within {timeout_s:.0f}s (status {status['status']}); "
-                                "is a worker running? (`ragq worker`)")
+                hint = ("it goes on; follow it with `ragq job " + job_id + "`" if urgent_consumers(self._redis)
+                        else "no worker is running: start one with `ragq worker`")
+                raise JobStillRunning(f"job {job_id} did not finish within {timeout_s:g}s (status {status['status']}): "
+                                      f"{hint}", status)
             time.sleep(poll_s)
 
     # -- questions ----------------------------------------------------------------------------------------------------
@@ -302,8 +322,13 @@ class Client:
         problem = _question_problem(question)
         if problem:
             raise BadInput("question", problem)
-        timeout = float(timeout_s or self.settings.ask_timeout_s)
+        timeout = float(self.settings.ask_timeout_s if timeout_s is None else timeout_s)
+        if not timeout > 0:
+            raise BadInput("--timeout", f"{timeout_s!r} is not a positive number of seconds")
         k = self._top_k(top_k)
+        if not urgent_consumers(self._redis):
+            raise ServiceError("no worker consumes the urgent queue: start one with `ragq worker` (on this broker: "
+                               f"{redact(self.endpoints.broker_url)})")
         started = time.time()
         state = {
             "question": question, "top_k": k, "candidates": max(k, self.settings.rerank_candidates),
@@ -324,30 +349,36 @@ class Client:
         deadline = started + timeout
         retried = False
         result = make_chain().apply_async()
-        while True:
-            try:
-                return result.get(timeout=max(0.05, min(POLL_S, deadline - time.time())), propagate=True,
-                                  disable_sync_subtasks=False)
-            except CeleryTimeout:
-                pass
-            if time.time() >= deadline:
-                raise QuestionTimeout(
-                    f"no answer within {timeout:.1f}s: is a worker running (`ragq worker`) and the urgent queue "
-                    "moving?") from None
-            lost = self._lost_worker(result)
-            if lost is None:
-                continue
-            if retried:
-                raise WorkerLost(f"worker {lost} stopped while answering this question, and so did the worker that "
-                                 "took it again; ask again once the workers are back")
-            log.warning("worker %s stopped mid-question; asking again elsewhere", lost)
-            retried = True
-            result = make_chain().apply_async()
+        try:
+            while True:
+                try:
+                    return result.get(timeout=max(0.05, min(POLL_S, deadline - time.time())), propagate=True,
+                                      disable_sync_subtasks=False)
+                except CeleryTimeout:
+                    pass
+                if time.time() >= deadline:
+                    raise QuestionTimeout(
+                        f"no answer within {timeout:.1f}s: the urgent queue's workers are busy or stalled (`ragq top` "
+                        "shows the queues)") from None
+                again = self._retry_if_lost(result, make_chain, retried)
+                retried = retried or again is not result
+                result = again
+        finally:
+            _forget_pending(result)
+
+    def _retry_if_lost(self, result: Any, make_chain: Callable[[], Any], retried: bool) -> Any:
+        lost = self._lost_worker(result)
+        if lost is None:
+            return result
+        if retried:
+            raise WorkerLost(f"worker {lost} stopped while answering this question, and so did the worker that "
+                             "took it again; ask again once the workers are back")
+        log.warning("worker %s stopped mid-question; asking again elsewhere", lost)
+        _forget_pending(result)
+        return make_chain().apply_async()
 
     def _lost_worker(self, result: Any) -> str | None:
         """The urgent consumer holding this question's stages, if it has stopped beating (else None)."""
-        from workers.leases import alive_key
-
         first = result
         while first.parent is not None:
             first = first.parent
@@ -360,11 +391,54 @@ class Client:
             return None
         if not worker:
             return None
-        if self._redis is None:
-            import redis
-
-            self._redis = redis.Redis.from_url(self.endpoints.broker_url, socket_timeout=5)
         return None if self._redis.exists(alive_key(worker)) else str(worker)
+
+
+def _forget_pending(result: Any) -> None:
+    """Stop waiting on a question's results now (else their __del__ does it at interpreter exit, when the result
+    backend is half torn down, and prints a traceback)."""
+    while result is not None:
+        try:
+            result.backend.remove_pending_result(result)
+        except Exception:  # noqa: BLE001 - nothing was pending
+            pass
+        result = result.parent
+
+
+def _reachable_broker(url: str) -> Any:
+    """The broker's Redis, answering within 2 s, or ServiceError naming it (Celery would retry for 20 s and then
+    print pages of traceback)."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise ServiceError(f"broker unreachable at {redact(url)}: {exc}") from None
+    return client
+
+
+def _sources(sources: Any) -> list[Source]:
+    """One path or document, or an iterable of them, as a list; a string is one path, never its characters."""
+    if isinstance(sources, (str, Path, DoclingDocument)):
+        return [sources]
+    if isinstance(sources, bytes) or not isinstance(sources, Iterable):
+        raise TypeError(f"sources: expected a path, a DoclingDocument or an iterable of them, not "
+                        f"{type(sources).__name__}")
+    listed = list(sources)
+    for item in listed:
+        if not isinstance(item, (str, Path, DoclingDocument)):
+            raise TypeError(f"sources: {item!r} is not a path or a DoclingDocument ({type(item).__name__})")
+    if not listed:
+        raise BadInput("sources", "nothing to ingest (an empty list)")
+    return listed
+
+
+MAX_REPLY_TEXT_CHARS = 2000   # a source's text in a reply (a chunk is bounded too; this bounds what is sent)
+
+
+def _bounded(text: str, limit: int = MAX_REPLY_TEXT_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
 def _public_reply(state: dict[str, Any]) -> dict[str, Any]:
@@ -375,7 +449,7 @@ def _public_reply(state: dict[str, Any]) -> dict[str, Any]:
         "note": state.get("note"),
         "sources": [
             {"document": s["document"], "chunk_id": s["chunk_id"], "score": round(s["score"], 4),
-             "text": s["text"], "source": s.get("source"), "headings": s.get("headings") or []}
+             "text": _bounded(s["text"]), "source": s.get("source"), "headings": s.get("headings") or []}
             for s in state.get("sources", [])
         ],
         "timings": {
@@ -397,7 +471,7 @@ def _client() -> Client:
     return _default
 
 
-def submit_ingest(sources: Iterable[Source], **kwargs: Any) -> IngestSubmission:
+def submit_ingest(sources: Source | Iterable[Source], **kwargs: Any) -> IngestSubmission:
     """Queue documents (paths, folders or DoclingDocument objects) for background ingestion."""
     return _client().submit_ingest(sources, **kwargs)
 

@@ -16,6 +16,7 @@ from sqlalchemy.exc import OperationalError
 
 from ragq.core.chunking import ChunkText
 from ragq.core.db import FINISH_JOB, Chunk, Document, JobItem, ensure_vector_index
+from ragq.core.documents import display_name
 from ragq.core.errors import BadInput
 from scheduler.batching import BACKGROUND
 from tasks.common import sent_at
@@ -44,7 +45,7 @@ def _store_document(rt: WorkerRuntime, job_id: str, item: dict[str, Any], chunks
     doc = item["document"]
     with rt.db.begin() as conn:
         conn.execute(pg_insert(Document).values(
-            id=item["document_id"], name=str(doc.get("name") or item["path"]), source=item["path"],
+            id=item["document_id"], name=display_name(doc.get("name"), item["path"]), source=item["path"],
             format=item["format"], meta={"origin": doc.get("origin")},
         ).on_conflict_do_nothing())
         rows = [

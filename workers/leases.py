@@ -270,10 +270,16 @@ class DeliveryCounter:
 
 
 ALIVE_TTL_S = 3.0
+ALIVE_SET = "ragq:alive"   # sorted set: urgent consumer -> until when its last beat holds
 
 
 def alive_key(worker_name: str) -> str:
     return f"ragq:alive:{worker_name}"
+
+
+def urgent_consumers(client: Any) -> int:
+    """How many urgent consumers beat now (one round trip)."""
+    return int(client.zcount(ALIVE_SET, time.time(), "+inf"))
 
 
 class Heartbeat:
@@ -292,7 +298,12 @@ class Heartbeat:
         self._stop = threading.Event()
 
     def beat(self) -> None:
-        self.redis.set(self.key, str(os.getpid()), px=int(self.ttl_s * 1000))
+        name = self.key.removeprefix("ragq:alive:")
+        with self.redis.pipeline() as pipe:
+            pipe.set(self.key, str(os.getpid()), px=int(self.ttl_s * 1000))
+            pipe.zadd(ALIVE_SET, {name: time.time() + self.ttl_s})
+            pipe.zremrangebyscore(ALIVE_SET, "-inf", time.time() - 3600)   # long-gone workers
+            pipe.execute()
 
     def start(self) -> Heartbeat:
         def loop() -> None:
@@ -311,5 +322,6 @@ class Heartbeat:
         self._stop.set()
         try:
             self.redis.delete(self.key)
+            self.redis.zrem(ALIVE_SET, self.key.removeprefix("ragq:alive:"))
         except Exception:  # noqa: BLE001 - it expires by itself
             pass

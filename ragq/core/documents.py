@@ -37,6 +37,21 @@ class LoadedDocument:
         return self.document.name
 
 
+_GENERIC_NAMES = frozenset({"", "document", "untitled", "file", "output", "converted"})
+_HASH_LIKE = re.compile(r"^[0-9a-f]{16,}$|^[0-9a-f]{8}-[0-9a-f]{4}-", re.IGNORECASE)
+
+
+def display_name(name: str | None, source: str) -> str:
+    """The name a source is shown by: the DoclingDocument's name, unless it tells documents apart poorly (Docling
+    names many "Document", or a hash), then the file's name."""
+    cleaned = (name or "").strip()
+    if cleaned.lower() in _GENERIC_NAMES or _HASH_LIKE.match(cleaned):
+        if source.startswith("<"):   # an in-memory document: its label
+            return cleaned or source
+        return Path(source).name
+    return cleaned
+
+
 @dataclass
 class Failure:
     path: str
@@ -115,7 +130,7 @@ def load_document(path: Path) -> LoadedDocument:
         doc = markdown_to_docling(text, path.stem, origin=_origin(path, data, "text/markdown"))
     else:
         doc = text_to_docling(text, path.stem, origin=_origin(path, data, "text/plain"))
-    return from_docling(doc, source=str(path), fmt=fmt)
+    return from_docling(doc, source=str(path.resolve()), fmt=fmt)   # one source however the path was typed
 
 
 def from_docling(doc: DoclingDocument, *, source: str, fmt: str = "docling") -> LoadedDocument:

@@ -48,6 +48,17 @@ class QuestionTimeout(RagqError):
     """An urgent question did not complete within its timeout."""
 
 
+class JobStillRunning(RagqError):
+    """Waiting for a job timed out while it still runs; `status` is its last status (it goes on: `ragq job ID`)."""
+
+    def __init__(self, message: str, status: dict[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.status = status or {}
+
+    def __reduce__(self) -> tuple[type[JobStillRunning], tuple[str, dict[str, object]]]:
+        return type(self), (str(self), self.status)
+
+
 class WorkerLost(RagqError):
     """The worker running a question's stages stopped mid-question (and asking again elsewhere did not help)."""
 
