@@ -14,18 +14,37 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ragq.core.errors import BadInput, ConfigError, JobStillRunning, QuestionTimeout, RagqError, ServiceError
+from ragq.core.errors import BadInput, ConfigError, QuestionTimeout, RagqError, ServiceError
 from ragq.core.settings import Settings, load_settings
 from ragq.replies import print_reply
+from ragq.terminal import keys, wait_with_progress
 
+HELP = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
-    name="ragq", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    name="ragq", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, context_settings=HELP,
     help="A RAG stack (embed, search, rerank, generate) as Celery jobs on GPUs too small for every model at once.",
 )
-services_app = typer.Typer(no_args_is_help=True, help="Embedded Redis and Postgres+pgvector under RAGQ_HOME.")
+services_app = typer.Typer(no_args_is_help=True, context_settings=HELP,
+                           help="Embedded Redis and Postgres+pgvector under RAGQ_HOME.")
 app.add_typer(services_app, name="services")
-out = Console()
-err = Console(stderr=True)
+# piped or redirected output is not cut to 80 columns (rich's default without a terminal)
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 200)
+JSON_HELP = "print JSON instead of text"
+
+
+def _version(show: bool) -> None:
+    if show:
+        from ragq import __version__
+
+        out.print(f"ragq {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="print ragq's version and exit")] = False) -> None:
+    """A RAG stack (embed, search, rerank, generate) as Celery jobs on GPUs too small for every model at once."""
 
 EXIT_FAILED_INPUT = 1
 EXIT_USAGE = 2
@@ -111,7 +130,7 @@ def services_up(as_json: Annotated[bool, typer.Option("--json", help="print the 
 
 @services_app.command("status")
 @_guard
-def services_status(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def services_status(as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False) -> None:
     """Show the endpoints and whether the embedded servers run."""
     from ragq.core.services import EmbeddedServices
 
@@ -121,7 +140,7 @@ def services_status(as_json: Annotated[bool, typer.Option("--json")] = False) ->
 
 @services_app.command("down")
 @_guard
-def services_down(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def services_down(as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False) -> None:
     """Stop the embedded servers that ragq started (by their recorded pids); external services are untouched."""
     from ragq.core.services import EmbeddedServices
 
@@ -214,18 +233,25 @@ def ingest(
     client = Client(_settings())
     submission = client.submit_ingest(paths)
     result: dict[str, Any] = {**submission.as_dict(), "chunks": None, "chunks_added": None, "status": "queued"}
+    # the same count fields as `ragq job --json`
+    result.update(documents_total=submission.documents + len(submission.failed), documents_done=0,
+                  documents_failed=len(submission.failed), chunks_total=0)
     still = None
     for failure in submission.failed:
         _error_line(f"{failure.path}: {failure.error}")
+    if submission.skipped:
+        _error_line(f"skipped {len(submission.skipped)} file(s) of other types in the folders given (first: "
+                    f"{submission.skipped[0]}): ragq takes DoclingDocument .json, .md and .txt")
     if wait and submission.documents:
-        status = _wait_with_progress(client, submission.job_id, timeout, show=not as_json)
+        status = wait_with_progress(client, submission.job_id, timeout, not as_json, err)
         already = {f.path for f in submission.failed}
         for failure in status["failed"]:
             if failure["path"] not in already:
-                _error_line(str(failure["error"]))
+                _error_line(f"{failure['path']}: {failure['error']}")
         result.update(
             status=status["status"], chunks=status["chunks_total"], chunks_added=status["chunks_added"],
             documents=status["documents_done"], failed=status["failed"],
+            **{k: status[k] for k in ("documents_total", "documents_done", "documents_failed", "chunks_total")},
         )
         still = status.get("still_running")
     elif not submission.documents:
@@ -244,38 +270,9 @@ def ingest(
         raise typer.Exit(EXIT_FAILED_INPUT)
 
 
-def _wait_with_progress(client: Any, job_id: str, timeout: float | None, show: bool) -> dict[str, Any]:
-    """The job's final status; or, when `timeout` passes first, its last status with "still_running" set to the
-    message to show (the job goes on)."""
-    try:
-        return _follow(client, job_id, timeout, show)
-    except JobStillRunning as exc:
-        return {**exc.status, "still_running": str(exc)}
-
-
-def _follow(client: Any, job_id: str, timeout: float | None, show: bool) -> dict[str, Any]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    if not show:
-        return dict(client.wait_for_job(job_id, timeout_s=timeout))
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[chunks]} chunks"),
-                  TimeElapsedColumn(), console=err, transient=False) as progress:
-        task = progress.add_task("working", total=None, chunks=0)
-
-        def update(status: dict[str, Any]) -> None:
-            if status.get("kind") == "questions":
-                progress.update(task, description="answering", total=status["questions_total"], chunks="-",
-                                completed=status["questions_done"] + status["questions_failed"])
-                return
-            progress.update(task, description="ingesting", total=status["documents_total"], chunks=status["chunks_total"],
-                            completed=status["documents_done"] + status["documents_failed"])
-
-        return dict(client.wait_for_job(job_id, timeout_s=timeout, on_progress=update))
-
-
 @app.command()
 @_guard
-def job(job_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def job(job_id: str, as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False) -> None:
     """Show a job's status and failed inputs: an ingestion, or background questions with their answers."""
     from ragq.client import Client
 
@@ -328,7 +325,7 @@ def beat(loglevel: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "
 def alerts(
     since: Annotated[str, typer.Option(help="also list alerts started within this long: 30m, 6h, 2d")] = "24h",
     evaluate: Annotated[bool, typer.Option("--evaluate", help="evaluate the rules once, now, first")] = False,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """List open alerts and those started recently (pending, firing, resolved)."""
     from datetime import datetime, timezone
@@ -363,7 +360,7 @@ def alerts(
 @_guard
 def report(
     since: Annotated[str, typer.Option(help="the window: the last 90s, 30m, 6h, 2d")] = "1h",
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     html_file: Annotated[Path | None, typer.Option("--html", help="also write an HTML report with plots")] = None,
 ) -> None:
     """Timings report from stage_timings, model_events, device_samples and alerts: p50/p90/p99 per model and
@@ -406,7 +403,6 @@ def top(
     as_json: Annotated[bool, typer.Option("--json", help="with --once: the frame as JSON")] = False,
 ) -> None:
     """Live view: queue depths, each worker's device memory and resident models, recent latencies, open alerts."""
-    import time
 
     from rich.live import Live
 
@@ -417,6 +413,8 @@ def top(
     _setup_logging()
     if interval <= 0:
         raise typer.BadParameter(f"--interval {interval} must be above 0")
+    if as_json and not once:
+        raise typer.BadParameter("--json prints one frame: add --once", param_hint="--json")
     endpoints = ensure_services(_settings())
     ensure_schema(endpoints.database_url)
     db = get_engine(endpoints.database_url)
@@ -427,10 +425,10 @@ def top(
         else:
             out.print(render(frame))
         return
-    with Live(render(snapshot(db, endpoints.broker_url)), console=out, refresh_per_second=4, screen=False) as live:
+    with Live(render(snapshot(db, endpoints.broker_url)), console=out, refresh_per_second=4, screen=False) as live, \
+            keys() as pressed:
         try:
-            while True:
-                time.sleep(interval)
+            while pressed(interval) != "q":
                 live.update(render(snapshot(db, endpoints.broker_url)))
         except KeyboardInterrupt:
             pass
@@ -441,7 +439,7 @@ def top(
 def tune(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="show the symptoms and moves; change nothing")] = False,
     history: Annotated[int, typer.Option(min=0, help="also list this many recent tuning actions")] = 10,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
 ) -> None:
     """Run one step of the tuning playbook now (ragq beat runs it every RAGQ_TUNE_INTERVAL_S): the symptoms in
     the last RAGQ_TUNE_WINDOW_S, the knob moves they call for, the live knob values and recent actions."""
@@ -541,7 +539,7 @@ def questions(
     result: dict[str, Any] = {**submission.as_dict(), "status": "queued"}
     still = None
     if wait and submission.questions:
-        status = _wait_with_progress(client, submission.job_id, timeout, show=not as_json)
+        status = wait_with_progress(client, submission.job_id, timeout, not as_json, err)
         already = {f.path for f in submission.failed}
         for failure in status["failed"]:
             if failure["path"] not in already:   # failed in the worker

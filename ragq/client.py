@@ -15,21 +15,22 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
-from docling_core.types.doc import DoclingDocument
 from sqlalchemy import func, insert, select
 from sqlalchemy.exc import OperationalError
 
 from ragq.core import tracing
 from ragq.core.db import FINISH_JOB, Answer, Job, JobItem, ensure_schema, get_engine
-from ragq.core.documents import Failure, LoadedDocument, expand_paths, from_docling, load_document
-from ragq.core.errors import BadInput, JobStillRunning, QuestionTimeout, ServiceError, WorkerLost
+from ragq.core.errors import BadInput, Failure, JobStillRunning, QuestionTimeout, ServiceError, WorkerLost
 from ragq.core.services import Endpoints, ensure_services, redact
 from ragq.core.settings import Settings, load_settings
 from workers.leases import alive_key, urgent_consumers
 
-Source = str | Path | DoclingDocument
+Source = Union[str, Path, "DoclingDocument"]   # docling-core is imported only to ingest (ask stays light)
+if TYPE_CHECKING:
+    from docling_core.types.doc import DoclingDocument
+
 log = logging.getLogger(__name__)
 
 MAX_QUESTION_CHARS = 8000
@@ -43,9 +44,11 @@ class IngestSubmission:
     job_id: str
     documents: int                       # documents accepted and queued
     failed: list[Failure] = field(default_factory=list)  # inputs rejected before queueing
+    skipped: list[str] = field(default_factory=list)     # files in the folders given, of other types: not ingested
 
     def as_dict(self) -> dict[str, Any]:
-        return {"job_id": self.job_id, "documents": self.documents, "failed": [f.as_dict() for f in self.failed]}
+        return {"job_id": self.job_id, "documents": self.documents, "failed": [f.as_dict() for f in self.failed],
+                "skipped": self.skipped}
 
 
 @dataclass
@@ -127,6 +130,10 @@ class Client:
         A bad input is recorded as a failed item with its error; the others are queued all the same."""
         from tasks.ingest import ingest_documents
 
+        from docling_core.types.doc import DoclingDocument
+
+        from ragq.core.documents import LoadedDocument, expand_paths, from_docling
+
         work: list[tuple[str, Any]] = []
         paths: list[str | Path] = []
         for index, source in enumerate(_sources(sources)):
@@ -134,7 +141,8 @@ class Client:
                 work.append((f"<document {index}: {source.name}>", source))
             else:
                 paths.append(source)
-        files, failures = expand_paths(paths)
+        skipped: list[Path] = []
+        files, failures = expand_paths(paths, skipped)
         work.extend((str(path), path) for path in files)
 
         job_id = str(uuid.uuid4())
@@ -196,7 +204,7 @@ class Client:
                 chars += size
             if pending:
                 publish()
-        return IngestSubmission(job_id=job_id, documents=queued, failed=failures)
+        return IngestSubmission(job_id=job_id, documents=queued, failed=failures, skipped=[str(p) for p in skipped])
 
     def _abandon(self, job_id: str, item_ids: list[int], error: str) -> None:
         """Submission stopped part-way (the broker away, an interrupt): the items written but not queued fail
@@ -394,6 +402,13 @@ class Client:
         return None if self._redis.exists(alive_key(worker)) else str(worker)
 
 
+def load_document(path: Path) -> Any:
+    """ragq.core.documents.load_document, imported on first use (docling-core takes half a second to import)."""
+    from ragq.core.documents import load_document as load
+
+    return load(path)
+
+
 def _forget_pending(result: Any) -> None:
     """Stop waiting on a question's results now (else their __del__ does it at interpreter exit, when the result
     backend is half torn down, and prints a traceback)."""
@@ -420,6 +435,8 @@ def _reachable_broker(url: str) -> Any:
 
 def _sources(sources: Any) -> list[Source]:
     """One path or document, or an iterable of them, as a list; a string is one path, never its characters."""
+    from docling_core.types.doc import DoclingDocument
+
     if isinstance(sources, (str, Path, DoclingDocument)):
         return [sources]
     if isinstance(sources, bytes) or not isinstance(sources, Iterable):

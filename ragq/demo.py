@@ -17,6 +17,7 @@ from ragq.core.services import EmbeddedServices
 from ragq.core.settings import Settings
 from ragq.replies import print_reply
 from tasks.diagnostics import probe
+from workers.leases import urgent_consumers
 
 SAMPLES = Path(__file__).parent / "samples"
 QUESTIONS = (
@@ -80,12 +81,17 @@ def run_demo(settings: Settings, console: Console, keep_services: bool = False) 
                   f"({time.monotonic() - t0:.1f}s)")
     log_path = settings.run_dir / "demo-worker.log"
     client = Client(settings, endpoints)
-    worker = start_worker(settings, log_path)
+    running = urgent_consumers(client._redis)
+    worker = None if running else start_worker(settings, log_path)
     try:
         t0 = time.monotonic()
-        wait_until_consuming(worker, log_path)
-        console.print(f"[bold]worker[/] demo@cpu consuming urgent,background ({time.monotonic() - t0:.1f}s; "
-                      f"log {log_path})")
+        if worker is None:
+            console.print(f"[bold]worker[/] reusing the {running} worker(s) already consuming this broker (none "
+                          "started); answers come from everything ingested under this RAGQ_HOME")
+        else:
+            wait_until_consuming(worker, log_path)
+            console.print(f"[bold]worker[/] demo@cpu started, consuming urgent,background ({time.monotonic() - t0:.1f}s;"
+                          f" log {log_path})")
         t0 = time.monotonic()
         submission = client.submit_ingest(sample_paths())
         status = client.wait_for_job(submission.job_id, timeout_s=600)
@@ -94,7 +100,7 @@ def run_demo(settings: Settings, console: Console, keep_services: bool = False) 
             f"{status['chunks_added']} new ({time.monotonic() - t0:.1f}s; job {submission.job_id})"
         )
         for failure in status["failed"]:
-            console.print(f"[red]failed:[/] {failure['error']}")
+            console.print(f"[red]failed:[/] {failure['path']}: {failure['error']}")
         replies = []
         for question in QUESTIONS:
             console.rule()
@@ -105,7 +111,8 @@ def run_demo(settings: Settings, console: Console, keep_services: bool = False) 
         console.print(_summary(replies))
         return 0 if not status["failed"] else 1
     finally:
-        stop_worker(worker)
+        if worker is not None:
+            stop_worker(worker)
         if not keep_services and started:
             stopped = services.down() if len(started) == 2 else _stop_some(services, started)
             console.print(f"[bold]stopped[/] what the demo started: {', '.join(started)} "

@@ -50,7 +50,7 @@ def _store_document(rt: WorkerRuntime, job_id: str, item: dict[str, Any], chunks
         ).on_conflict_do_nothing())
         rows = [
             {
-                "id": c.id, "document_id": item["document_id"], "seq": c.seq, "text": c.text, "headings": c.headings,
+                "id": c.id, "document_id": item["document_id"], "seq": c.seq, "text": c.text, "headings": c.headings, "tokens": c.tokens,
                 "embed_model": model, "dim": len(vectors[c.id]), "embedding": vectors[c.id],
             }
             for c in chunks if c.id in vectors

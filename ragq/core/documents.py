@@ -18,7 +18,7 @@ from typing import Any
 from docling_core.types.doc import DocItemLabel, DoclingDocument
 from docling_core.types.doc.document import DocumentOrigin
 
-from ragq.core.errors import BadInput
+from ragq.core.errors import BadInput, Failure
 
 SUPPORTED_SUFFIXES = {".json": "docling", ".md": "markdown", ".markdown": "markdown", ".txt": "text"}
 MAX_DOCUMENT_BYTES = 64 * 2**20
@@ -52,17 +52,9 @@ def display_name(name: str | None, source: str) -> str:
     return cleaned
 
 
-@dataclass
-class Failure:
-    path: str
-    error: str
-
-    def as_dict(self) -> dict[str, str]:
-        return {"path": self.path, "error": self.error}
-
-
-def expand_paths(inputs: Iterable[str | Path]) -> tuple[list[Path], list[Failure]]:
-    """Files to ingest (folders searched recursively, in sorted order) and the inputs that cannot be."""
+def expand_paths(inputs: Iterable[str | Path], skipped: list[Path] | None = None) -> tuple[list[Path], list[Failure]]:
+    """Files to ingest (folders searched recursively, in sorted order) and the inputs that cannot be. Files inside
+    folders with other extensions are not ingested; `skipped`, if given, collects them (to say so)."""
     files: list[Path] = []
     failures: list[Failure] = []
     seen: set[Path] = set()
@@ -72,11 +64,11 @@ def expand_paths(inputs: Iterable[str | Path]) -> tuple[list[Path], list[Failure
             failures.append(Failure(str(raw), "no such file or folder"))
             continue
         if path.is_dir():
-            found = sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
+            visible = [p for p in path.rglob("*")
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+            found = sorted(p for p in visible if p.suffix.lower() in SUPPORTED_SUFFIXES)
+            if skipped is not None:
+                skipped.extend(sorted(p for p in visible if p.suffix.lower() not in SUPPORTED_SUFFIXES))
             if not found:
                 failures.append(Failure(str(raw), "folder has no .json, .md or .txt files"))
             candidates = found

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 class RagqError(Exception):
     """Base of every error ragq raises deliberately. Every one pickles and unpickles as itself (they cross from the
@@ -70,3 +72,14 @@ class DeviceOutOfMemory(RagqError):
 
 class PoisonMessage(RagqError):
     """A task that started too many times without finishing (its worker died each time): failed, not run again."""
+
+
+@dataclass
+class Failure:
+    """One input that failed (a file, a document, a question line) and why: what a job reports per input."""
+
+    path: str
+    error: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"path": self.path, "error": self.error}

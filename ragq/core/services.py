@@ -307,4 +307,15 @@ def ensure_services(settings: Settings) -> Endpoints:
     """URLs of the broker, result backend and database, starting embedded servers for whichever is unset."""
     if settings.broker_url is not None and settings.database_url is not None:
         return Endpoints(settings.broker_url, settings.result_backend or settings.broker_url, settings.database_url)
-    return EmbeddedServices(settings).up()
+    services = EmbeddedServices(settings)
+    before = services.status()
+    endpoints = services.up()
+    started = [name for name in ("redis", "postgres") if before[name] == "stopped"]
+    if started and str(settings.home) not in _announced:   # once per home and process: a library call says so
+        _announced.add(str(settings.home))
+        log.warning("started embedded %s under %s; they keep running for the next call (`ragq services down` "
+                    "stops them)", " and ".join(started), settings.home)
+    return endpoints
+
+
+_announced: set[str] = set()
