@@ -119,7 +119,8 @@ def test_background_questions_are_answered_and_kept(tiny_env, client) -> None:  
         assert summary["failed"] == [{"path": f"{questions} line 4", "error": "is 9000 characters, over the 8000 limit"}]
 
         shown = run_ragq(env, "job", summary["job_id"])
-        assert shown.returncode == 0 and "3/4 questions answered, 1 failed" in shown.stdout
+        # completed_with_errors: exit 1 (issue "Newcomer fixes", bug 8: it exited 0)
+        assert shown.returncode == 1 and "3/4 questions answered, 1 failed" in shown.stdout
         assert "When is the kite festival?" in shown.stdout and f"failed: {questions} line 4: is 9000" in shown.stdout
         with client.db.connect() as conn:
             stages = conn.execute(text(
