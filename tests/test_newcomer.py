@@ -214,3 +214,45 @@ def test_chunks_know_their_token_counts() -> None:
     doc = markdown_to_docling("# Ferries\n\nThe ferry runs on the hour between the two islands.\n", "ferries")
     chunks = chunk_document(doc, make_chunker(tokenizer, 64), "m", "d")
     assert chunks and all(c.tokens == len(tokenizer.tokenize(c.embed_text)) > 0 for c in chunks)
+
+
+# -- papercuts -------------------------------------------------------------------------------------------------------
+def test_folder_ingest_collects_what_it_skips(tmp_path: Path) -> None:
+    from ragq.core.documents import expand_paths
+
+    (tmp_path / "a.md").write_text("# A\n\nText.\n")
+    (tmp_path / "scan.pdf").write_bytes(b"%PDF-1.7")
+    (tmp_path / ".hidden.pdf").write_bytes(b"%PDF-1.7")
+    skipped: list[Path] = []
+    files, failures = expand_paths([tmp_path], skipped)
+    assert [f.name for f in files] == ["a.md"] and failures == []
+    assert [p.name for p in skipped] == ["scan.pdf"]
+
+
+def test_the_client_imports_no_model_code() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, ragq.client; "
+            "print(sorted(m for m in ('torch', 'transformers', 'docling_core') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_version_short_help_and_unwrapped_output(tmp_path: Path) -> None:
+    env = ragq_env(tmp_path / "home")
+    version = run_ragq(env, "--version", timeout=60)
+    assert version.returncode == 0 and version.stdout.strip().startswith("ragq ")
+    short = run_ragq(env, "ask", "-h", timeout=60)
+    assert short.returncode == 0 and "--timeout" in short.stdout and "JSON" in run_ragq(env, "job", "-h").stdout
+    import subprocess
+    import sys
+
+    width = subprocess.run([sys.executable, "-c", "import ragq.cli as c; print(c.out.width, c.out.soft_wrap)"],
+                           capture_output=True, text=True, timeout=60).stdout.split()
+    assert width == ["200", "True"]      # piped output: long lines are not cut at 80 columns
+
+
+def test_top_json_needs_once(tmp_path: Path) -> None:
+    result = run_ragq(ragq_env(tmp_path / "home"), "top", "--json", timeout=60)
+    assert result.returncode == 2 and "--once" in result.stderr
