@@ -251,7 +251,9 @@ class Engine:
                              self.stats.summary(since=last))
                 last = copy.deepcopy(self.stats)
                 next_report = time.monotonic() + self.config.report_interval_s
-        self._drain()   # answer queries that came in while stopping
+        self._drain()   # answer queries that came in while stopping; a submission that raced the stop fails
+        for request in list(self._pending.values()):
+            self._fail(request, BackendUnavailable(f"engine on {self.device} stopped before running it"))
 
     def _read_knobs(self) -> None:
         """Off the engine thread: read the tuner's knobs (SQL) every knob interval and push them in."""
