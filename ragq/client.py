@@ -371,8 +371,9 @@ class Client:
                 again = self._retry_if_lost(result, make_chain, retried)
                 retried = retried or again is not result
                 result = again
-        finally:
+        except BaseException:   # a timeout, a lost worker, an interrupt: stop waiting on the results now
             _forget_pending(result)
+            raise
 
     def _retry_if_lost(self, result: Any, make_chain: Callable[[], Any], retried: bool) -> Any:
         lost = self._lost_worker(result)

@@ -256,3 +256,20 @@ def test_version_short_help_and_unwrapped_output(tmp_path: Path) -> None:
 def test_top_json_needs_once(tmp_path: Path) -> None:
     result = run_ragq(ragq_env(tmp_path / "home"), "top", "--json", timeout=60)
     assert result.returncode == 2 and "--once" in result.stderr
+
+
+@pytest.mark.integration
+def test_a_question_no_worker_takes_in_time_ends_with_one_line_and_no_traceback(no_worker_env) -> None:  # type: ignore[no-untyped-def]
+    """A consumer that beats but never takes the question (busy, stalled): the timeout is one line, exit 1, and no
+    AsyncResult.__del__ traceback at exit."""
+    import redis
+
+    from workers.leases import ALIVE_SET
+
+    broker = redis.Redis.from_url(no_worker_env["RAGQ_BROKER_URL"])
+    broker.zadd(ALIVE_SET, {"stalled@nowhere": time.time() + 30})
+    try:
+        result = run_ragq(no_worker_env, "ask", "is anyone listening?", "--timeout", "2", timeout=60)
+    finally:
+        broker.zrem(ALIVE_SET, "stalled@nowhere")
+    _one_line_failure(result, 1, "no answer within 2.0s")
