@@ -94,7 +94,7 @@ def main() -> int:
 
     from ragq.core.chunking import chunk_document, make_chunker
     from ragq.core.documents import load_document
-    from workers.backends.torch_backend import load_torch_model
+    from workers.backends.loading import load_torch_model
     from workers.models import load_model_specs
 
     cuda = args.device.startswith("cuda")

@@ -32,7 +32,7 @@ from bench.models import build_all  # noqa: E402
 from ragq.core.errors import DeviceOutOfMemory  # noqa: E402
 from scheduler.batching import BACKGROUND, URGENT  # noqa: E402
 from ragq.core.sizes import parse_size  # noqa: E402
-from workers.backends.torch_backend import load_torch_model  # noqa: E402
+from workers.backends.loading import load_torch_model  # noqa: E402
 from workers.engine import Engine  # noqa: E402
 from workers.observer import EventLog  # noqa: E402
 from workers.models import ModelSpec  # noqa: E402

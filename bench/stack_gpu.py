@@ -53,7 +53,7 @@ def raw_forward(paths: dict[str, Path], corpus: list[Path], device: str, tiny: b
 
     from ragq.core.chunking import chunk_document, make_chunker
     from ragq.core.documents import load_document
-    from workers.backends.torch_backend import load_torch_model
+    from workers.backends.loading import load_torch_model
     from workers.models import load_model_specs
 
     specs = load_model_specs(Path(os.environ["RAGQ_MODELS"]))
@@ -100,7 +100,7 @@ def raw_question_stages(specs: dict[str, Any], texts: list[str], device: str) ->
     import torch
 
     from ragq.core.answer import generation_prompt
-    from workers.backends.torch_backend import load_torch_model
+    from workers.backends.loading import load_torch_model
 
     out = {}
     question = "which settings keep urgent questions fast"

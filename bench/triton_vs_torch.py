@@ -61,7 +61,7 @@ def main() -> int:
     from ragq.core.chunking import chunk_document, make_chunker
     from ragq.core.documents import load_document
     from tests.triton_server import TritonServer
-    from workers.backends.torch_backend import load_torch_model
+    from workers.backends.loading import load_torch_model
     from workers.backends.triton_backend import load_triton_model
     from workers.models import ModelSpec, default_embed_spec
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ragq.core.errors import ModelLoadFailed
-from workers.backends.torch_backend import load_torch_model
+from workers.backends.loading import load_torch_model
 from workers.models import ModelSpec, default_embed_spec
 
 PAIRS = [

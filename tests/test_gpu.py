@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def _embedder(root: Path):  # type: ignore[no-untyped-def]
     from tests.tinymodels import build_qwen3
-    from workers.backends.torch_backend import load_torch_model
+    from workers.backends.loading import load_torch_model
     from workers.models import ModelSpec
 
     path = build_qwen3(root / "embed", causal=False, seed=1)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.triton_server import TritonServer
-from workers.backends.torch_backend import load_torch_model
+from workers.backends.loading import load_torch_model
 from workers.backends.triton_backend import (
     TritonMetricsCollector,
     TritonModel,

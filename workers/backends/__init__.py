@@ -65,7 +65,7 @@ class ModelBase:
 def load_model(spec: ModelSpec, device: str) -> LoadedModel:
     """Load `spec` onto `device` with its configured backend."""
     if spec.backend == "torch":
-        from workers.backends.torch_backend import load_torch_model
+        from workers.backends.loading import load_torch_model
 
         return load_torch_model(spec, device)
     if spec.backend == "triton":

@@ -45,7 +45,7 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        from workers.backends.torch_backend import load_torch_model
+        from workers.backends.loading import load_torch_model
         from workers.models import ModelSpec
 
         spec_fields = json.loads(params["ragq_spec"])

@@ -1,0 +1,197 @@
+"""The generator's decode loop on the CPU with a tiny Qwen3 (no graphs): token for token what transformers' greedy
+`generate` gives, for sequences alone, together, joining mid-decode, cancelled, stopped, waiting for a slot,
+preempted, and carried across a sleep and a wake."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.backends.decode import Sequence, sample
+from workers.backends.loading import load_torch_model
+from workers.models import ModelSpec
+
+PROMPTS = [
+    "Question: what",
+    "The GPU worker loads the embedder then the reranker and",
+    "yes",
+    "Postgres stores chunks and vectors with pgvector and an HNSW index. Redis is the broker; the result backend",
+    "Celery routes urgent questions ahead of background ingestion. Documents from Docling pipelines are",
+]
+NEW = 16
+
+
+def load(tiny_models, **extra):  # type: ignore[no-untyped-def]
+    spec = ModelSpec(role="generate", path=tiny_models["lm"], name="tiny-gen", max_length=96, max_new_tokens=NEW,
+                     extra={"prefill_chunk": 16, **extra})
+    return load_torch_model(spec, "cpu")
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_models):  # type: ignore[no-untyped-def]
+    return load(tiny_models)
+
+
+@pytest.fixture(scope="module")
+def reference(generator):  # type: ignore[no-untyped-def]
+    """transformers' greedy generate, one prompt at a time."""
+    return [generator.generate_ids([p], NEW)[0] for p in PROMPTS]
+
+
+def seq(generator, index: int, **kwargs) -> Sequence:  # type: ignore[no-untyped-def]
+    ids = generator.tokenizer(PROMPTS[index], add_special_tokens=False)["input_ids"]
+    pieces: list[str] = []
+    s = Sequence(key=index, prompt=list(ids), max_new=kwargs.pop("max_new", NEW), on_piece=pieces.append, **kwargs)
+    s.pieces = pieces  # type: ignore[attr-defined]
+    return s
+
+
+def run_all(generator, sequences: list[Sequence], max_steps: int = 10_000) -> int:  # type: ignore[no-untyped-def]
+    steps = 0
+    while any(s.done is None for s in sequences):
+        generator.decode_step()
+        steps += 1
+        assert steps < max_steps
+    return steps
+
+
+def test_loop_equals_greedy_generate_alone_and_together(generator, reference) -> None:  # type: ignore[no-untyped-def]
+    assert generator.continuous
+    assert all(len(r) > 0 for r in reference)
+    assert [generator.loop_ids([p], NEW)[0] for p in PROMPTS] == reference
+    assert generator.loop_ids(PROMPTS[:4], NEW) == reference[:4]   # four slots: all in flight together
+    # the long prompts are prefilled in chunks of 16 tokens
+    assert max(len(generator.tokenizer(p)["input_ids"]) for p in PROMPTS) > 16
+
+
+def test_sequences_join_mid_decode_and_leave_when_done(generator, reference) -> None:  # type: ignore[no-untyped-def]
+    first = seq(generator, 3)
+    generator.loop.add(first)
+    for _ in range(6):
+        generator.decode_step()
+    assert 0 < len(first.generated) < NEW
+    later = [seq(generator, 0, max_new=5), seq(generator, 1)]
+    for s in later:
+        generator.loop.add(s)
+    steps_before = generator.loop.counters["steps"]
+    run_all(generator, [first, *later])
+    assert first.generated == reference[3]
+    assert later[0].generated == reference[0][:5] and later[0].done in ("length", "eos")
+    assert later[1].generated == reference[1]
+    # they shared decode steps: fewer steps than one after another
+    assert generator.loop.counters["steps"] - steps_before < (NEW - 6) + 5 + NEW
+    assert generator.loop.active == 0
+
+
+def test_a_cancelled_or_abandoned_sequence_frees_its_slot(generator, reference) -> None:  # type: ignore[no-untyped-def]
+    keep, cancel = seq(generator, 1), seq(generator, 3)
+    caller_here = [True]
+    gone = seq(generator, 4, alive=lambda: caller_here[0])
+    for s in (cancel, keep, gone):
+        generator.loop.add(s)
+    for _ in range(8):
+        generator.decode_step()
+    assert generator.loop.cancel(3)
+    caller_here[0] = False
+    finished = generator.decode_step()
+    assert {s.key for s in finished} >= {3, 4}
+    assert cancel.done == "cancelled" and gone.done == "cancelled"
+    assert len(generator.loop.running) <= 1
+    run_all(generator, [keep])
+    assert keep.generated == reference[1]
+
+
+def test_stop_strings_cut_the_answer_and_the_stream_adds_up(generator) -> None:  # type: ignore[no-untyped-def]
+    whole = seq(generator, 1)
+    generator.loop.add(whole)
+    run_all(generator, [whole])
+    assert "".join(whole.pieces) == whole.answer and len(whole.answer) > 4
+    stop = whole.answer[3:5]
+    cut = seq(generator, 1, stops=(stop,))
+    generator.loop.add(cut)
+    run_all(generator, [cut])
+    assert cut.done == "stop"
+    assert stop not in cut.answer and whole.answer.startswith(cut.answer)
+    assert "".join(cut.pieces) == cut.answer   # no piece of the stop string was streamed
+    assert len(cut.generated) < len(whole.generated)
+
+
+def test_a_full_cache_makes_new_sequences_wait(tiny_models, reference) -> None:  # type: ignore[no-untyped-def]
+    generator = load(tiny_models, decode_slots=2)
+    sequences = [seq(generator, i) for i in range(len(PROMPTS))]
+    for s in sequences:
+        generator.loop.add(s)
+    most = 0
+    while any(s.done is None for s in sequences):
+        generator.decode_step()
+        most = max(most, len(generator.loop.running))
+    assert most == 2
+    assert [s.generated for s in sequences] == reference
+
+
+def test_urgent_preempts_background_which_resumes_exactly(tiny_models, reference) -> None:  # type: ignore[no-untyped-def]
+    generator = load(tiny_models, decode_slots=1)
+    background = seq(generator, 3)
+    generator.loop.add(background)
+    for _ in range(5):
+        generator.decode_step()
+    done_before = len(background.generated)
+    assert done_before > 0
+    urgent = seq(generator, 1, urgent=True)
+    generator.loop.add(urgent)
+    generator.decode_step()
+    assert generator.loop.counters["preempted"] == 1 and background.preempted == 1
+    run_all(generator, [urgent, background])
+    assert urgent.generated == reference[1]
+    assert background.generated == reference[3]   # recomputed from its context, then continued
+    assert "".join(background.pieces) == background.answer
+
+
+def test_sleep_and_wake_with_sequences_in_flight_continue_exactly(tiny_models, reference) -> None:  # type: ignore[no-untyped-def]
+    generator = load(tiny_models)
+    sequences = [seq(generator, i) for i in (0, 1, 3)]
+    for s in sequences:
+        generator.loop.add(s)
+    for _ in range(9):
+        generator.decode_step()
+    assert generator.loop.prefilling is None and len(generator.loop.running) >= 2
+    generator.sleep()
+    assert generator.loop.cache is None   # the KV rows in use went to the host tier
+    generator.wake()
+    run_all(generator, sequences)
+    assert [s.generated for s in sequences] == [reference[0], reference[1], reference[3]]
+
+
+def test_execute_runs_a_batch_through_the_loop(generator) -> None:  # type: ignore[no-untyped-def]
+    texts = generator.run(PROMPTS[:3], {"max_new_tokens": 8, "templated": True})
+    assert texts == [generator.run([p], {"max_new_tokens": 8, "templated": True})[0] for p in PROMPTS[:3]]
+    off = generator._generate(PROMPTS[:3], {"max_new_tokens": 8, "templated": True})
+    assert texts == off   # the same text as transformers' generate gives
+
+
+def test_sampling_on_the_device() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50)
+    greedy = logits.argmax(-1)
+    assert torch.equal(sample(logits, torch.zeros(6), torch.ones(6)), greedy)
+    assert torch.equal(sample(logits, torch.full((6,), 1.0), torch.full((6,), 1e-9)), greedy)   # top-p: one token
+    draws = torch.stack([sample(logits, torch.full((6,), 2.0), torch.ones(6)) for _ in range(50)])
+    assert (draws != greedy).any()
+    mixed = sample(logits, torch.tensor([0.0, 1.0, 0.0, 1.0, 0.0, 1.0]), torch.ones(6))
+    assert torch.equal(mixed[::2], greedy[::2])
+
+
+def test_the_chat_template_turns_thinking_off(tiny_models, generator) -> None:  # type: ignore[no-untyped-def]
+    ids = generator.encode_prompt("what is redis?", {})
+    text = generator.tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>user\nwhat is redis?") and text.endswith("<think>\n\n</think>\n\n")
+    thinking = load(tiny_models, thinking=True)
+    assert not thinking.tokenizer.decode(thinking.encode_prompt("what is redis?", {})).endswith("</think>\n\n")
+    assert generator.tokenizer.decode(generator.encode_prompt("raw", {"templated": True})) == "raw"
+
+
+def test_the_kv_cache_counts_in_the_footprint(tiny_models, generator) -> None:  # type: ignore[no-untyped-def]
+    off = load(tiny_models, decode="off")
+    assert not off.continuous
+    assert generator.nbytes == off.nbytes + generator.loop.kv_bytes
+    assert generator.loop.kv_bytes == generator.loop.cache.nbytes

@@ -1,0 +1,492 @@
+"""The generator's decode loop: a KV cache preallocated per sequence slot, continuous (iteration-level) batching,
+decode steps replayed from CUDA graphs, streamed text.
+
+A sequence joins the running batch at the next step and leaves when it finishes, as in vLLM and TGI:
+
+  waiting    submitted, no slot yet (urgent ones first; a full cache makes them wait, or preempts a background one)
+  prefill    its prompt (all but the last token) written into its slot's KV, in chunks of `prefill_chunk` tokens,
+             one chunk per step, so running sequences are not stalled for long
+  running    one decode step per loop step for all running sequences together: each row's last token at its own
+             position, attending to its own slot (a per-row mask); the step samples on the device (greedy, or
+             temperature / top-p by an exponential race) and one small copy brings the new tokens to the host
+
+Rows of the cache are kept compact (running sequence i is row i), so a step over n sequences is a step over the
+first n rows, and a CUDA graph captured for the smallest batch bucket >= n replays it; padded rows write to a
+scratch column no sequence reads. The model is any transformers causal LM whose decoder takes `position_ids`, a
+prepared mask per attention type and a cache object (`SlotCache` answers its `update` calls).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ragq.core.errors import DeviceOutOfMemory
+
+log = logging.getLogger(__name__)
+
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class SlotCache:
+    """Keys and values of `slots` sequences x `context` positions (+1 scratch column) for every layer.
+
+    Before each forward pass the loop says where its tokens go (`for_decode` / `for_prefill`); the decoder layers'
+    `update(key, value, layer)` calls write them there and get back the keys and values to attend to."""
+
+    def __init__(self, layers: int, slots: int, context: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        shape = (slots, kv_heads, context + 1, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.context = context
+        self._mode: tuple[Any, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def for_decode(self, rows: torch.Tensor, positions: torch.Tensor, width: int) -> None:
+        self._mode = ("decode", rows, positions, width)
+
+    def for_prefill(self, row: int, start: int, end: int) -> None:
+        self._mode = ("prefill", row, start, end)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self._mode[0] == "decode":
+            _, rows, positions, width = self._mode
+            keys[rows, :, positions] = key_states[:, :, 0]
+            values[rows, :, positions] = value_states[:, :, 0]
+            return keys[:rows.shape[0], :, :width], values[:rows.shape[0], :, :width]
+        _, row, start, end = self._mode
+        keys[row, :, start:end] = key_states[0]
+        values[row, :, start:end] = value_states[0]
+        return keys[row:row + 1, :, :end], values[row:row + 1, :, :end]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        for tensor in self.keys + self.values:
+            tensor[dst, :, :length] = tensor[src, :, :length]
+
+    def rows_to(self, rows: list[tuple[int, int]], device: torch.device, pin: bool) -> list[torch.Tensor]:
+        """The first `length` positions of each (row, length), stacked per layer, on `device` (the host tier)."""
+        out = []
+        for tensor in self.keys + self.values:
+            parts = [tensor[row, :, :length] for row, length in rows]
+            host = [torch.empty(p.shape, dtype=p.dtype, device=device, pin_memory=pin) for p in parts]
+            for h, p in zip(host, parts):
+                h.copy_(p, non_blocking=pin)
+            out.extend(host)
+        return out
+
+
+@dataclass
+class Sequence:
+    """One generation request inside the loop."""
+
+    key: Any
+    prompt: list[int]
+    max_new: int
+    stops: tuple[str, ...] = ()
+    temperature: float = 0.0
+    top_p: float = 1.0
+    urgent: bool = False
+    on_piece: Callable[[str], None] | None = None    # called with each new piece of the answer's text
+    alive: Callable[[], bool] | None = None          # False: its deadline passed or its caller left: drop it
+    generated: list[int] = field(default_factory=list)
+    cached: int = 0                                  # positions of `context` already in its KV row
+    row: int = -1
+    done: str | None = None                          # eos | length | stop | cancelled | error
+    error: BaseException | None = None
+    text: str = ""                                   # the decoded text so far
+    start: int | None = None                         # where the answer starts in `text` (leading space skipped)
+    sent: int = 0                                    # chars of `text` streamed so far
+    prefix_offset: int = 0                           # incremental detokenisation (TGI's two offsets)
+    read_offset: int = 0
+    first_token_at: float | None = None
+    admitted_at: float | None = None
+    preempted: int = 0
+
+    @property
+    def context(self) -> list[int]:
+        return self.prompt + self.generated
+
+    @property
+    def answer(self) -> str:
+        """The final text: from the first non-space character to the first stop string, trailing space cut."""
+        if self.start is None:
+            return ""
+        return _cut(self.text, self.stops)[self.start:].rstrip()
+
+
+def _cut(text: str, stops: tuple[str, ...]) -> str:
+    cut = len(text)
+    for stop in stops:
+        index = text.find(stop)
+        if index != -1:
+            cut = min(cut, index)
+    return text[:cut]
+
+
+class DecodeLoop:
+    def __init__(self, model: Any, tokenizer: Any, *, slots: int, context: int, device: torch.device,
+                 graphs: bool = False, prefill_chunk: int = 512, eos_ids: set[int] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        config = model.config
+        if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ["full_attention"]) \
+                and getattr(config, "use_sliding_window", False):
+            raise ValueError("the decode loop runs full-attention models only (this one has sliding-window layers)")
+        self.model = model
+        self.base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.head = model.get_output_embeddings()
+        self.tokenizer = tokenizer
+        self.device = device
+        self.slots = slots
+        self.context = context
+        self.prefill_chunk = max(16, prefill_chunk)
+        self.graphs_on = graphs and device.type == "cuda"
+        self.clock = clock
+        self.eos = set(eos_ids or ())
+        self.layer_types = sorted(set(getattr(config, "layer_types", None) or ["full_attention"]))
+        params = inspect.signature(self.base.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._takes_cache_position = "cache_position" in params
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self._shape = (config.num_hidden_layers, slots, context, kv_heads, head_dim)
+        self.dtype = next(model.parameters()).dtype
+        self.cache: SlotCache | None = None
+        self.kv_bytes = config.num_hidden_layers * 2 * slots * (context + 1) * kv_heads * head_dim \
+            * torch.empty((), dtype=self.dtype).element_size()
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: Sequence | None = None
+        self.running: list[Sequence] = []
+        self._host_kv: tuple[list[tuple[int, int]], list[torch.Tensor]] | None = None
+        self._graphs: dict[tuple[int, bool], _StepGraph] = {}
+        self.counters = {"steps": 0, "tokens": 0, "prefill_tokens": 0, "graph_captures": 0, "capture_ms": 0.0,
+                         "preempted": 0}
+
+    # -- the cache ----------------------------------------------------------------------------------------------
+    def allocate(self) -> None:
+        """Allocate the KV cache (at load, so its bytes count in the model's footprint)."""
+        if self.cache is None:
+            layers, slots, context, kv_heads, head_dim = self._shape
+            try:
+                self.cache = SlotCache(layers, slots, context, kv_heads, head_dim, self.dtype, self.device)
+            except torch.cuda.OutOfMemoryError as exc:
+                raise DeviceOutOfMemory(f"KV cache of {self.kv_bytes} bytes: {str(exc).splitlines()[0]}") from None
+            self._rows = torch.arange(self.slots, device=self.device)
+            self._columns = torch.arange(self.context + 1, device=self.device)
+
+    def release(self) -> None:
+        """Drop the device cache (the model goes to sleep): the rows in use go to the host first."""
+        if self.cache is None:
+            return
+        rows = [(s.row, s.cached) for s in self._in_cache()]
+        pin = self.device.type == "cuda"
+        self._host_kv = (rows, self.cache.rows_to(rows, torch.device("cpu"), pin)) if rows else None
+        if pin:
+            torch.cuda.current_stream(self.device).synchronize()
+        self.cache = None
+        self._graphs.clear()   # they point at the weights' and the cache's old addresses
+
+    def restore(self) -> None:
+        """Reallocate the device cache (the model woke) and put the rows in use back."""
+        self.allocate()
+        if self._host_kv is None:
+            return
+        rows, tensors = self._host_kv
+        self._host_kv = None
+        assert self.cache is not None
+        layer_tensors = self.cache.keys + self.cache.values
+        for i, tensor in enumerate(layer_tensors):
+            for (row, length), host in zip(rows, tensors[i * len(rows):(i + 1) * len(rows)]):
+                tensor[row, :, :length].copy_(host, non_blocking=True)
+
+    def _in_cache(self) -> list[Sequence]:
+        return self.running + ([self.prefilling] if self.prefilling is not None else [])
+
+    # -- requests -------------------------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        limit = self.context - 1
+        if len(seq.prompt) > limit:   # keep the end of an over-long prompt (the question is last)
+            seq.prompt = seq.prompt[-limit:]
+        if not seq.prompt:
+            seq.prompt = [next(iter(self.eos))] if self.eos else [0]
+        seq.max_new = max(1, min(seq.max_new, self.context - len(seq.prompt)))
+        seq.admitted_at = self.clock()
+        self.waiting.append(seq)
+
+    def cancel(self, key: Any) -> bool:
+        for seq in [*self.waiting, *self._in_cache()]:
+            if seq.key == key and seq.done is None:
+                seq.done = "cancelled"
+                return True
+        return False
+
+    @property
+    def active(self) -> int:
+        return len(self.waiting) + len(self._in_cache())
+
+    # -- one step -----------------------------------------------------------------------------------------------
+    def step(self) -> list[Sequence]:
+        """Admit, prefill one chunk, run one decode step; returns the sequences that finished (or were dropped)."""
+        if self.cache is None:
+            self.restore()
+        finished = self._reap()
+        self._admit()
+        if self.prefilling is not None:
+            self._prefill_chunk(self.prefilling)
+        if self.running:
+            finished += self._decode()
+        return finished
+
+    def _reap(self) -> list[Sequence]:
+        gone = []
+        for seq in list(self.waiting):
+            if seq.done is None and seq.alive is not None and not seq.alive():
+                seq.done = "cancelled"
+            if seq.done is not None:
+                self.waiting.remove(seq)
+                gone.append(seq)
+        if self.prefilling is not None:
+            seq = self.prefilling
+            if seq.done is None and seq.alive is not None and not seq.alive():
+                seq.done = "cancelled"
+            if seq.done is not None:
+                self.prefilling = None
+                gone.append(seq)
+        for seq in list(self.running):
+            if seq.done is None and seq.alive is not None and not seq.alive():
+                seq.done = "cancelled"
+            if seq.done is not None:
+                self._leave(seq)
+                gone.append(seq)
+        return gone
+
+    def _leave(self, seq: Sequence) -> None:
+        """Take a running sequence out; the last row moves into its place so the rows stay compact."""
+        index = self.running.index(seq)
+        last = self.running[-1]
+        if last is not seq:
+            assert self.cache is not None
+            self.cache.move_row(last.row, index, last.cached)
+            last.row = index
+            self.running[index] = last
+        self.running.pop()
+
+    def _admit(self) -> None:
+        if self.prefilling is not None or not self.waiting:
+            return
+        urgent = [s for s in self.waiting if s.urgent]
+        seq = urgent[0] if urgent else self.waiting[0]
+        if len(self.running) >= self.slots:
+            background = [s for s in self.running if not s.urgent]
+            if not (seq.urgent and background):
+                return          # the cache is full: it waits for a slot
+            victim = max(background, key=lambda s: s.admitted_at or 0.0)   # the newest background one
+            self._leave(victim)
+            victim.cached, victim.row = 0, -1
+            victim.preempted += 1
+            self.counters["preempted"] += 1
+            self.waiting.appendleft(victim)   # recomputed from its context when a slot frees
+        self.waiting.remove(seq)
+        seq.row = len(self.running)
+        seq.cached = 0
+        self.prefilling = seq
+        if len(seq.context) <= 1:
+            self._join(seq)
+
+    def _join(self, seq: Sequence) -> None:
+        assert self.cache is not None
+        row = len(self.running)
+        if seq.row != row:
+            self.cache.move_row(seq.row, row, seq.cached)
+            seq.row = row
+        self.running.append(seq)
+        self.prefilling = None
+
+    def _prefill_chunk(self, seq: Sequence) -> None:
+        """Write the next chunk of the sequence's context (all but its last token) into its KV row."""
+        assert self.cache is not None
+        target = len(seq.context) - 1
+        end = min(target, seq.cached + self.prefill_chunk)
+        if end > seq.cached:
+            ids = torch.tensor([seq.context[seq.cached:end]], device=self.device)
+            positions = torch.arange(seq.cached, end, device=self.device)[None, :]
+            mask = (self._columns[None, :end] <= positions[0, :, None])[None, None]   # [1, 1, q, end]
+            self.cache.for_prefill(seq.row, seq.cached, end)
+            with torch.inference_mode():
+                self._forward(ids, positions, mask)
+            self.counters["prefill_tokens"] += end - seq.cached
+            seq.cached = end
+        if seq.cached >= target:
+            self._join(seq)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        kwargs: dict[str, Any] = {
+            "input_ids": ids, "position_ids": positions, "use_cache": True, self._cache_kw: self.cache,
+            "attention_mask": {kind: mask for kind in self.layer_types},
+        }
+        if self._takes_cache_position:
+            kwargs["cache_position"] = positions[0]
+        return self.base(**kwargs).last_hidden_state
+
+    def _step_logits(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, width: int
+                     ) -> torch.Tensor:
+        assert self.cache is not None
+        mask = (self._columns[None, :width] <= positions[:, None])[:, None, None, :]   # [b, 1, 1, width]
+        self.cache.for_decode(rows, positions, width)
+        hidden = self._forward(ids[:, None], positions[:, None], mask)
+        return self.head(hidden[:, -1]).float()
+
+    def _decode(self) -> list[Sequence]:
+        n = len(self.running)
+        tokens = [s.context[-1] for s in self.running]
+        positions = [len(s.context) - 1 for s in self.running]
+        temps = [s.temperature for s in self.running]
+        sampling = any(t > 0 for t in temps)
+        with torch.inference_mode():
+            if self.graphs_on:
+                bucket = next((b for b in GRAPH_BUCKETS if b >= n and b <= self.slots), self.slots)
+                graph = self._graph(bucket, sampling)
+                pad = bucket - n
+                graph.run(tokens + [0] * pad, positions + [self.context] * pad, temps + [0.0] * pad,
+                          [s.top_p for s in self.running] + [1.0] * pad)
+                new = graph.out[:n].tolist()
+            else:
+                ids = torch.tensor(tokens, device=self.device)
+                pos = torch.tensor(positions, device=self.device)
+                width = max(positions) + 1
+                logits = self._step_logits(ids, pos, self._rows[:n], width)
+                t = torch.tensor(temps, device=self.device)
+                p = torch.tensor([s.top_p for s in self.running], device=self.device)
+                new = (sample(logits, t, p) if sampling else logits.argmax(-1)).tolist()
+        self.counters["steps"] += 1
+        self.counters["tokens"] += n
+        now = self.clock()
+        finished = []
+        for seq, token in zip(list(self.running), new):
+            seq.cached = len(seq.context)
+            self._accept(seq, int(token), now)
+            if seq.done is not None:
+                finished.append(seq)
+        for seq in finished:
+            self._leave(seq)
+        return finished
+
+    def _graph(self, bucket: int, sampling: bool) -> _StepGraph:
+        key = (bucket, sampling)
+        graph = self._graphs.get(key)
+        if graph is None:
+            t0 = time.perf_counter()
+            graph = _StepGraph(self, bucket, sampling)
+            self._graphs[key] = graph
+            self.counters["graph_captures"] += 1
+            self.counters["capture_ms"] += (time.perf_counter() - t0) * 1000.0
+        return graph
+
+    # -- tokens to text ---------------------------------------------------------------------------------------------
+    def _accept(self, seq: Sequence, token: int, now: float) -> None:
+        if token in self.eos:
+            seq.done = "eos"
+        else:
+            seq.generated.append(token)
+            self._detokenize(seq)
+            if seq.stops and any(stop in seq.text for stop in seq.stops):
+                seq.done = "stop"
+            elif len(seq.generated) >= seq.max_new or len(seq.context) >= self.context:
+                seq.done = "length"
+        self._stream(seq, final=seq.done is not None, now=now)
+
+    def _detokenize(self, seq: Sequence) -> None:
+        decode = self.tokenizer.decode
+        before = decode(seq.generated[seq.prefix_offset:seq.read_offset], skip_special_tokens=True)
+        after = decode(seq.generated[seq.prefix_offset:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            seq.text += after[len(before):]
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.generated)
+
+    def _stream(self, seq: Sequence, final: bool, now: float) -> None:
+        """Send what of the answer can no longer change: not the part that may begin a stop string, not
+        trailing whitespace (the final answer is stripped); everything at the end."""
+        if seq.start is None:
+            stripped = seq.text.lstrip()
+            if not stripped:
+                return
+            seq.start = seq.sent = len(seq.text) - len(stripped)
+        if final:
+            end = seq.start + len(seq.answer)
+        else:
+            visible = _cut(seq.text, seq.stops)
+            end = len(visible.rstrip())
+            if seq.stops:
+                end = min(end, len(visible) - (max(len(s) for s in seq.stops) - 1))
+        if end > seq.sent:
+            piece = seq.text[seq.sent:end]
+            seq.sent = end
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            if seq.on_piece is not None:
+                try:
+                    seq.on_piece(piece)
+                except Exception:   # a stream that cannot be written must not stop the decode
+                    log.exception("streaming a piece of %s failed", seq.key)
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Per row: greedy where temperature is 0, else a draw from the temperature-scaled distribution cut to its
+    top-p mass, by an exponential race (no host synchronisation: it runs inside a CUDA graph)."""
+    greedy = logits.argmax(-1)
+    probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
+    ordered, index = probs.sort(dim=-1, descending=True)
+    keep = (ordered.cumsum(-1) - ordered) < top_p[:, None]
+    ordered = ordered * keep
+    race = ordered / torch.empty_like(ordered).exponential_(1.0)
+    drawn = index.gather(-1, race.argmax(-1, keepdim=True)).squeeze(-1)
+    return torch.where(temperature > 0, drawn, greedy)
+
+
+class _StepGraph:
+    """One decode step over `bucket` rows captured as a CUDA graph; `run` fills its inputs and replays it."""
+
+    def __init__(self, loop: DecodeLoop, bucket: int, sampling: bool) -> None:
+        device = loop.device
+        self.ids = torch.zeros(bucket, dtype=torch.long, device=device)
+        self.positions = torch.full((bucket,), loop.context, dtype=torch.long, device=device)
+        self.temps = torch.zeros(bucket, device=device)
+        self.top_p = torch.ones(bucket, device=device)
+        rows = loop._rows[:bucket]
+        width = loop.context + 1
+
+        def body() -> torch.Tensor:
+            logits = loop._step_logits(self.ids, self.positions, rows, width)
+            return sample(logits, self.temps, self.top_p) if sampling else logits.argmax(-1)
+
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):   # warm-up outside the graph (allocator, library handles)
+                body()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = body()
+
+    def run(self, ids: list[int], positions: list[int], temps: list[float], top_p: list[float]) -> None:
+        self.ids.copy_(torch.tensor(ids), non_blocking=False)
+        self.positions.copy_(torch.tensor(positions), non_blocking=False)
+        self.temps.copy_(torch.tensor(temps, dtype=torch.float32))
+        self.top_p.copy_(torch.tensor(top_p, dtype=torch.float32))
+        self.graph.replay()

@@ -1,0 +1,190 @@
+"""The torch generator: a causal LM answering prompts through the decode loop (`workers.backends.decode`).
+
+Items are prompts; each is put in the model's chat template (thinking off unless the models file says
+`thinking = true`, so that max_new_tokens go to the answer) unless the caller templated it already. With the decode
+loop (`decode = "auto"`, the default, for full-attention models) the engine feeds requests in as they come
+(`start_sequence` / `decode_step`) and sequences share decode steps; `execute` runs a batch to the end through the
+same loop. `decode = "off"` answers batches with transformers' `generate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from ragq.core.errors import DeviceOutOfMemory
+from workers.backends.decode import DecodeLoop, Sequence
+from workers.backends.torch_backend import _TorchModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SLOTS = {"cuda": 16, "cpu": 4}
+
+
+class TorchGenerator(_TorchModel):
+    loop: DecodeLoop | None = None
+
+    def setup_decode(self) -> None:
+        """Build the decode loop and allocate its KV cache now, so the cache counts in the measured footprint."""
+        spec = self.spec
+        mode = str(spec.extra.get("decode", "auto"))
+        if mode == "off":
+            return
+        slots = int(spec.extra.get("decode_slots") or DEFAULT_SLOTS.get(self.device.type, 4))
+        graphs = str(spec.extra.get("graphs", os.environ.get("RAGQ_CUDA_GRAPHS", "auto"))) != "off"
+        try:
+            loop = DecodeLoop(
+                self.model, self.tokenizer, slots=slots, context=spec.max_length + spec.max_new_tokens,
+                device=self.device, graphs=graphs, prefill_chunk=int(spec.extra.get("prefill_chunk", 512)),
+                eos_ids=self._eos_ids())
+        except ValueError as exc:
+            log.info("%s answers with transformers' generate: %s", spec.name, exc)
+            return
+        try:
+            loop.allocate()
+        except DeviceOutOfMemory:
+            raise
+        self.loop = loop
+        self.nbytes += loop.kv_bytes
+        log.info("%s decodes continuously on %s: %d slots x %d tokens, KV cache %.2f GiB, graphs %s", spec.name,
+                 self.device, slots, loop.context, loop.kv_bytes / 2**30, "on" if loop.graphs_on else "off")
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for value in (self.tokenizer.eos_token_id, getattr(self.model.generation_config, "eos_token_id", None)):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        return ids
+
+    @property
+    def continuous(self) -> bool:
+        return self.loop is not None
+
+    # -- prompts ----------------------------------------------------------------------------------------------------
+    def _prompt(self, text: str, templated: bool) -> str:
+        if templated or not getattr(self.tokenizer, "chat_template", None):
+            return text
+        return str(self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True,
+            enable_thinking=bool(self.spec.extra.get("thinking", False)),
+        ))
+
+    def encode_prompt(self, text: str, params: dict[str, Any]) -> list[int]:
+        prompt = self._prompt(text, bool(params.get("templated")))
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return list(ids[-self.spec.max_length:])
+
+    # -- the decode loop (the engine's thread) ------------------------------------------------------------------------
+    def start_sequence(self, key: Any, text: str, params: dict[str, Any], *, urgent: bool = False,
+                       on_piece: Any = None, alive: Any = None) -> Sequence:
+        assert self.loop is not None
+        sample = bool(params.get("sample"))
+        seq = Sequence(
+            key=key, prompt=self.encode_prompt(text, params),
+            max_new=int(params.get("max_new_tokens") or self.spec.max_new_tokens),
+            stops=tuple(params.get("stop") or self.spec.stop),
+            temperature=float(params.get("temperature", 0.7)) if sample else 0.0,
+            top_p=float(params.get("top_p", 0.9)) if sample else 1.0,
+            urgent=urgent, on_piece=on_piece, alive=alive)
+        self.loop.add(seq)
+        return seq
+
+    def decode_step(self) -> list[Sequence]:
+        assert self.loop is not None
+        try:
+            return self.loop.step()
+        except torch.cuda.OutOfMemoryError as exc:
+            raise DeviceOutOfMemory(f"{self.name}: decode step: {str(exc).splitlines()[0]}") from None
+
+    def _run(self, items: list[str], params: dict[str, Any]) -> list[str]:
+        if self.loop is None:
+            return self._generate(items, params)
+        sequences = [self.start_sequence(("batch", i), text, params) for i, text in enumerate(items)]
+        while any(s.done is None for s in sequences):
+            self.decode_step()
+        return [s.answer for s in sequences]
+
+    # -- sleep and wake carry the sequences in flight ------------------------------------------------------------------
+    def sleep(self) -> None:
+        if self.loop is not None:
+            self.loop.release()
+        super().sleep()
+
+    def wake(self, asynchronous: bool = False) -> Any:
+        ready = super().wake(asynchronous)
+        if self.loop is not None:
+            self.loop.restore()
+        return ready
+
+    def unload(self) -> None:
+        self.loop = None
+        super().unload()
+
+    # -- transformers' generate (decode = "off", and the reference in tests) ----------------------------------------------
+    def _generate(self, items: list[str], params: dict[str, Any]) -> list[str]:
+        max_new = int(params.get("max_new_tokens") or self.spec.max_new_tokens)
+        stops = list(params.get("stop") or self.spec.stop)
+        prompts = [self._prompt(text, bool(params.get("templated"))) for text in items]
+        batch = self.tokenizer(
+            prompts, padding=True, truncation=True, max_length=self.spec.max_length, return_tensors="pt",
+            padding_side="left", add_special_tokens=False,
+        ).to(self.device)
+        sample = bool(params.get("sample"))
+        kwargs: dict[str, Any] = {"max_new_tokens": max_new, "do_sample": sample, "pad_token_id": self._pad_id()}
+        if sample:
+            kwargs.update(temperature=float(params.get("temperature", 0.7)), top_p=float(params.get("top_p", 0.9)))
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if stops:
+            kwargs.update(stop_strings=stops, tokenizer=self.tokenizer)
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+        texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [_cut_at_stop(text, stops).strip() for text in texts]
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.tokenizer.eos_token_id)
+
+    def generate_ids(self, items: list[str], max_new_tokens: int) -> list[list[int]]:
+        """transformers' greedy new token ids per prompt (stopped at eos): the reference the loop is tested on."""
+        batch = self.tokenizer(items, padding=True, return_tensors="pt", padding_side="left",
+                               add_special_tokens=False).to(self.device)
+        with torch.inference_mode():
+            out = self.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                      pad_token_id=self._pad_id(), temperature=None, top_p=None, top_k=None)
+        eos = self._eos_ids()
+        result = []
+        for row in out[:, batch["input_ids"].shape[1]:].tolist():
+            kept = []
+            for token in row:
+                if token in eos:
+                    break
+                kept.append(token)
+            result.append(kept)
+        return result
+
+    def loop_ids(self, items: list[str], max_new_tokens: int) -> list[list[int]]:
+        """The decode loop's greedy new token ids per prompt (all in flight together)."""
+        assert self.loop is not None
+        sequences = [Sequence(key=i, prompt=self.tokenizer(t, add_special_tokens=False)["input_ids"],
+                              max_new=max_new_tokens) for i, t in enumerate(items)]
+        for seq in sequences:
+            self.loop.add(seq)
+        while any(s.done is None for s in sequences):
+            self.decode_step()
+        return [s.generated for s in sequences]
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> str:
+    cut = len(text)
+    for stop in stops:
+        index = text.find(stop)
+        if index != -1:
+            cut = min(cut, index)
+    return text[:cut]
