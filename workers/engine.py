@@ -33,6 +33,8 @@ from scheduler.batching import BACKGROUND, URGENT, BatchTuner, Pending, Priority
 from scheduler.plan import EngineSnapshot, FailRole, RoleConfig, RunBatch, Wait, plan
 from scheduler.residency import VRAM, ResidencyPolicy, prewarm
 from workers.backends import BatchOutput, LoadedModel
+from workers.decoding import Decoding, Streamer
+from workers.knobs import apply_knobs
 from workers.engine_state import (
     EngineConfig, EngineResult, EngineStats, Message, Prewarm, Query, Request, SetKnobs, Slot, Submit, Wake,
     estimate_tokens, thread_schedstat,
@@ -104,6 +106,8 @@ class Engine:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._knob_thread: threading.Thread | None = None
+        self._decoding = Decoding(self)          # generate requests in a continuous decode loop (workers/decoding.py)
+        self.streamer: Streamer | None = None    # where answers' pieces go (params["stream"])
 
     def _start_size(self, spec: ModelSpec) -> int:
         """Where the last run's tuner settled for this model on this kind of device, else the configured start."""
@@ -359,14 +363,20 @@ class Engine:
 
     # -- plan ------------------------------------------------------------------------------------------------------
     def _pending_view(self) -> list[Pending]:
-        return [Pending(r.key, r.role, r.group, r.priority, r.enqueued, tuple((i, r.tokens[i]) for i in r.todo),
-                        r.deadline) for r in self._pending.values() if r.todo]
+        """Items not yet scheduled, and those in a decode loop (their role stays wanted until they finish)."""
+        views = []
+        for r in self._pending.values():
+            items = r.todo or (self._decoding.in_flight(r) if r.key in self._decoding.requests else [])
+            if items:
+                views.append(Pending(r.key, r.role, r.group, r.priority, r.enqueued,
+                                     tuple((i, r.tokens[i]) for i in items), r.deadline))
+        return views
 
     def _demand(self) -> tuple[dict[str, int], set[str]]:
         """Pending requests per model, and the models a question in flight expects soon."""
         pending: dict[str, int] = {}
         for r in self._pending.values():
-            if r.todo:
+            if r.todo or r.key in self._decoding.requests:
                 name = self.specs[r.role].name
                 pending[name] = pending.get(name, 0) + 1
         now = self.clock()
@@ -416,6 +426,8 @@ class Engine:
             self.residency.apply(decision.moves)
             model = self.residency.ready(slot)
             load_ms = (self.clock() - t0) * 1000.0
+            if getattr(model, "continuous", False):   # sequences join its decode loop, which runs a slice
+                return self._decoding.run(role, batch, slot, model, load_ms)
             t0 = self.clock()
             ooms = self.stats.ooms
             sched0 = thread_schedstat()
@@ -481,11 +493,16 @@ class Engine:
             request.compute_ms += compute_ms
             request.batch_size = max(request.batch_size, size)
             if request.done and request.key in self._pending:
-                self._finish(request)
-                queue_ms = ((request.started or request.enqueued) - request.enqueued) * 1000.0
-                request.future.set_result(EngineResult(
-                    [request.results[i] for i in range(len(request.items))], model, queue_ms, request.load_ms,
-                    request.compute_ms, request.batch_size, sum(request.tokens)))
+                self._finish_request(request)
+
+    def _finish_request(self, request: Request) -> None:
+        self._finish(request)
+        queue_ms = ((request.started or request.enqueued) - request.enqueued) * 1000.0
+        first = request.first_token_at
+        request.future.set_result(EngineResult(
+            [request.results[i] for i in range(len(request.items))], self.specs[request.role].name, queue_ms,
+            request.load_ms, request.compute_ms, request.batch_size, sum(request.tokens),
+            None if first is None else (first - request.enqueued) * 1000.0))
 
     def _run_with_recovery(self, slot: Slot, model: LoadedModel, items: list[Any], params: dict[str, Any]
                            ) -> BatchOutput:
@@ -523,41 +540,8 @@ class Engine:
 
     # -- knobs -----------------------------------------------------------------------------------------------------
     def apply_knobs(self, values: dict[str, float]) -> None:
-        """Apply the tuner's live knob values (on the engine thread, or before it starts): batch size caps,
-        context lengths, queue delays, the cooldown, and the unload-idle counter (each increase evicts the models
-        no pending work needs)."""
-        for role, spec in list(self.specs.items()):
-            changes: dict[str, Any] = {}
-            if f"max_length:{spec.name}" in values:
-                changes["max_length"] = max(1, int(values[f"max_length:{spec.name}"]))
-            if f"max_queue_delay_ms:{spec.name}" in values:
-                changes["max_queue_delay_ms"] = max(0.0, float(values[f"max_queue_delay_ms:{spec.name}"]))
-            changes = {k: v for k, v in changes.items() if getattr(spec, k) != v}
-            if changes:
-                new = replace(spec, **changes)
-                self.specs[role] = new
-                slot = self._slots[spec.name]
-                slot.spec = new
-                if slot.model is not None:
-                    slot.model.spec = new
-                log.info("tuning: %s now %s", spec.name, changes)
-            if f"batch_max:{spec.name}" in values:
-                tuner = self.tuners[spec.name]
-                cap = max(1, int(values[f"batch_max:{spec.name}"]))
-                if cap != tuner.maximum:
-                    unbounded = tuner.ceiling >= tuner.maximum
-                    tuner.maximum = cap
-                    tuner.ceiling = cap if unbounded else min(tuner.ceiling, cap)
-                    tuner.size = min(tuner.size, cap)
-                    log.info("tuning: %s batch size at most %d", spec.name, cap)
-        if "cooldown_s" in values and values["cooldown_s"] != self.policy.cooldown_s:
-            self.residency.policy = replace(self.policy, cooldown_s=float(values["cooldown_s"]))
-            log.info("tuning: cooldown %.1fs", self.policy.cooldown_s)
-        seen = values.get("unload_idle", 0.0)
-        if self._unload_seen is not None and seen > self._unload_seen:
-            if self.residency.evict_idle(keep=""):
-                log.info("tuning: unloaded the idle models")
-        self._unload_seen = seen
+        """Apply the tuner's live knob values (on the engine thread, or before it starts): workers/knobs.py."""
+        apply_knobs(self, values)
 
     # -- reporting -------------------------------------------------------------------------------------------------
     def _publish_state(self, sample_only: bool = False) -> None:

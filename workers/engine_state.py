@@ -26,6 +26,7 @@ class EngineResult:
     compute_ms: float
     batch_size: int          # the largest micro-batch this request's items ran in
     tokens: int
+    first_token_ms: float | None = None   # generate: from submission to the answer's first streamed piece
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class EngineConfig:
     urgent_yield_ms: float = 0.0        # ... to about this long a batch (0: half the tuned size)
     sample_interval_s: float = 5.0      # device samples at most this often
     knob_interval_s: float = 10.0       # the tuner's knobs are read this often (off the engine thread)
+    decode_slice_s: float = 0.05        # decode steps run this long before the engine looks at its inbox (0: one)
 
 
 @dataclass
@@ -57,6 +59,7 @@ class Request:
     load_ms: float = 0.0
     compute_ms: float = 0.0
     batch_size: int = 0
+    first_token_at: float | None = None
 
     @property
     def remaining(self) -> int:

@@ -173,7 +173,8 @@ class DecodeLoop:
         self.prefilling: Sequence | None = None
         self.running: list[Sequence] = []
         self._host_kv: tuple[list[tuple[int, int]], list[torch.Tensor]] | None = None
-        self._graphs: dict[tuple[int, bool], _StepGraph] = {}
+        self._graphs: dict[tuple[int, bool, int], _StepGraph] = {}
+        self.width_round = 0   # graphs attend over the whole cache width (0) or the longest row rounded up to this
         self.counters = {"steps": 0, "tokens": 0, "prefill_tokens": 0, "graph_captures": 0, "capture_ms": 0.0,
                          "preempted": 0}
 
@@ -360,7 +361,10 @@ class DecodeLoop:
         with torch.inference_mode():
             if self.graphs_on:
                 bucket = next((b for b in GRAPH_BUCKETS if b >= n and b <= self.slots), self.slots)
-                graph = self._graph(bucket, sampling)
+                width = self.context + 1
+                if self.width_round:
+                    width = min(width, -(-(max(positions) + 1) // self.width_round) * self.width_round)
+                graph = self._graph(bucket, sampling, width)
                 pad = bucket - n
                 graph.run(tokens + [0] * pad, positions + [self.context] * pad, temps + [0.0] * pad,
                           [s.top_p for s in self.running] + [1.0] * pad)
@@ -386,12 +390,12 @@ class DecodeLoop:
             self._leave(seq)
         return finished
 
-    def _graph(self, bucket: int, sampling: bool) -> _StepGraph:
-        key = (bucket, sampling)
+    def _graph(self, bucket: int, sampling: bool, width: int) -> _StepGraph:
+        key = (bucket, sampling, width)
         graph = self._graphs.get(key)
         if graph is None:
             t0 = time.perf_counter()
-            graph = _StepGraph(self, bucket, sampling)
+            graph = _StepGraph(self, bucket, sampling, width)
             self._graphs[key] = graph
             self.counters["graph_captures"] += 1
             self.counters["capture_ms"] += (time.perf_counter() - t0) * 1000.0
@@ -461,14 +465,13 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor)
 class _StepGraph:
     """One decode step over `bucket` rows captured as a CUDA graph; `run` fills its inputs and replays it."""
 
-    def __init__(self, loop: DecodeLoop, bucket: int, sampling: bool) -> None:
+    def __init__(self, loop: DecodeLoop, bucket: int, sampling: bool, width: int) -> None:
         device = loop.device
         self.ids = torch.zeros(bucket, dtype=torch.long, device=device)
         self.positions = torch.full((bucket,), loop.context, dtype=torch.long, device=device)
         self.temps = torch.zeros(bucket, device=device)
         self.top_p = torch.ones(bucket, device=device)
         rows = loop._rows[:bucket]
-        width = loop.context + 1
 
         def body() -> torch.Tensor:
             logits = loop._step_logits(self.ids, self.positions, rows, width)
@@ -477,7 +480,7 @@ class _StepGraph:
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            for _ in range(2):   # warm-up outside the graph (allocator, library handles)
+            for _ in range(1):   # warm-up outside the graph (allocator, library handles)
                 body()
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()

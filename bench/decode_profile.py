@@ -1,0 +1,85 @@
+"""Where a decode step's device time goes (issue [2 of 7]): the loop's step for 1 and 16 sequences under torch's
+profiler (CUDA kernel time by kernel, eager), and the graph-replayed step time of variants side by side: attention
+over the whole cache width, or over a width rounded up from the longest sequence; SDPA's backends.
+
+    python3 bench/decode_profile.py --models /tmp/m --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.decode_gpu import prompts, sync  # noqa: E402
+from bench.models import build_all  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", type=Path, default=Path("/tmp/m"))
+    parser.add_argument("--device", default="cuda:0")
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from workers.backends.decode import Sequence
+    from workers.backends.loading import load_torch_model
+    from workers.models import ModelSpec
+
+    path = build_all(args.models, "cuda" if args.device.startswith("cuda") else "cpu", tiny=args.tiny,
+                     roles=("generate",))["generate"]
+    spec = ModelSpec(role="generate", path=path, name="qwen3-4b", max_length=1024, max_new_tokens=256,
+                     dtype="bfloat16", extra={"decode_slots": 16})
+    gen = load_torch_model(spec, args.device)
+    loop = gen.loop
+    loop.eos = set()
+    vocab = gen.model.config.vocab_size
+    out: dict[str, object] = {}
+    for b in (1, 16):
+        sequences = [Sequence(key=i, prompt=p, max_new=200) for i, p in enumerate(prompts(b, 1024, vocab, b))]
+        for s in sequences:
+            loop.add(s)
+        while len(loop.running) < b or loop.prefilling is not None:
+            loop.step()
+        for width_mode in ("full", "rounded"):
+            loop.width_round = 0 if width_mode == "full" else 256
+            loop._graphs.clear()
+            loop.step()   # capture
+            sync(args.device)
+            t0 = time.perf_counter()
+            for _ in range(20):
+                loop.step()
+            sync(args.device)
+            out[f"graph step ms, b={b}, width {width_mode}"] = (time.perf_counter() - t0) / 20 * 1000.0
+        loop.graphs_on = False
+        loop.width_round = 0
+        loop.step()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+        with profile(activities=activities) as prof:
+            for _ in range(3):
+                loop.step()
+        table = prof.key_averages().table(sort_by="cuda_time_total" if args.device.startswith("cuda")
+                                          else "cpu_time_total", row_limit=18, max_name_column_width=60)
+        (args.out / f"profile_b{b}.txt").write_text(table)
+        print(f"--- eager step, b={b}\n{table}", flush=True)
+        loop.graphs_on = args.device.startswith("cuda")
+        for s in sequences:
+            loop.cancel(s.key)
+        loop.step()
+    (args.out / "profile.json").write_text(json.dumps(out, indent=2))
+    for key, value in out.items():
+        print(f"{key}: {value:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
