@@ -45,8 +45,9 @@ def copy_rates(device: str) -> dict[str, float]:
     b = torch.empty_like(a)
     host = torch.empty(n // 2, dtype=torch.uint8, pin_memory=True)
     out = {}
-    for name, op, nbytes in (("d2d_bytes_per_s", lambda: b.copy_(a), 2 * n),
-                             ("h2d_bytes_per_s", lambda: b[: n // 2].copy_(host, non_blocking=True), n // 2)):
+    ops = {"d2d_bytes_per_s": (lambda: b.copy_(a), 2 * n),
+           "h2d_bytes_per_s": (lambda: b[: n // 2].copy_(host, non_blocking=True), n // 2)}
+    for name, (op, nbytes) in ops.items():
         times = []
         for _ in range(12):
             sync(device)
@@ -55,7 +56,7 @@ def copy_rates(device: str) -> dict[str, float]:
             sync(device)
             times.append(time.perf_counter() - t0)
         out[name] = nbytes / statistics.median(times[2:])
-    del a, b, host
+    ops.clear()
     torch.cuda.empty_cache()
     return out
 
@@ -218,7 +219,8 @@ def main() -> int:
     weights = gen.nbytes - gen.loop.kv_bytes
     results["weights_bytes"], results["kv_bytes"] = weights, gen.loop.kv_bytes
     d2d = rates["d2d_bytes_per_s"]
-    results["bound_tokens_per_s"] = (d2d / 2) / weights if d2d else 0.0  # one read of the weights per step
+    # one read of the weights per step at the copy's rate (a copy's bytes read + written: the memory's traffic)
+    results["bound_tokens_per_s"] = d2d / weights if d2d else 0.0
     print(f"weights {weights / 2**30:.2f} GiB, KV cache {gen.loop.kv_bytes / 2**30:.2f} GiB, "
           f"copy {d2d / 1e12:.2f} TB/s (read+write), bound {results['bound_tokens_per_s']:.0f} tokens/s", flush=True)
 
@@ -244,7 +246,7 @@ def main() -> int:
         print(f"HF eager b={b}: {rows[f'HF generate eager, {b}']}", flush=True)
         if not args.skip_static:
             t0 = time.perf_counter()
-            run_hf(gen, batch, 8, True)  # compiles for this shape
+            run_hf(gen, batch, args.new, True)  # compiles for this shape (the cache's length is part of it)
             compile_s = time.perf_counter() - t0
             rows[f"HF generate static, {b}"] = {**run_hf(gen, batch, args.new, True), "first_call_s": compile_s}
             print(f"HF static b={b}: {rows[f'HF generate static, {b}']}", flush=True)

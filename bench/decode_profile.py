@@ -28,7 +28,6 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from workers.backends.decode import Sequence
