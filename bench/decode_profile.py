@@ -44,21 +44,41 @@ def main() -> int:
     vocab = gen.model.config.vocab_size
     out: dict[str, object] = {}
     for b in (1, 16):
-        sequences = [Sequence(key=i, prompt=p, max_new=200) for i, p in enumerate(prompts(b, 1024, vocab, b))]
+        sequences = [Sequence(key=i, prompt=p, max_new=250) for i, p in enumerate(prompts(b, 900, vocab, b))]
         for s in sequences:
             loop.add(s)
         while len(loop.running) < b or loop.prefilling is not None:
             loop.step()
-        for width_mode in ("full", "rounded"):
-            loop.width_round = 0 if width_mode == "full" else 256
+        from torch.nn.attention import SDPBackend
+
+        variants = {"full": {}, "rounded 256": {"width_round": 256},
+                    "efficient attention": {"sdpa_backends": [SDPBackend.EFFICIENT_ATTENTION]},
+                    "math attention": {"sdpa_backends": [SDPBackend.MATH]},
+                    "compiled": {"compile_step": True}}
+        for name, settings in variants.items():
+            defaults = {"width_round": 0, "sdpa_backends": None, "compile_step": False}
+            for key, value in {**defaults, **settings}.items():
+                setattr(loop, key, value)
             loop._graphs.clear()
-            loop.step()   # capture
+            t0 = time.perf_counter()
+            try:
+                loop.step()   # capture (and compile)
+            except Exception as exc:  # noqa: BLE001 - a variant that cannot run is reported, not fatal
+                out[f"graph step ms, b={b}, {name}"] = f"failed: {exc}"[:300]
+                print(f"{name} b={b} failed: {exc}", flush=True)
+                continue
+            first = time.perf_counter() - t0
             sync(args.device)
             t0 = time.perf_counter()
             for _ in range(20):
                 loop.step()
             sync(args.device)
-            out[f"graph step ms, b={b}, width {width_mode}"] = (time.perf_counter() - t0) / 20 * 1000.0
+            out[f"graph step ms, b={b}, {name}"] = (time.perf_counter() - t0) / 20 * 1000.0
+            out[f"first step s, b={b}, {name}"] = first
+            print(f"{name} b={b}: {out[f'graph step ms, b={b}, {name}']:.2f} ms (first {first:.1f} s)", flush=True)
+        for key, value in {"width_round": 0, "sdpa_backends": None, "compile_step": False}.items():
+            setattr(loop, key, value)
+        loop.full_width = True
         loop.graphs_on = False
         loop.width_round = 0
         loop.step()
@@ -76,7 +96,7 @@ def main() -> int:
         loop.step()
     (args.out / "profile.json").write_text(json.dumps(out, indent=2))
     for key, value in out.items():
-        print(f"{key}: {value:.2f}")
+        print(f"{key}: {value if isinstance(value, str) else round(value, 2)}")
     return 0
 
 

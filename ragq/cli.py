@@ -505,15 +505,30 @@ def ask(
     top_k: Annotated[int | None, typer.Option("--top-k", help="passages to return")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the answer, sources and timings as JSON")] = False,
 ) -> None:
-    """Ask a question over the urgent queue (synchronous RPC)."""
+    """Ask a question over the urgent queue (synchronous RPC); the answer is printed as it is generated, then
+    its sources and timings (--json: one object at the end)."""
     from ragq.client import Client
 
     _setup_logging()
-    reply = Client(_settings()).ask(question, timeout_s=timeout, top_k=top_k)
+    client = Client(_settings())
     if as_json:
-        _print_json(reply)
-    else:
-        print_reply(reply, out)
+        _print_json(client.ask(question, timeout_s=timeout, top_k=top_k))
+        return
+    reply: dict[str, Any] = {}
+    shown = False
+    for part in client.ask_stream(question, timeout_s=timeout, top_k=top_k):
+        if isinstance(part, dict):
+            reply = part
+            break
+        if not shown:
+            out.print(f"[bold]Q:[/] {question.strip()}", highlight=False)
+            out.print("[bold]A:[/] ", end="", highlight=False)
+            shown = True
+        out.print(part, end="", highlight=False, markup=False, soft_wrap=True)
+        out.file.flush()
+    if shown:
+        out.print()
+    print_reply(reply, out, answered=shown)
 
 
 @app.command()

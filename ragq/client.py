@@ -10,9 +10,10 @@ With no URLs configured the embedded Redis and Postgres are started on demand.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -25,6 +26,7 @@ from ragq.core.db import FINISH_JOB, Answer, Job, JobItem, ensure_schema, get_en
 from ragq.core.errors import BadInput, Failure, JobStillRunning, QuestionTimeout, ServiceError, WorkerLost
 from ragq.core.services import Endpoints, ensure_services, redact
 from ragq.core.settings import Settings, load_settings
+from ragq.core.streams import new_stream_key, read_pieces
 from workers.leases import alive_key, urgent_consumers
 
 Source = Union[str, Path, "DoclingDocument"]   # docling-core is imported only to ingest (ask stays light)
@@ -321,7 +323,7 @@ class Client:
 
     # -- questions ----------------------------------------------------------------------------------------------------
     def ask(self, question: str, *, timeout_s: float | None = None, top_k: int | None = None,
-            max_new_tokens: int | None = None) -> dict[str, Any]:
+            max_new_tokens: int | None = None, stream: str | None = None) -> dict[str, Any]:
         """A synchronous RPC over the urgent queue. Raises QuestionTimeout if no answer comes in time; the
         question's tasks expire with it, so a late question never runs on the device."""
         from tasks.query import question_chain
@@ -342,11 +344,60 @@ class Client:
             "question": question, "top_k": k, "candidates": max(k, self.settings.rerank_candidates),
             "deadline": started + timeout, "max_new_tokens": max_new_tokens,
         }
+        if stream:
+            state["stream"] = stream   # the generator appends the answer's pieces there as they come
         with tracing.span("ask", question_chars=len(question), top_k=k):  # the root of the question's trace
             reply = self._answer(lambda: question_chain(state), started, timeout)
         reply["total_ms"] = round((time.time() - started) * 1000.0, 2)
         return _public_reply(reply)
 
+
+    def ask_stream(self, question: str, *, timeout_s: float | None = None, top_k: int | None = None,
+                   max_new_tokens: int | None = None) -> Iterator[str | dict[str, Any]]:
+        """`ask`, streamed: yields the answer's text pieces as the generator writes them (through a Redis stream
+        of the broker), then the whole reply (the dict `ask` returns, with `first_token_ms`: from the call to the
+        first piece). The pieces concatenate to the reply's answer; an answer that was not generated (extractive,
+        none) comes as one piece."""
+        key = new_stream_key()
+        box: dict[str, Any] = {}
+
+        def wait() -> None:
+            try:
+                box["reply"] = self.ask(question, timeout_s=timeout_s, top_k=top_k, max_new_tokens=max_new_tokens,
+                                        stream=key)
+            except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
+                box["error"] = exc
+
+        started = time.time()
+        waiter = threading.Thread(target=wait, name="ragq-ask", daemon=True)
+        waiter.start()
+        last, sent, first_at, grace_until = "0-0", "", None, None
+        try:
+            while True:
+                if not waiter.is_alive():
+                    answer = box["reply"]["answer"] if "reply" in box else None
+                    grace_until = grace_until or time.time() + 1.0
+                    # the reply is in: read on until the stream has all of it (its last pieces may still be on their
+                    # way), or it has nothing more; what is missing then comes whole below
+                    if answer is None or answer == sent or not answer.startswith(sent) or time.time() > grace_until:
+                        break
+                last, pieces = read_pieces(self._redis, key, last, 100)
+                for piece in pieces:
+                    first_at = first_at or time.time()
+                    sent += piece
+                    yield piece
+            waiter.join()
+            if "error" in box:
+                raise box["error"]
+            reply = box["reply"]
+            if reply["answer"] != sent:
+                rest = reply["answer"][len(sent):] if reply["answer"].startswith(sent) else "\n" + reply["answer"]
+                first_at = first_at or time.time()
+                yield rest
+            reply["first_token_ms"] = round((first_at - started) * 1000.0, 2) if first_at else None
+            yield reply
+        finally:
+            self._redis.delete(key)
 
     def _answer(self, make_chain: Callable[[], Any], started: float, timeout: float) -> dict[str, Any]:
         """Publish the question's chain and wait for its answer. Its later stages run on the urgent consumer that
@@ -472,7 +523,8 @@ def _public_reply(state: dict[str, Any]) -> dict[str, Any]:
         ],
         "timings": {
             stage: {k: state["timings"][stage].get(k) for k in ("queue_ms", "load_ms", "compute_ms", "model", "batch_size",
-                                                                "worker")}
+                                                                "worker", "first_token_ms")
+                    if k != "first_token_ms" or state["timings"][stage].get(k) is not None}
             for stage in ("embed", "search", "rerank", "generate") if stage in state.get("timings", {})
         },
         "total_ms": state.get("total_ms"),

@@ -9,9 +9,11 @@ from rich.console import Console
 from rich.table import Table
 
 
-def print_reply(reply: dict[str, Any], console: Console) -> None:
-    console.print(f"[bold]Q:[/] {reply['question']}", highlight=False)
-    console.print(f"[bold]A:[/] {reply['answer']}", highlight=False)
+def print_reply(reply: dict[str, Any], console: Console, answered: bool = False) -> None:
+    """The question, its answer (unless `answered`: it was streamed already), sources and timings."""
+    if not answered:
+        console.print(f"[bold]Q:[/] {reply['question']}", highlight=False)
+        console.print(f"[bold]A:[/] {reply['answer']}", highlight=False)
     if reply.get("note"):
         console.print(f"[dim]({reply['note']})[/]", highlight=False)
     sources = Table(title="sources", show_lines=False, title_justify="left")
@@ -25,7 +27,9 @@ def print_reply(reply: dict[str, Any], console: Console) -> None:
 
 
 def timing_table(reply: dict[str, Any]) -> Table:
-    table = Table(title=f"timings (total {reply.get('total_ms') or 0:.0f} ms)", title_justify="left")
+    first = reply.get("first_token_ms")
+    title = f"timings (total {reply.get('total_ms') or 0:.0f} ms" + (f", first token {first:.0f} ms)" if first else ")")
+    table = Table(title=title, title_justify="left")
     for column in ("stage", "model", "queue ms", "load ms", "compute ms", "batch"):
         table.add_column(column, justify="right" if "ms" in column or column == "batch" else "left")
     for stage, t in reply["timings"].items():

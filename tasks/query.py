@@ -50,6 +50,8 @@ def _keep_timing(state: dict[str, Any], stage: str, clock: Any, worker: str | No
         "model": clock.model,
         "batch_size": clock.batch_size,
     }
+    if clock.first_token_ms is not None:   # generate: the stage's start to its answer's first piece
+        state["timings"][stage]["first_token_ms"] = round(clock.first_token_ms, 2)
 
 
 @app.task(name="ragq.query.embed", bind=True)
@@ -147,10 +149,12 @@ def generate(self: Any, state: dict[str, Any]) -> dict[str, Any]:
             state["answer"] = "No ingested passage matches this question: ingest documents first (`ragq ingest`)."
             state["mode"] = "none"
         elif rt.engine.has_role("generate"):
+            params: dict[str, Any] = {"max_new_tokens": state["max_new_tokens"]} if state.get("max_new_tokens") else {}
+            if state.get("stream"):
+                params["stream"] = state["stream"]   # the answer's pieces go there as they are generated
             result = rt.engine.run(
                 "generate", [generation_prompt(state["question"], passages)], priority=URGENT,
-                deadline=engine_deadline(state.get("deadline")),
-                params={"max_new_tokens": state.get("max_new_tokens")} if state.get("max_new_tokens") else {},
+                deadline=engine_deadline(state.get("deadline")), params=params,
             )
             clock.from_engine(result)
             state["answer"] = result.outputs[0]

@@ -34,6 +34,34 @@ def tiny_env(tiny_models, settings, tmp_path_factory):  # type: ignore[no-untype
     return env, root
 
 
+STREAM_SCRIPT = """
+import json
+from ragq.client import Client
+from ragq.core.settings import load_settings
+parts = list(Client(load_settings()).ask_stream("How long do the lanterns burn?", top_k=1, max_new_tokens=24))
+print(json.dumps({"pieces": parts[:-1], "reply": parts[-1]}))
+"""
+
+
+def check_streaming(env: dict[str, str], worker: WorkerProcess) -> None:
+    """`Client.ask_stream` yields the answer in pieces through the broker's Redis, then the reply; `ragq ask`
+    prints it as it grows, then sources and timings with the time to the first token."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", STREAM_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr + worker.log_path.read_text()[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    pieces, reply = out["pieces"], out["reply"]
+    assert "".join(pieces) == reply["answer"] and reply["mode"] == "generated"
+    if reply["answer"]:
+        assert reply["first_token_ms"] > 0 and reply["timings"]["generate"]["first_token_ms"] > 0
+    shown = run_ragq(env, "ask", "When is the lantern festival?", "--top-k", "1")
+    assert shown.returncode == 0, shown.stderr
+    assert "Q: When is the lantern festival?" in shown.stdout and "sources" in shown.stdout
+    assert "first token" in shown.stdout or "A: \n" not in shown.stdout
+
+
 def test_ask_runs_embed_search_rerank_generate_with_configured_models(tiny_env, client) -> None:  # type: ignore[no-untyped-def]
     from celery import Celery
 
@@ -59,6 +87,7 @@ def test_ask_runs_embed_search_rerank_generate_with_configured_models(tiny_env, 
         assert models == {"embed": "tiny-qwen3-embed", "search": "pgvector-hnsw", "rerank": "tiny-qwen3-rerank",
                           "generate": "tiny-qwen3-gen"}
         assert reply["timings"]["generate"]["load_ms"] > 0  # first use of the generator loads it
+        check_streaming(env, worker)
 
         deadline = time.monotonic() + 15
         while True:

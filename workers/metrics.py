@@ -119,6 +119,9 @@ class _Metrics:
                               "Time a stage waited for its model to load or wake", stage, buckets=LATENCY_BUCKETS)
         self.latency = Histogram("ragq_request_duration_seconds",
                                  "Time of a stage from publication to result", stage, buckets=LATENCY_BUCKETS)
+        self.first_token = Histogram("ragq_time_to_first_token_seconds",
+                                     "Time from a generate stage's start to its answer's first streamed piece",
+                                     stage, buckets=LATENCY_BUCKETS)
         self.requests = Counter("ragq_requests_total", "Stages finished, by outcome", ["stage", "priority", "outcome"])
         role = ["device", "model", "role"]
         self.items = Counter("ragq_items_total", "Items (texts, pairs, prompts) through a model", role)
@@ -164,7 +167,7 @@ def metrics() -> _Metrics | None:
 
 
 def observe_stage(model: str | None, stage: str, priority: str, outcome: str, queue_ms: float, load_ms: float,
-                  compute_ms: float, total_ms: float) -> None:
+                  compute_ms: float, total_ms: float, first_token_ms: float | None = None) -> None:
     m = metrics()
     if m is None:
         return
@@ -174,6 +177,8 @@ def observe_stage(model: str | None, stage: str, priority: str, outcome: str, qu
     m.compute.labels(*labels).observe(compute_ms / 1000.0)
     m.latency.labels(*labels).observe(total_ms / 1000.0)
     m.requests.labels(stage, priority, outcome).inc()
+    if first_token_ms is not None:
+        m.first_token.labels(*labels).observe(first_token_ms / 1000.0)
 
 
 class EngineMetrics(EngineObserver):

@@ -39,6 +39,7 @@ class StageClock:
     engine_queue_ms: float = 0.0
     load_ms: float = 0.0
     compute_ms: float | None = None
+    first_token_ms: float | None = None   # generate: from the stage's start to the first piece of the answer
     outcome: str = "ok"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -50,6 +51,8 @@ class StageClock:
         self.engine_queue_ms = result.queue_ms
         self.load_ms = result.load_ms
         self.compute_ms = result.compute_ms
+        if getattr(result, "first_token_ms", None) is not None:
+            self.first_token_ms = result.first_token_ms
 
 
 @dataclass
@@ -130,14 +133,15 @@ class WorkerRuntime:
                 if compute_ms is None:
                     compute_ms = max(0.0, (finished - started) * 1000.0 - clock.load_ms)
                 observe_stage(clock.model, stage, PRIORITY_NAMES[priority], clock.outcome, broker_ms + clock.engine_queue_ms,
-                              clock.load_ms, compute_ms, broker_ms + (finished - started) * 1000.0)
+                              clock.load_ms, compute_ms, broker_ms + (finished - started) * 1000.0,
+                              clock.first_token_ms)
                 self.sink.record_stage(
                     job_id=job_id, task_id=task_id, stage=stage, model=clock.model, worker=self.worker_name,
                     device=self.device, priority=PRIORITY_NAMES[priority], batch_size=clock.batch_size,
                     items=clock.items, tokens=clock.tokens, enqueued_at=utc(sent_at), started_at=utc(started),
                     finished_at=utc(finished), queue_ms=broker_ms + clock.engine_queue_ms,
                     engine_queue_ms=clock.engine_queue_ms, load_ms=clock.load_ms,
-                    compute_ms=compute_ms, outcome=clock.outcome, error=error,
+                    compute_ms=compute_ms, first_token_ms=clock.first_token_ms, outcome=clock.outcome, error=error,
                 )
                 clock.extra["queue_ms"] = broker_ms + clock.engine_queue_ms
                 clock.extra["compute_ms"] = compute_ms

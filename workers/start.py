@@ -52,7 +52,8 @@ def host_budget_for(settings: Settings, device: str) -> int:
     return int(psutil.virtual_memory().total * 0.25)
 
 
-def build_engine(settings: Settings, device: str, database_url: str, worker: str):  # type: ignore[no-untyped-def]
+def build_engine(settings: Settings, device: str, database_url: str, worker: str,  # type: ignore[no-untyped-def]
+                 broker_url: str | None = None):
     """In the engine process: the budget (enforced on the card), the profiles, the model-event sink, the engine."""
     from workers.backends import load_model
     from workers import tuning
@@ -78,7 +79,7 @@ def build_engine(settings: Settings, device: str, database_url: str, worker: str
     total = device_memory(device).total_bytes if device != "cpu" else budget
     log.info("engine for %s: budget %s, host tier %s, models %s", worker, format_size(budget),
              format_size(host_budget), ", ".join(f"{role}={spec.name}" for role, spec in specs.items()))
-    return Engine(
+    engine = Engine(
         device, specs, load_model, budget, host_budget_bytes=host_budget, cooldown_s=settings.cooldown_s,
         observer=Observers(EngineMetrics(device, total), SinkObserver(sink, total)),
         profiles=PostgresProfileStore(database_url), device_kind=device_kind(device), memory_used=memory_used,
@@ -86,6 +87,11 @@ def build_engine(settings: Settings, device: str, database_url: str, worker: str
         config=EngineConfig(report_interval_s=settings.stats_interval_s, urgent_yield_s=settings.urgent_yield_s,
                             urgent_yield_ms=settings.urgent_yield_ms),
     )
+    if broker_url:
+        from ragq.core.streams import StreamWriter
+
+        engine.streamer = StreamWriter(broker_url)   # answers' pieces, as they are generated
+    return engine
 
 
 ENGINE_ADDRESS_ENV = "RAGQ_ENGINE_ADDRESS"   # how the urgent consumer finds its worker's engine (set by the worker)
@@ -116,7 +122,8 @@ def build_runtime(settings: Settings, device: str, name: str | None = None, log_
                                      bytes.fromhex(os.environ[ENGINE_KEY_ENV]), token_counter=count_tokens, preparer=prepare_items,
                                      start_timeout_s=120)
     else:
-        engine = EngineClient(device, specs, build_engine, (settings, device, endpoints.database_url, name),
+        engine = EngineClient(device, specs, build_engine,
+                              (settings, device, endpoints.database_url, name, endpoints.broker_url),
                               token_counter=count_tokens, preparer=prepare_items, log_level=log_level)
     runtime = WorkerRuntime(settings, endpoints, engine, sink, name, device, specs)
     log.info("worker %s: engine process %s, models %s", name, engine.pid or "attached",

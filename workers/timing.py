@@ -22,7 +22,7 @@ log = logging.getLogger("ragq.timing")
 STAGE_FIELDS = (
     "job_id", "task_id", "stage", "model", "worker", "device", "priority", "batch_size", "items", "tokens",
     "enqueued_at", "started_at", "finished_at", "queue_ms", "engine_queue_ms", "load_ms", "compute_ms",
-    "vram_peak_bytes", "outcome", "error",
+    "first_token_ms", "vram_peak_bytes", "outcome", "error",
 )
 
 

@@ -119,6 +119,7 @@ class StageTiming(Base):
     engine_queue_ms: Mapped[float | None] = mapped_column(Float, comment="the part of queue_ms in the engine")
     load_ms: Mapped[float] = mapped_column(Float, default=0.0)
     compute_ms: Mapped[float] = mapped_column(Float, default=0.0)
+    first_token_ms: Mapped[float | None] = mapped_column(Float, comment="generate: to the first streamed piece")
     vram_peak_bytes: Mapped[int | None] = mapped_column(BigInteger)
     outcome: Mapped[str] = mapped_column(String(16))
     error: Mapped[str | None] = mapped_column(Text)

@@ -1,0 +1,73 @@
+"""Answers streamed through the broker's Redis: one stream per question, written by the engine as the answer grows
+(`ragq:answer:<id>`, entries {"p": piece}), read by the client that asked; it expires on its own."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import uuid
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PREFIX = "ragq:answer:"
+TTL_S = 600          # a stream nobody reads goes away after this long
+MAX_ENTRIES = 20_000
+
+
+def new_stream_key() -> str:
+    return PREFIX + uuid.uuid4().hex
+
+
+class StreamWriter:
+    """`writer(key, piece)` queues the piece; a thread appends the queued pieces to their streams in one pipeline
+    (so a slow Redis never stalls the decode loop that calls it)."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
+        self._queue: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, key: str, piece: str) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="ragq-streams", daemon=True)
+                    self._thread.start()
+        self._queue.put((key, piece))
+
+    def _run(self) -> None:
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url)
+        while True:
+            batch = [self._queue.get()]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                pipe = client.pipeline(transaction=False)
+                for key, piece in batch:
+                    pipe.xadd(key, {"p": piece}, maxlen=MAX_ENTRIES, approximate=True)
+                for key in {key for key, _ in batch}:
+                    pipe.expire(key, TTL_S)
+                pipe.execute()
+            except Exception as exc:  # noqa: BLE001 - the answer still arrives whole; only the stream lags
+                log.warning("could not stream %d pieces: %s", len(batch), exc)
+
+
+def read_pieces(client: Any, key: str, last_id: str, block_ms: int) -> tuple[str, list[str]]:
+    """The pieces after `last_id` (waiting up to `block_ms` for the first), and the id to read on from."""
+    reply = client.xread({key: last_id}, block=block_ms)
+    pieces: list[str] = []
+    for _, entries in reply or ():
+        for entry_id, fields in entries:
+            last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            value = fields.get(b"p", fields.get("p", b""))
+            pieces.append(value.decode() if isinstance(value, bytes) else str(value))
+    return last_id, pieces
+
