@@ -42,6 +42,10 @@ def build_all(root: Path, device: str = "cuda", tiny: bool = False,
             continue
         out.mkdir(parents=True, exist_ok=True)
         tokenizer = build_tokenizer(out)
+        if role == "generate" and not tiny:
+            # every id the random generator can emit decodes to text, so answers stream as real ones do
+            tokenizer.add_tokens([f" w{i}" for i in range(shape["vocab_size"] - len(tokenizer))])
+            tokenizer.save_pretrained(out)
         config = Qwen3Config(**(TINY if tiny else shape), eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
         t0 = time.perf_counter()

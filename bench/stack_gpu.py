@@ -32,14 +32,15 @@ from bench.models import build_all  # noqa: E402
 from bench.urgent_cpu import ask_many, make_corpus, percentile  # noqa: E402
 
 
-def models_toml(paths: dict[str, Path], tiny: bool) -> str:
+def models_toml(paths: dict[str, Path], tiny: bool, max_new_tokens: int = 16) -> str:
     guess = (lambda s: "") if tiny else (lambda s: f'estimate = "{s}"\n')
     return (
         f'[embed]\npath = "{paths["embed"]}"\nname = "qwen3-embedding-4b"\npooling = "last"\ndim = {48 if tiny else 1024}\n'
         f'chunk_tokens = 256\nmax_length = 512\nbatch_size = 256\n{guess("7.5GiB")}'
         f'[rerank]\npath = "{paths["rerank"]}"\nname = "qwen3-reranker-0.6b"\nkind = "qwen3"\nmax_length = 512\n'
         f'{guess("1.1GiB")}'
-        f'[generate]\npath = "{paths["generate"]}"\nname = "qwen3-4b"\nmax_new_tokens = 16\nmax_length = 1024\n'
+        f'[generate]\npath = "{paths["generate"]}"\nname = "qwen3-4b"\nmax_new_tokens = {max_new_tokens}\n'
+        f'max_length = 1024\n'
         f'{guess("7.5GiB")}'
     )
 
@@ -193,6 +194,69 @@ def run_variant(name: str, home: Path, device: str, args: argparse.Namespace, se
     }
 
 
+def run_generation(home: Path, device: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Issue [2 of 7]'s rows through the stack: `ask` idle (streamed: total and time to the first token, as the
+    caller sees them), then `--concurrent` questions asked at once (each in its own thread)."""
+    import threading
+
+    from ragq.client import Client
+    from ragq.demo import QUESTIONS, sample_paths, stop_worker, wait_until_consuming
+    from ragq.core.settings import Settings
+    from workers.celery_app import app
+
+    client = Client(Settings(home=home))
+    app.control.purge()
+    log = home / "worker-generation.log"
+    worker = subprocess.Popen([sys.executable, "-m", "ragq.cli", "worker", "--device", device, "--name", "gen"],
+                              env=dict(os.environ), stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    out: dict[str, Any] = {}
+    try:
+        wait_until_consuming(worker, log, timeout_s=600)
+        client.wait_for_job(client.submit_ingest(sample_paths()).job_id, timeout_s=600)
+        for _ in range(2):
+            client.ask(QUESTIONS[0], timeout_s=300)   # every model loaded once, graphs captured
+        totals, firsts = [], []
+        for i in range(args.questions):
+            t0 = time.perf_counter()
+            reply = [p for p in client.ask_stream(QUESTIONS[i % len(QUESTIONS)], timeout_s=120, top_k=3)][-1]
+            totals.append((time.perf_counter() - t0) * 1000.0)
+            firsts.append(reply.get("first_token_ms") or float("nan"))
+        out["idle_ms"], out["idle_first_token_ms"] = totals, firsts
+        print(f"idle ask: p50 {statistics.median(totals):.0f} ms, first token p50 {statistics.median(firsts):.0f} ms",
+              flush=True)
+        for n in sorted({1, args.concurrent}):
+            latencies: list[float] = []
+            errors: list[str] = []
+
+            def one(i: int, latencies: list[float] = latencies, errors: list[str] = errors) -> None:
+                t0 = time.perf_counter()
+                try:
+                    client.ask(QUESTIONS[i % len(QUESTIONS)], timeout_s=120, top_k=3)
+                    latencies.append((time.perf_counter() - t0) * 1000.0)
+                except Exception as exc:  # noqa: BLE001 - counted
+                    errors.append(repr(exc))
+
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            out[f"concurrent_{n}"] = {"latencies_ms": sorted(latencies), "errors": errors,
+                                      "wall_s": time.perf_counter() - t0,
+                                      "p50": statistics.median(latencies) if latencies else None,
+                                      "p95": percentile(latencies, 0.95) if latencies else None}
+            print(f"{n} questions at once: answered {len(latencies)}, p50 {out[f'concurrent_{n}']['p50']}, "
+                  f"p95 {out[f'concurrent_{n}']['p95']}, errors {errors[:2]}", flush=True)
+    finally:
+        app.control.purge()
+        stop_worker(worker)
+    log_text = log.read_text(errors="replace")
+    out["engine_log"] = [line.split("] ", 1)[-1] for line in log_text.splitlines()
+                         if ", last " in line or "decodes continuously" in line or " oom on " in line]
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", type=Path, default=Path("/tmp/ragq-models"))
@@ -205,6 +269,10 @@ def main() -> int:
     parser.add_argument("--variants", default="ragq,naive",
                         help="ragq, naive, and the diagnostic ragq-switch0.5ms and ragq-nobudget")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--generation", action="store_true",
+                        help="only the generation rows: idle streamed asks and --concurrent questions at once")
+    parser.add_argument("--concurrent", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import torch
@@ -214,7 +282,7 @@ def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="ragq-stack-"))
     paths = build_all(args.models, "cuda" if cuda else "cpu", tiny=args.tiny)
     models_file = home / "models.toml"
-    models_file.write_text(models_toml(paths, args.tiny))
+    models_file.write_text(models_toml(paths, args.tiny, args.max_new_tokens))
     os.environ.update(RAGQ_MODELS=str(models_file), RAGQ_HOME=str(home), RAGQ_VRAM_BUDGET="16GiB",
                       RAGQ_CPU_BUDGET="16GiB", RAGQ_STATS_INTERVAL_S="10")
     from ragq.core.services import EmbeddedServices
@@ -225,6 +293,19 @@ def main() -> int:
         "torch": torch.__version__, "transformers": transformers.__version__, "cpu_cores": os.cpu_count(),
         "docs": args.docs, "questions": args.questions, "budget": "16GiB",
     }
+    if args.generation:
+        from ragq.core.services import EmbeddedServices
+        from ragq.core.settings import Settings
+
+        services = EmbeddedServices(Settings(home=home))
+        services.up()
+        try:
+            results["generation"] = run_generation(home, args.device, args)
+        finally:
+            services.down()
+            shutil.copy(home / "worker-generation.log", args.out / "worker-generation.log")
+        (args.out / "stack.json").write_text(json.dumps(results, indent=2))
+        return 0
     results["raw_forward"] = raw_forward(paths, make_corpus(home / "raw", args.docs, 1), args.device, args.tiny)
     (args.out / "stack.json").write_text(json.dumps(results, indent=2))
     services = EmbeddedServices(Settings(home=home))

@@ -40,7 +40,7 @@ class Settings(BaseSettings):
                                      "bringing it back would take)")
     worker_concurrency: int = Field(8, ge=1, le=256, description="task threads consuming the background queue")
     urgent_concurrency: int = Field(
-        4, ge=0, le=64, description="task threads of the worker's urgent consumer, a process of their own so that "
+        20, ge=0, le=256, description="task threads of the worker's urgent consumer, a process of their own so that "
         "questions never wait for a thread held by ingestion (0 = one consumer for both queues)")
     visibility_timeout_s: int = Field(
         3600, ge=60, description="a task held this long without its worker's lease being refreshed runs again "
