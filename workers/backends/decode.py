@@ -501,7 +501,8 @@ class _StepGraph:
                 body()
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: the engine's loader and copy threads go on using the device while this thread captures
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.out = body()
 
     def run(self, ids: list[int], positions: list[int], temps: list[float], top_p: list[float]) -> None:
