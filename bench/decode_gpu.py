@@ -191,6 +191,7 @@ def main() -> int:
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--skip-static", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="the loop's rows and the sleep/wake only")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -235,6 +236,11 @@ def main() -> int:
     results["graph_captures"] = dict(gen.loop.counters)
     results["sleep_wake"] = sleep_wake(gen, vocab, args.prompt, args.device, rates)
     print("sleep/wake:", results["sleep_wake"], flush=True)
+    results["stable_addresses"] = gen.stable is not None
+    if args.quick:
+        results["rows"] = rows
+        (args.out / "decode.json").write_text(json.dumps(results, indent=2))
+        return 0
     gen.loop.graphs_on = False
     gen.loop._graphs.clear()
     rows["ragq loop, no graphs, 1"] = run_loop(gen, prompts(1, args.prompt, vocab, seed=1), min(args.new, 64))

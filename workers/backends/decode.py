@@ -42,10 +42,12 @@ class SlotCache:
     `update(key, value, layer)` calls write them there and get back the keys and values to attend to."""
 
     def __init__(self, layers: int, slots: int, context: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, alloc: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None
+                 ) -> None:
         shape = (slots, kv_heads, context + 1, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        make = alloc or (lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=device))
+        self.keys = [make(shape, dtype) for _ in range(layers)]
+        self.values = [make(shape, dtype) for _ in range(layers)]
         self.context = context
         self._mode: tuple[Any, ...] = ()
 
@@ -183,19 +185,25 @@ class DecodeLoop:
                          "preempted": 0}
 
     # -- the cache ----------------------------------------------------------------------------------------------
-    def allocate(self) -> None:
-        """Allocate the KV cache (at load, so its bytes count in the model's footprint)."""
+    def kv_shapes(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        layers, slots, context, kv_heads, head_dim = self._shape
+        return [((slots, kv_heads, context + 1, head_dim), self.dtype)] * (2 * layers)
+
+    def allocate(self, alloc: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None) -> None:
+        """Allocate the KV cache (at load, so its bytes count in the model's footprint); `alloc` places its
+        tensors (in a range whose addresses outlive a sleep, workers/backends/vmm.py)."""
         if self.cache is None:
             layers, slots, context, kv_heads, head_dim = self._shape
             try:
-                self.cache = SlotCache(layers, slots, context, kv_heads, head_dim, self.dtype, self.device)
+                self.cache = SlotCache(layers, slots, context, kv_heads, head_dim, self.dtype, self.device, alloc)
             except torch.cuda.OutOfMemoryError as exc:
                 raise DeviceOutOfMemory(f"KV cache of {self.kv_bytes} bytes: {str(exc).splitlines()[0]}") from None
             self._rows = torch.arange(self.slots, device=self.device)
             self._columns = torch.arange(self.context + 1, device=self.device)
 
-    def release(self) -> None:
-        """Drop the device cache (the model goes to sleep): the rows in use go to the host first."""
+    def release(self, keep: bool = False) -> None:
+        """The model goes to sleep: the rows in use go to the host, then the device cache is dropped — or, with
+        `keep` (its memory is released by the caller at the same addresses), kept with the graphs."""
         if self.cache is None:
             return
         rows = [(s.row, s.cached) for s in self._in_cache()]
@@ -203,8 +211,9 @@ class DecodeLoop:
         self._host_kv = (rows, self.cache.rows_to(rows, torch.device("cpu"), pin)) if rows else None
         if pin:
             torch.cuda.current_stream(self.device).synchronize()
-        self.cache = None
-        self._graphs.clear()   # they point at the weights' and the cache's old addresses
+        if not keep:
+            self.cache = None
+            self._graphs.clear()   # they point at the weights' and the cache's old addresses
 
     def restore(self) -> None:
         """Reallocate the device cache (the model woke) and put the rows in use back."""

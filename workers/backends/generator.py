@@ -43,14 +43,42 @@ class TorchGenerator(_TorchModel):
         except ValueError as exc:
             log.info("%s answers with transformers' generate: %s", spec.name, exc)
             return
-        try:
-            loop.allocate()
-        except DeviceOutOfMemory:
-            raise
+        self.stable: Any = None
+        if self.is_cuda and str(spec.extra.get("keep_addresses", "auto")) != "off":
+            self._move_to_stable_range(loop)
+        loop.allocate(self._carve if self.stable is not None else None)
         self.loop = loop
         self.nbytes += loop.kv_bytes
         log.info("%s decodes continuously on %s: %d slots x %d tokens, KV cache %.2f GiB, graphs %s", spec.name,
                  self.device, slots, loop.context, loop.kv_bytes / 2**30, "on" if loop.graphs_on else "off")
+
+    def _move_to_stable_range(self, loop: DecodeLoop) -> None:
+        """Weights and KV cache into one device range whose addresses outlive a sleep, so the decode graphs need
+        no recapture after a wake (workers/backends/vmm.py)."""
+        from workers.backends import vmm
+
+        why_not = vmm.available()
+        if why_not is not None:
+            log.info("%s: its graphs are captured again after each wake: %s", self.name, why_not)
+            return
+        tensors = self._tensors()
+        shapes = [(tuple(t.shape), t.dtype) for t in tensors] + loop.kv_shapes()
+        try:
+            stable = vmm.StableRange(vmm.Carver.size_of(shapes), self.device)
+        except Exception as exc:  # noqa: BLE001 - the ordinary path still works
+            log.warning("%s: no stable device range (%s); graphs are captured again after each wake", self.name, exc)
+            return
+        self._carver = vmm.Carver(stable)
+        for tensor in tensors:
+            placed = self._carver.take(tuple(tensor.shape), tensor.dtype)
+            placed.copy_(tensor.data)
+            tensor.data = placed
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        self.stable = stable
+
+    def _carve(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return self._carver.take(shape, dtype).zero_()
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -111,11 +139,27 @@ class TorchGenerator(_TorchModel):
 
     # -- sleep and wake carry the sequences in flight ------------------------------------------------------------------
     def sleep(self) -> None:
+        if getattr(self, "stable", None) is not None:
+            self.prepare_host_copy()          # the weights' pinned copy (made once; they never change)
+            assert self.loop is not None
+            self.loop.release(keep=True)      # the KV rows in use to the host; cache and graphs stay
+            torch.cuda.synchronize(self.device)
+            self.stable.release()             # the physical memory goes; the addresses stay reserved
+            return
         if self.loop is not None:
             self.loop.release()
         super().sleep()
 
     def wake(self, asynchronous: bool = False) -> Any:
+        if getattr(self, "stable", None) is not None:
+            self.stable.remap()
+            assert self._host is not None
+            for tensor in self._tensors():    # the same addresses: the captured graphs are still valid
+                tensor.data.copy_(self._host[id(tensor)], non_blocking=True)
+            assert self.loop is not None
+            self.loop.restore()
+            torch.cuda.current_stream(self.device).synchronize()
+            return None
         ready = super().wake(asynchronous)
         if self.loop is not None:
             self.loop.restore()
@@ -123,7 +167,11 @@ class TorchGenerator(_TorchModel):
 
     def unload(self) -> None:
         self.loop = None
+        stable, self.stable = getattr(self, "stable", None), None
         super().unload()
+        if stable is not None:
+            torch.cuda.synchronize(self.device)
+            stable.close()
 
     # -- transformers' generate (decode = "off", and the reference in tests) ----------------------------------------------
     def _generate(self, items: list[str], params: dict[str, Any]) -> list[str]:
