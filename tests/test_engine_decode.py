@@ -139,3 +139,18 @@ def test_the_generator_sleeps_for_an_urgent_embed_and_continues_exactly(tiny_mod
     steps_until(engine, lambda: all(a.done() for a in answers))
     assert [a.result().outputs[0] for a in answers] == [alone[1], alone[3]]
     engine.stop()
+
+
+def test_a_questions_rerank_runs_between_decode_slices_of_other_answers(tiny_models) -> None:  # type: ignore[no-untyped-def]
+    """16 questions at once reach their rerank at different times: a rerank must not wait for the answers already
+    decoding (that made questions asked together answer in waves)."""
+    rerank = ModelSpec(role="rerank", path=tiny_models["lm"], name="tiny-rerank", kind="qwen3", max_length=64)
+    engine = make_engine({"rerank": rerank, "generate": generate_spec(tiny_models)})
+    answer = engine.submit("generate", [PROMPTS[1]], priority=URGENT, params={"templated": True})
+    engine.step()
+    assert engine._slots["tiny-gen"].model.loop.running
+    scores = engine.submit("rerank", [["what", "Redis is the broker"]], priority=URGENT)
+    steps_until(engine, scores.done)
+    assert not answer.done()            # the rerank ran while the answer was still decoding
+    steps_until(engine, answer.done)
+    engine.stop()

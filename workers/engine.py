@@ -363,12 +363,15 @@ class Engine:
 
     # -- plan ------------------------------------------------------------------------------------------------------
     def _pending_view(self) -> list[Pending]:
-        """Items not yet scheduled, and those in a decode loop (their role stays wanted until they finish)."""
-        views = []
+        """Items not yet scheduled, and those in a decode loop: their role stays wanted until they finish, as work
+        that just arrived, so that requests of other roles that waited (a question's rerank) run between two
+        slices of decode steps instead of after every answer in flight."""
+        views, now = [], self.clock()
         for r in self._pending.values():
-            items = r.todo or (self._decoding.in_flight(r) if r.key in self._decoding.requests else [])
+            decoding = not r.todo and r.key in self._decoding.requests
+            items = r.todo or (self._decoding.in_flight(r) if decoding else [])
             if items:
-                views.append(Pending(r.key, r.role, r.group, r.priority, r.enqueued,
+                views.append(Pending(r.key, r.role, r.group, r.priority, now if decoding else r.enqueued,
                                      tuple((i, r.tokens[i]) for i in items), r.deadline))
         return views
 
