@@ -526,8 +526,6 @@ def ask(
             shown = True
         out.print(part, end="", highlight=False, markup=False, soft_wrap=True)
         out.file.flush()
-    if shown:
-        out.print()
     print_reply(reply, out, answered=shown)
 
 

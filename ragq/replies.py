@@ -11,7 +11,9 @@ from rich.table import Table
 
 def print_reply(reply: dict[str, Any], console: Console, answered: bool = False) -> None:
     """The question, its answer (unless `answered`: it was streamed already), sources and timings."""
-    if not answered:
+    if answered:
+        console.print()   # ends the streamed answer's line
+    else:
         console.print(f"[bold]Q:[/] {reply['question']}", highlight=False)
         console.print(f"[bold]A:[/] {reply['answer']}", highlight=False)
     if reply.get("note"):

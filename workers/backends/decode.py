@@ -432,6 +432,12 @@ class DecodeLoop:
                 seq.done = "stop"
             elif len(seq.generated) >= seq.max_new or len(seq.context) >= self.context:
                 seq.done = "length"
+        if seq.done is not None:
+            # the whole text decoded at once, as `generate`'s callers decode it (a character cut in the middle of
+            # its bytes shows as the replacement character); it extends what was streamed
+            whole = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+            if whole.startswith(seq.text[:seq.sent]):
+                seq.text = whole
         self._stream(seq, final=seq.done is not None, now=now)
 
     def _detokenize(self, seq: Sequence) -> None:

@@ -79,6 +79,8 @@ def model_config(spec: ModelSpec, device: str) -> str:
     preferred = sorted({b for b in (spec.urgent_batch, spec.batch_size // 2, spec.batch_size) if 0 < b <= spec.batch_size})
     fields = {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
               for k, v in dataclasses.asdict(spec).items() if k not in ("extra", "backend")}
+    # the model's own settings (the generator's decode loop, thinking), not how this side reaches the server
+    fields["extra"] = {k: v for k, v in spec.extra.items() if not k.startswith("triton")}
     kind, gpus = ("KIND_GPU", f" gpus: [ {int(device.split(':')[1])} ]") if device.startswith("cuda") else ("KIND_CPU", "")
     params = {"ragq_spec": json.dumps(fields)}
     parameters = "\n".join(
