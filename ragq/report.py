@@ -34,6 +34,8 @@ def build(db: Any, since: datetime, until: datetime) -> dict[str, Any]:
                      AS total_ms,
                    percentile_cont(ARRAY[0.5, 0.9, 0.99]) WITHIN GROUP (ORDER BY queue_ms) AS queue_ms,
                    percentile_cont(ARRAY[0.5, 0.9, 0.99]) WITHIN GROUP (ORDER BY compute_ms) AS compute_ms,
+                   percentile_cont(ARRAY[0.5, 0.9, 0.99]) WITHIN GROUP (ORDER BY first_token_ms)
+                     FILTER (WHERE first_token_ms IS NOT NULL) AS first_token_ms,
                    sum(queue_ms) AS queue_ms_sum, sum(load_ms) AS load_ms_sum, sum(compute_ms) AS compute_ms_sum,
                    avg(batch_size) FILTER (WHERE batch_size > 0) AS batch_mean,
                    percentile_cont(0.5) WITHIN GROUP (ORDER BY batch_size) FILTER (WHERE batch_size > 0)
@@ -43,7 +45,7 @@ def build(db: Any, since: datetime, until: datetime) -> dict[str, Any]:
             FROM stage_timings WHERE finished_at >= :since AND finished_at < :until
             GROUP BY 1, 2, 3 ORDER BY 3 DESC, 2, 1""", **window)
         for row in stages:
-            for key in ("total_ms", "queue_ms", "compute_ms"):
+            for key in ("total_ms", "queue_ms", "compute_ms", "first_token_ms"):
                 row[key] = dict(zip(("p50", "p90", "p99"), row[key] or (None,) * 3))
             row["items_per_s"] = (row["items"] or 0) / seconds
             row["tokens_per_s"] = (row["tokens"] or 0) / seconds
@@ -92,7 +94,7 @@ def stage_table_rows(report: dict[str, Any]) -> list[list[str]]:
         rows.append([
             r["priority"], r["stage"], r["model"], str(r["count"]), str(r["errors"]),
             _ms(r["total_ms"]["p50"]), _ms(r["total_ms"]["p90"]), _ms(r["total_ms"]["p99"]),
-            _ms(r["queue_ms"]["p50"]), _ms(r["compute_ms"]["p50"]),
+            _ms(r["queue_ms"]["p50"]), _ms(r["compute_ms"]["p50"]), _ms(r["first_token_ms"]["p50"]),
             "-" if r["queue_over_compute"] is None else f"{r['queue_over_compute']:.2f}",
             f"{r['items_per_s']:.2f}", "-" if r["batch_mean"] is None else f"{r['batch_mean']:.1f}",
         ])
@@ -100,7 +102,7 @@ def stage_table_rows(report: dict[str, Any]) -> list[list[str]]:
 
 
 STAGE_HEADERS = ["priority", "stage", "model", "n", "errors", "p50 ms", "p90 ms", "p99 ms", "queue p50",
-                 "compute p50", "queue/compute", "items/s", "batch mean"]
+                 "compute p50", "first token p50", "queue/compute", "items/s", "batch mean"]
 MODEL_HEADERS = ["device", "model", "event", "count", "p50 ms", "max ms", "total s"]
 
 

@@ -36,6 +36,11 @@ def known_rows(engine) -> None:  # type: ignore[no-untyped-def]
         stages.append({"stage": "embed", "model": "m", "priority": "background", "outcome": "ok",
                        "finished_at": T0 + timedelta(seconds=10 * i), "queue_ms": 300.0, "load_ms": 0.0,
                        "compute_ms": 100.0, "batch_size": 64, "items": 64, "tokens": 12800})
+    streamed = []
+    for i in range(1, 5):  # urgent generate: first tokens at 100..400 ms (streamed answers)
+        streamed.append({"stage": "generate", "model": "g", "priority": "urgent", "outcome": "ok",
+                       "finished_at": T0 + timedelta(seconds=i), "queue_ms": 1.0, "load_ms": 0.0,
+                       "compute_ms": 1000.0, "first_token_ms": 100.0 * i, "batch_size": 4, "items": 1, "tokens": 50})
     events = [{"device": "cuda:0", "model": "m", "event": "wake", "ms": ms, "bytes": 2**30,
                "ts": T0 + timedelta(seconds=ms / 10)} for ms in (100.0, 200.0, 300.0)]
     events.append({"device": "cuda:0", "model": "m", "event": "sleep", "ms": 3.0, "bytes": 2**30,
@@ -45,6 +50,7 @@ def known_rows(engine) -> None:  # type: ignore[no-untyped-def]
                for s, used in ((0, 8), (30, 12), (60, 10))]
     with engine.begin() as conn:
         conn.execute(insert(StageTiming), stages)
+        conn.execute(insert(StageTiming), streamed)   # rows of one executemany share the first row's columns
         conn.execute(insert(ModelEvent), events)
         conn.execute(insert(DeviceSample), samples)
         conn.execute(insert(Alert).values(rule="vram_usage", subject="w cuda:0", severity="warning", state="resolved",
@@ -63,6 +69,8 @@ def test_numbers_from_known_rows(db) -> None:  # type: ignore[no-untyped-def]
     assert urgent["total_ms"] == pytest.approx({"p50": 50.5, "p90": 90.1, "p99": 99.01})
     assert urgent["queue_ms"]["p50"] == pytest.approx(5.05) and urgent["compute_ms"]["p50"] == pytest.approx(45.45)
     assert urgent["queue_over_compute"] == pytest.approx(0.1 / 0.9)
+    assert urgent["first_token_ms"]["p50"] is None   # embeds stream nothing
+    assert by[("urgent", "generate")]["first_token_ms"]["p50"] == pytest.approx(250.0)
     background = by[("background", "embed")]
     assert background["items"] == 640 and background["items_per_s"] == pytest.approx(640 / 200)
     assert background["batch_mean"] == 64 and background["batch_max"] == 64
