@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import logging
-import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ragq.core.errors import BadInput, ConfigError, QuestionTimeout, RagqError, ServiceError
-from ragq.core.settings import Settings, load_settings
+from ragq.core.errors import BadInput
 from ragq.replies import print_reply
 from ragq.terminal import keys, wait_with_progress
 
@@ -27,10 +22,11 @@ app = typer.Typer(
 services_app = typer.Typer(no_args_is_help=True, context_settings=HELP,
                            help="Embedded Redis and Postgres+pgvector under RAGQ_HOME.")
 app.add_typer(services_app, name="services")
-# piped or redirected output is not cut to 80 columns (rich's default without a terminal)
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 200)
-JSON_HELP = "print JSON instead of text"
+COLLECTION_HELP = "the collection to put them in (default: default); `ragq collections` lists them"
+from ragq.cli_common import (  # noqa: E402
+    EXIT_FAILED_INPUT, JSON_HELP, _error_line, _guard, _print_json, _settings,
+    _setup_logging, err, out,
+)
 
 
 def _version(show: bool) -> None:
@@ -45,74 +41,6 @@ def _version(show: bool) -> None:
 def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="print ragq's version and exit")] = False) -> None:
     """A RAG stack (embed, search, rerank, generate) as Celery jobs on GPUs too small for every model at once."""
-
-EXIT_FAILED_INPUT = 1
-EXIT_USAGE = 2
-EXIT_SERVICE = 3
-
-
-def _setup_logging(level: str = "WARNING") -> None:
-    """Rich on a terminal; one plain line per record (time, level, process, logger) when stderr goes to a file,
-    journald or a container log, so that logs are not wrapped at 80 columns and grep finds whole records."""
-    if err.is_terminal:
-        from rich.logging import RichHandler
-
-        logging.basicConfig(
-            level=level, format="%(name)s: %(message)s", datefmt="[%X]",
-            handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)], force=True,
-        )
-    else:
-        logging.basicConfig(
-            level=level, format="%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s",
-            stream=sys.stderr, force=True,
-        )
-    for noisy in ("pgserver", "httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _error_line(message: str) -> None:
-    # escaped: messages name things like "[embed]" or a file "notes[1].md", which rich would take for markup
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-
-
-def _fail(message: str, code: int) -> NoReturn:
-    _error_line(message)
-    raise typer.Exit(code)
-
-
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except ConfigError as exc:
-        _fail(str(exc), EXIT_USAGE)
-
-
-def _guard(func: Any) -> Any:
-    """Turn ragq's errors into a clear message and an exit code."""
-    import functools
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except BadInput as exc:
-            _fail(str(exc), EXIT_USAGE)
-        except ConfigError as exc:
-            _fail(str(exc), EXIT_USAGE)
-        except ServiceError as exc:
-            _fail(str(exc), EXIT_SERVICE)
-        except QuestionTimeout as exc:
-            _fail(str(exc), EXIT_FAILED_INPUT)
-        except RagqError as exc:
-            _fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED_INPUT)
-
-    return wrapper
-
-
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-    sys.stdout.flush()
-
 
 # -- services ------------------------------------------------------------------------------------------------------
 @services_app.command("up")
@@ -225,13 +153,15 @@ def ingest(
     wait: Annotated[bool, typer.Option("--wait", help="wait for the job, with a progress bar")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary")] = False,
     timeout: Annotated[float | None, typer.Option(help="seconds to wait with --wait")] = None,
+    collection: Annotated[str | None, typer.Option(help=COLLECTION_HELP)] = None,
 ) -> None:
-    """Queue documents for background ingestion. Exit 1 if any input failed (the others are still ingested)."""
+    """Queue documents for background ingestion. A file ingested again with changed content replaces its old
+    version (its unchanged chunks keep their vectors). Exit 1 if any input failed (the others are still ingested)."""
     from ragq.client import Client
 
     _setup_logging()
     client = Client(_settings())
-    submission = client.submit_ingest(paths)
+    submission = client.submit_ingest(paths, collection=collection)
     result: dict[str, Any] = {**submission.as_dict(), "chunks": None, "chunks_added": None, "status": "queued"}
     # the same count fields as `ragq job --json`
     result.update(documents_total=submission.documents + len(submission.failed), documents_done=0,
@@ -250,6 +180,7 @@ def ingest(
                 _error_line(f"{failure['path']}: {failure['error']}")
         result.update(
             status=status["status"], chunks=status["chunks_total"], chunks_added=status["chunks_added"],
+            chunks_reused=status["chunks_reused"],
             documents=status["documents_done"], failed=status["failed"],
             **{k: status[k] for k in ("documents_total", "documents_done", "documents_failed", "chunks_total")},
         )
@@ -260,7 +191,8 @@ def ingest(
         _print_json(result)
     elif wait:
         out.print(f"job {result['job_id']}: {result['status']} — {result['documents']} documents, "
-                  f"{result['chunks']} chunks ({result['chunks_added']} new), {len(result['failed'])} failed")
+                  f"{result['chunks']} chunks ({result['chunks_added']} new, {result['chunks_reused']} reused), "
+                  f"{len(result['failed'])} failed")
     else:
         out.print(f"job {result['job_id']}: queued {submission.documents} documents, "
                   f"{len(submission.failed)} rejected; follow it with `ragq job {result['job_id']}`")
@@ -503,6 +435,7 @@ def ask(
     question: Annotated[str, typer.Argument(help="the question")],
     timeout: Annotated[float | None, typer.Option(help="seconds to wait for the answer")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", help="passages to return")] = None,
+    collection: Annotated[str | None, typer.Option(help="the collection to search (default: default)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the answer, sources and timings as JSON")] = False,
 ) -> None:
     """Ask a question over the urgent queue (synchronous RPC); the answer is printed as it is generated, then
@@ -512,11 +445,11 @@ def ask(
     _setup_logging()
     client = Client(_settings())
     if as_json:
-        _print_json(client.ask(question, timeout_s=timeout, top_k=top_k))
+        _print_json(client.ask(question, timeout_s=timeout, top_k=top_k, collection=collection))
         return
     reply: dict[str, Any] = {}
     shown = False
-    for part in client.ask_stream(question, timeout_s=timeout, top_k=top_k):
+    for part in client.ask_stream(question, timeout_s=timeout, top_k=top_k, collection=collection):
         if isinstance(part, dict):
             reply = part
             break
@@ -537,6 +470,7 @@ def questions(
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary (with the answers when --wait)")] = False,
     timeout: Annotated[float | None, typer.Option(help="seconds to wait with --wait")] = None,
     top_k: Annotated[int | None, typer.Option("--top-k", help="passages per answer")] = None,
+    collection: Annotated[str | None, typer.Option(help="the collection to search (default: default)")] = None,
     batch: Annotated[int | None, typer.Option(help="questions per task (default RAGQ_QUESTION_BATCH)")] = None,
 ) -> None:
     """Queue questions as background work, behind urgent questions; answers are kept (`ragq job ID`). Exit 1 if
@@ -546,7 +480,7 @@ def questions(
     _setup_logging()
     texts, labels = questions_from_file(file)
     client = Client(_settings())
-    submission = client.submit_questions(texts, top_k=top_k, batch=batch, labels=labels)
+    submission = client.submit_questions(texts, top_k=top_k, batch=batch, labels=labels, collection=collection)
     for failure in submission.failed:
         _error_line(f"{failure.path}: {failure.error}")
     result: dict[str, Any] = {**submission.as_dict(), "status": "queued"}
@@ -589,6 +523,12 @@ def demo(
 
     _setup_logging()
     raise typer.Exit(run_demo(_settings(), out, keep_services=keep_services))
+
+
+from ragq.cli_catalog import collections, docs, forget  # noqa: E402 - they use the helpers above
+
+for command in (collections, docs, forget):
+    app.command()(command)
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ from ragq.core.db import FINISH_JOB, Answer, Job, JobItem, ensure_schema, get_en
 from ragq.core.errors import BadInput, Failure, JobStillRunning, QuestionTimeout, ServiceError, WorkerLost
 from ragq.core.services import Endpoints, ensure_services, redact
 from ragq.core.settings import Settings, load_settings
+from ragq.core.keys import check_collection
 from ragq.core.streams import new_stream_key, read_pieces
 from workers.leases import alive_key, urgent_consumers
 
@@ -123,9 +124,13 @@ class Client:
         self.close()
 
     # -- ingestion --------------------------------------------------------------------------------------------------
-    def submit_ingest(self, sources: Source | Iterable[Source], *, batch_docs: int | None = None) -> IngestSubmission:
+    def submit_ingest(self, sources: Source | Iterable[Source], *, batch_docs: int | None = None,
+                      collection: str | None = None, key: str | None = None) -> IngestSubmission:
         """Validate every input, record a job, and queue the valid documents on the background queue in batches.
         `sources`: one path, folder or DoclingDocument, or an iterable of them; none at all is refused.
+        Documents go to `collection` (default "default") under their key: the source as given, normalised (an
+        absolute path; a DoclingDocument's origin URI or file name), or `key` for a single source. A key
+        ingested again with changed content is replaced by the new version (`ragq docs`).
 
         Streams: the job row (with its total) is written first, and each task message is published as soon as
         its documents are read, so workers start on the first documents while the rest are still being read.
@@ -135,6 +140,9 @@ class Client:
         from docling_core.types.doc import DoclingDocument
 
         from ragq.core.documents import LoadedDocument, expand_paths, from_docling
+        from ragq.core.keys import check_collection, check_key, docling_key, path_key
+
+        collection = check_collection(collection)
 
         work: list[tuple[str, Any]] = []
         paths: list[str | Path] = []
@@ -146,12 +154,16 @@ class Client:
         skipped: list[Path] = []
         files, failures = expand_paths(paths, skipped)
         work.extend((str(path), path) for path in files)
+        if key is not None:
+            key = check_key(key)
+            if len(work) + len(failures) != 1:
+                raise BadInput("key", f"a key names one document, and {len(work) + len(failures)} inputs were given")
 
         job_id = str(uuid.uuid4())
         with self.db.begin() as conn:
             status = "queued" if work else ("failed" if failures else "completed")
             conn.execute(insert(Job).values(
-                id=job_id, kind="ingest", status=status, documents_total=len(work) + len(failures),
+                id=job_id, kind="ingest", status=status, documents_total=len(work) + len(failures), collection=collection,
                 documents_failed=len(failures), finished_at=None if work else func.now(),
             ))
             for failure in failures:
@@ -160,7 +172,7 @@ class Client:
         batch = batch_docs or self.settings.ingest_batch_docs
         max_chars = self.settings.ingest_task_tokens * CHARS_PER_TOKEN
         queued = 0
-        pending: list[LoadedDocument] = []
+        pending: list[tuple[LoadedDocument, str]] = []
         chars = 0
 
         def publish() -> None:
@@ -169,12 +181,12 @@ class Client:
                 ids = conn.execute(
                     insert(JobItem).returning(JobItem.id, sort_by_parameter_order=True),
                     [{"job_id": job_id, "path": doc.source, "document_id": doc.document_id, "status": "queued"}
-                     for doc in pending],
+                     for doc, _ in pending],
                 ).scalars().all()
             message = [
                 {"item_id": item_id, "path": doc.source, "format": doc.format, "document_id": doc.document_id,
-                 "document": doc.document.export_to_dict()}
-                for item_id, doc in zip(ids, pending)
+                 "collection": collection, "key": doc_key, "document": doc.document.export_to_dict()}
+                for item_id, (doc, doc_key) in zip(ids, pending)
             ]
             try:
                 ingest_documents.apply_async((job_id, message), queue="background")  # after commit: rows exist
@@ -194,7 +206,7 @@ class Client:
                     with self.db.begin() as conn:
                         conn.execute(insert(JobItem).values(job_id=job_id, path=exc.source, status="failed",
                                                             error=exc.problem))
-                        conn.execute(FINISH_JOB, {"job_id": job_id, "done": 0, "failed": 1, "chunks": 0, "added": 0})
+                        conn.execute(FINISH_JOB, {"job_id": job_id, "done": 0, "failed": 1, "chunks": 0, "added": 0, "reused": 0})
                     continue
                 except BaseException as exc:  # interrupted while reading: the job covers what was queued
                     self._abandon(job_id, [], f"not queued: {exc!r}")
@@ -202,11 +214,31 @@ class Client:
                 size = doc.text_chars
                 if pending and (len(pending) >= batch or chars + size > max_chars):
                     publish()
-                pending.append(doc)
+                pending.append((doc, key or (docling_key(source) if isinstance(source, DoclingDocument)
+                                             else path_key(source))))
                 chars += size
             if pending:
                 publish()
         return IngestSubmission(job_id=job_id, documents=queued, failed=failures, skipped=[str(p) for p in skipped])
+
+    # -- what is stored ----------------------------------------------------------------------------------------------
+    def collections(self) -> list[dict[str, Any]]:
+        from ragq import catalog
+
+        return catalog.collections(self.db)
+
+    def documents(self, collection: str | None = None) -> list[dict[str, Any]]:
+        from ragq import catalog
+
+        return catalog.documents(self.db, None if collection is None else check_collection(collection))
+
+    def forget(self, keys: Iterable[str] = (), *, collection: str | None = None, everything: bool = False
+               ) -> dict[str, Any]:
+        """Remove documents by key (or all of a collection); returns {"removed": [...], "missing": [...]}."""
+        from ragq import catalog
+
+        removed, missing = catalog.forget(self.db, list(keys), collection, everything)
+        return {"collection": check_collection(collection), "removed": removed, "missing": missing}
 
     def _abandon(self, job_id: str, item_ids: list[int], error: str) -> None:
         """Submission stopped part-way (the broker away, an interrupt): the items written but not queued fail
@@ -217,7 +249,7 @@ class Client:
                              .values(status="failed", error=error[:4000]))
             rows = select(func.count()).select_from(JobItem).where(JobItem.job_id == job_id).scalar_subquery()
             conn.execute(Job.__table__.update().where(Job.id == job_id).values(documents_total=rows))
-            conn.execute(FINISH_JOB, {"job_id": job_id, "done": 0, "failed": len(item_ids), "chunks": 0, "added": 0})
+            conn.execute(FINISH_JOB, {"job_id": job_id, "done": 0, "failed": len(item_ids), "chunks": 0, "added": 0, "reused": 0})
 
     def _top_k(self, top_k: int | None) -> int:
         k = int(self.settings.top_k if top_k is None else top_k)
@@ -227,13 +259,15 @@ class Client:
 
     # -- background questions ---------------------------------------------------------------------------------------
     def submit_questions(self, questions: Iterable[str], *, top_k: int | None = None, batch: int | None = None,
-                         max_new_tokens: int | None = None, labels: list[str] | None = None) -> QuestionsSubmission:
+                         max_new_tokens: int | None = None, labels: list[str] | None = None,
+                         collection: str | None = None) -> QuestionsSubmission:
         """Queue questions as background work (a job of kind "questions"): answered behind urgent questions, in
         batches of `batch` per task; answers are kept in Postgres (`job_status`, `ragq job ID`). An empty or
         over-long question is recorded as failed with its problem; the others are queued all the same."""
         from tasks.questions import answer_questions
 
         k = self._top_k(top_k)
+        collection = check_collection(collection)
         size = int(self.settings.question_batch if batch is None else batch)
         if size < 1:
             raise BadInput("--batch", f"{size} is not a positive number of questions")
@@ -261,7 +295,8 @@ class Client:
             for start in range(0, len(queued), size):
                 part = queued[start:start + size]
                 try:
-                    answer_questions.apply_async((job_id, part, k, candidates, max_new_tokens), queue="background")
+                    answer_questions.apply_async((job_id, part, k, candidates, max_new_tokens, collection),
+                                                 queue="background")
                 except Exception as exc:
                     from tasks.questions import finish_answer
 
@@ -300,6 +335,7 @@ class Client:
             "job_id": job_id, "kind": row["kind"], "status": row["status"], "documents_total": row["documents_total"],
             "documents_done": row["documents_done"], "documents_failed": row["documents_failed"],
             "chunks_total": row["chunks_total"], "chunks_added": row["chunks_added"],
+            "chunks_reused": row.get("chunks_reused") or 0, "collection": row.get("collection"),
             "failed": [{"path": i["path"], "error": i["error"]} for i in items if i["status"] == "failed"],
         }
 
@@ -323,7 +359,8 @@ class Client:
 
     # -- questions ----------------------------------------------------------------------------------------------------
     def ask(self, question: str, *, timeout_s: float | None = None, top_k: int | None = None,
-            max_new_tokens: int | None = None, stream: str | None = None) -> dict[str, Any]:
+            max_new_tokens: int | None = None, stream: str | None = None, collection: str | None = None
+            ) -> dict[str, Any]:
         """A synchronous RPC over the urgent queue. Raises QuestionTimeout if no answer comes in time; the
         question's tasks expire with it, so a late question never runs on the device."""
         from tasks.query import question_chain
@@ -346,6 +383,7 @@ class Client:
         }
         if stream:
             state["stream"] = stream   # the generator appends the answer's pieces there as they come
+        state["collection"] = check_collection(collection)   # the question searches this collection only
         with tracing.span("ask", question_chars=len(question), top_k=k):  # the root of the question's trace
             reply = self._answer(lambda: question_chain(state), started, timeout)
         reply["total_ms"] = round((time.time() - started) * 1000.0, 2)
@@ -353,7 +391,8 @@ class Client:
 
 
     def ask_stream(self, question: str, *, timeout_s: float | None = None, top_k: int | None = None,
-                   max_new_tokens: int | None = None) -> Iterator[str | dict[str, Any]]:
+                   max_new_tokens: int | None = None, collection: str | None = None
+                   ) -> Iterator[str | dict[str, Any]]:
         """`ask`, streamed: yields the answer's text pieces as the generator writes them (through a Redis stream
         of the broker), then the whole reply (the dict `ask` returns, with `first_token_ms`: from the call to the
         first piece). The pieces concatenate to the reply's answer; an answer that was not generated (extractive,
@@ -364,7 +403,7 @@ class Client:
         def wait() -> None:
             try:
                 box["reply"] = self.ask(question, timeout_s=timeout_s, top_k=top_k, max_new_tokens=max_new_tokens,
-                                        stream=key)
+                                        stream=key, collection=collection)
             except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
                 box["error"] = exc
 
@@ -518,7 +557,8 @@ def _public_reply(state: dict[str, Any]) -> dict[str, Any]:
         "note": state.get("note"),
         "sources": [
             {"document": s["document"], "chunk_id": s["chunk_id"], "score": round(s["score"], 4),
-             "text": _bounded(s["text"]), "source": s.get("source"), "headings": s.get("headings") or []}
+             "text": _bounded(s["text"]), "source": s.get("source"), "key": s.get("key"),
+             "headings": s.get("headings") or []}
             for s in state.get("sources", [])
         ],
         "timings": {

@@ -17,9 +17,11 @@ from sqlalchemy.exc import OperationalError
 from ragq.core.chunking import ChunkText
 from ragq.core.db import FINISH_JOB, Chunk, Document, JobItem, ensure_vector_index
 from ragq.core.documents import display_name
+from ragq.core.keys import DEFAULT_COLLECTION
 from ragq.core.errors import BadInput
 from scheduler.batching import BACKGROUND
 from tasks.common import sent_at
+from tasks.versions import reusable_vectors, switch_key
 from workers.celery_app import RagqTask, app
 from workers.runtime import WorkerRuntime
 
@@ -36,13 +38,15 @@ def _claim_item(conn: Any, item_id: int, **values: Any) -> bool:
 def record_item_failure(rt_db: Any, job_id: str, item_id: int, error: str) -> None:
     with rt_db.begin() as conn:
         if _claim_item(conn, item_id, status="failed", error=error[:4000]):
-            conn.execute(FINISH_JOB, {"job_id": job_id, "done": 0, "failed": 1, "chunks": 0, "added": 0})
+            conn.execute(FINISH_JOB, {"job_id": job_id, "done": 0, "failed": 1, "chunks": 0, "added": 0, "reused": 0})
 
 
 def _store_document(rt: WorkerRuntime, job_id: str, item: dict[str, Any], chunks: list[ChunkText],
-                    vectors: dict[str, list[float]]) -> int:
+                    vectors: dict[str, Any], reused: int) -> int:
+    """The document's version, its chunks and the switch of its key to it, in one transaction."""
     model = rt.specs["embed"].name
     doc = item["document"]
+    collection, key = item.get("collection") or DEFAULT_COLLECTION, item.get("key") or item["path"]
     with rt.db.begin() as conn:
         conn.execute(pg_insert(Document).values(
             id=item["document_id"], name=display_name(doc.get("name"), item["path"]), source=item["path"],
@@ -58,9 +62,11 @@ def _store_document(rt: WorkerRuntime, job_id: str, item: dict[str, Any], chunks
         added = 0
         if rows:
             added = len(conn.execute(pg_insert(Chunk).values(rows).on_conflict_do_nothing().returning(Chunk.id)).all())
+        switch_key(conn, collection, key, item["document_id"], job_id, item["item_id"])
         if _claim_item(conn, item["item_id"], status="done", document_id=item["document_id"], chunks=len(chunks),
-                       chunks_added=added):
-            conn.execute(FINISH_JOB, {"job_id": job_id, "done": 1, "failed": 0, "chunks": len(chunks), "added": added})
+                       chunks_added=added, chunks_reused=reused):
+            conn.execute(FINISH_JOB, {"job_id": job_id, "done": 1, "failed": 0, "chunks": len(chunks), "added": added,
+                                      "reused": reused})
     return added
 
 
@@ -107,10 +113,20 @@ def ingest_documents(self: Any, job_id: str, items: list[dict[str, Any]]) -> dic
             clock.items += len(chunks)
 
     all_ids = [c.id for _, chunks in prepared for c in chunks]
+    vectors: dict[str, Any] = {}
+    reused: dict[int, int] = {}   # item id -> chunks whose vectors came from the version it replaces
+    model = rt.specs["embed"].name
     with rt.db.connect() as conn:
         stored = set(conn.execute(select(Chunk.id).where(Chunk.id.in_(all_ids))).scalars()) if all_ids else set()
-    todo = [c for _, chunks in prepared for c in chunks if c.id not in stored]
-    vectors: dict[str, list[float]] = {}
+        for item, chunks in prepared:   # a changed document: its unchanged chunks keep their vectors
+            old = reusable_vectors(conn, item.get("collection") or DEFAULT_COLLECTION, item.get("key") or item["path"],
+                                   model, item["document_id"])
+            for c in chunks:
+                vector = old.get((c.text, tuple(c.headings))) if c.id not in stored else None
+                if vector is not None:
+                    vectors[c.id] = vector
+                    reused[item["item_id"]] = reused.get(item["item_id"], 0) + 1
+    todo = [c for _, chunks in prepared for c in chunks if c.id not in stored and c.id not in vectors]
     if todo:
         try:
             with rt.stage("embed", sent_at=None, **context) as clock:
@@ -121,14 +137,14 @@ def ingest_documents(self: Any, job_id: str, items: list[dict[str, Any]]) -> dic
             for item, _ in prepared:
                 record_item_failure(rt.db, job_id, item["item_id"], f"{item['path']}: embedding failed: {exc}")
             raise
-        vectors = {c.id: v for c, v in zip(todo, result.outputs)}
+        vectors.update({c.id: v for c, v in zip(todo, result.outputs)})
         _ensure_index(rt, len(result.outputs[0]))
 
     added = 0
     with rt.stage("store", sent_at=None, **context) as clock:
         for item, chunks in prepared:
             try:
-                added += _store_document(rt, job_id, item, chunks, vectors)
+                added += _store_document(rt, job_id, item, chunks, vectors, reused.get(item["item_id"], 0))
                 clock.items += len(chunks)
             except OperationalError:
                 raise  # the database is away: retry the task; stored documents are skipped by their ids

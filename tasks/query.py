@@ -15,6 +15,7 @@ from sqlalchemy import text
 
 from ragq.core.answer import EXTRACTIVE_NOTE, extractive_answer, generation_prompt
 from ragq.core.errors import RequestExpired
+from ragq.core.keys import DEFAULT_COLLECTION
 from scheduler.batching import URGENT
 from tasks.common import engine_deadline, sent_at
 from workers.celery_app import URGENT_QUEUE, app, direct_queue
@@ -72,24 +73,32 @@ def embed_query(self: Any, state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def search_chunks(rt: Any, vector: list[float], embed_model: str, wanted: int) -> list[dict[str, Any]]:
-    """The `wanted` chunks nearest to `vector` among those embedded by `embed_model` (pgvector HNSW, cosine)."""
+def search_chunks(rt: Any, vector: list[float], embed_model: str, wanted: int,
+                  collection: str = DEFAULT_COLLECTION) -> list[dict[str, Any]]:
+    """The `wanted` chunks nearest to `vector` among the current versions of `collection`'s documents embedded by
+    `embed_model` (pgvector HNSW, cosine). The index is scanned before the collection filter applies, so a small
+    collection inside a large table can come back short: then the search runs exact over the collection."""
     dim = int(len(vector))
     # dim is an int from len(): vector(N) is a type modifier, which Postgres takes only as a literal; the values
-    # (the query vector, the model, the limit) are bound parameters
+    # (the query vector, the model, the collection, the limit) are bound parameters
+    distance = f"(c.embedding::vector({dim})) <=> CAST(:q AS vector({dim}))"
     sql = text(f"""
-        SELECT c.id, c.text, c.headings, d.name AS document, d.source,
-               1 - ((c.embedding::vector({dim})) <=> CAST(:q AS vector({dim}))) AS score
-        FROM chunks c JOIN documents d ON d.id = c.document_id
+        SELECT c.id, c.text, c.headings, d.name AS document, d.source, k.key, 1 - ({distance}) AS score
+        FROM chunks c JOIN doc_keys k ON k.document_id = c.document_id AND k.collection = :collection
+             JOIN documents d ON d.id = c.document_id
         WHERE c.embed_model = :model AND c.dim = {dim}
-        ORDER BY (c.embedding::vector({dim})) <=> CAST(:q AS vector({dim}))
+        ORDER BY {distance}
         LIMIT :n
     """)  # noqa: S608
+    params = {"q": str(vector), "model": embed_model, "n": wanted, "collection": collection}
     with rt.db.begin() as conn:
         conn.execute(text(f"SET LOCAL hnsw.ef_search = {max(40, min(1000, int(wanted)))}"))
-        rows = conn.execute(sql, {"q": str(vector), "model": embed_model, "n": wanted}).mappings().all()
+        rows = conn.execute(sql, params).mappings().all()
+        if len(rows) < wanted:   # short: exact over the collection (no index scan), which has all it holds
+            conn.execute(text("SET LOCAL enable_indexscan = off"))
+            rows = conn.execute(sql, params).mappings().all()
     return [
-        {"chunk_id": r["id"], "document": r["document"], "source": r["source"], "text": r["text"],
+        {"chunk_id": r["id"], "document": r["document"], "source": r["source"], "key": r["key"], "text": r["text"],
          "headings": r["headings"], "score": float(r["score"]), "similarity": float(r["score"])}
         for r in rows
     ]
@@ -102,7 +111,8 @@ def search(self: Any, state: dict[str, Any]) -> dict[str, Any]:
     wanted = max(state["top_k"], state.get("candidates", state["top_k"]))
     with rt.stage("search", **context) as clock:
         clock.model = "pgvector-hnsw"
-        state["candidates"] = search_chunks(rt, vector, state["embed_model"], wanted)
+        state["candidates"] = search_chunks(rt, vector, state["embed_model"], wanted,
+                                            state.get("collection") or DEFAULT_COLLECTION)
         clock.items = len(state["candidates"])
     _keep_timing(state, "search", clock, self.request.hostname)
     return state

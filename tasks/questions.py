@@ -34,7 +34,7 @@ def finish_answer(db: Any, job_id: str, answer_id: int, **values: Any) -> bool:
         if moved:
             failed = values.get("status") == "failed"
             conn.execute(FINISH_JOB, {"job_id": job_id, "done": 0 if failed else 1, "failed": 1 if failed else 0,
-                                      "chunks": 0, "added": 0})
+                                      "chunks": 0, "added": 0, "reused": 0})
     return bool(moved)
 
 
@@ -55,7 +55,7 @@ class QuestionsTask(RagqTask):
 @app.task(name="ragq.answer_questions", bind=True, base=QuestionsTask, autoretry_for=(OperationalError,),
           retry_backoff=True, retry_backoff_max=60, max_retries=8)
 def answer_questions(self: Any, job_id: str, items: list[dict[str, Any]], top_k: int, candidates: int,
-                     max_new_tokens: int | None = None) -> dict[str, Any]:
+                     max_new_tokens: int | None = None, collection: str = "default") -> dict[str, Any]:
     rt = self.app.require_runtime()
     context = {"priority": BACKGROUND, "job_id": job_id, "task_id": self.request.id}
     with rt.db.begin() as conn:
@@ -90,7 +90,7 @@ def answer_questions(self: Any, job_id: str, items: list[dict[str, Any]], top_k:
         with rt.stage("search", sent_at=None, **context) as clock:
             clock.model = "pgvector-hnsw"
             for item, vector in zip(todo, vectors):
-                found[item["answer_id"]] = search_chunks(rt, vector, embed_model, max(top_k, candidates))
+                found[item["answer_id"]] = search_chunks(rt, vector, embed_model, max(top_k, candidates), collection)
                 clock.items += len(found[item["answer_id"]])
 
     pairs = [(item, c) for item in todo if item["answer_id"] in found for c in found[item["answer_id"]]]

@@ -40,6 +40,17 @@ class Document(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
+class DocKey(Base):
+    """A document's key within its collection, and the version (content-addressed document) it names now."""
+    __tablename__ = "doc_keys"
+    collection: Mapped[str] = mapped_column(Text, primary_key=True)
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    document_id: Mapped[str] = mapped_column(ForeignKey("documents.id"), index=True)
+    job_id: Mapped[str | None] = mapped_column(String(36))
+    item_id: Mapped[int | None] = mapped_column(BigInteger, comment="the submission that wrote it: a later one wins")
+    ingested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
 class Chunk(Base):
     __tablename__ = "chunks"
     id: Mapped[str] = mapped_column(String(64), primary_key=True, comment="sha256 of model, document, seq, text")
@@ -64,6 +75,8 @@ class Job(Base):
     documents_failed: Mapped[int] = mapped_column(Integer, default=0)
     chunks_total: Mapped[int] = mapped_column(Integer, default=0)
     chunks_added: Mapped[int] = mapped_column(Integer, default=0)
+    chunks_reused: Mapped[int] = mapped_column(Integer, default=0)
+    collection: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -78,6 +91,7 @@ class JobItem(Base):
     status: Mapped[str] = mapped_column(String(16), comment="queued | done | failed")
     chunks: Mapped[int] = mapped_column(Integer, default=0)
     chunks_added: Mapped[int] = mapped_column(Integer, default=0)
+    chunks_reused: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
@@ -309,6 +323,7 @@ UPDATE jobs SET
   documents_failed = documents_failed + :failed,
   chunks_total = chunks_total + :chunks,
   chunks_added = chunks_added + :added,
+  chunks_reused = chunks_reused + coalesce(CAST(:reused AS integer), 0),
   updated_at = now(),
   status = CASE
     WHEN documents_done + :done + documents_failed + :failed < documents_total THEN 'running'

@@ -1,0 +1,75 @@
+"""Document versions within a collection: a key names its current version (a content-addressed document);
+ingesting the key again with changed content switches it to the new version in one transaction, reusing the old
+version's vectors for chunks whose text did not change; a version no key names any more is removed with its chunks.
+
+Readers see the switch whole: a question's search joins `doc_keys`, so it sees the old version or the new one,
+never both and never neither (Postgres' snapshot isolation). Two submissions of one key racing end with the later
+submission's version: the switch only moves a key forward in submission order (`job_items.id`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import delete, exists, select, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from ragq.core.db import Chunk, DocKey, Document
+
+
+def current_version(conn: Any, collection: str, key: str) -> str | None:
+    return conn.execute(select(DocKey.document_id).where(DocKey.collection == collection, DocKey.key == key)
+                        ).scalar_one_or_none()
+
+
+def reusable_vectors(conn: Any, collection: str, key: str, model: str, document_id: str
+                     ) -> dict[tuple[str, tuple[str, ...]], Any]:
+    """(text, headings) -> vector of the key's current version's chunks by `model`, when that version is not
+    `document_id` (a new version's unchanged chunks take them instead of being embedded again)."""
+    old = current_version(conn, collection, key)
+    if old is None or old == document_id:
+        return {}
+    rows = conn.execute(select(Chunk.text, Chunk.headings, Chunk.embedding)
+                        .where(Chunk.document_id == old, Chunk.embed_model == model)).all()
+    return {(row.text, tuple(row.headings or ())): row.embedding for row in rows}
+
+
+def switch_key(conn: Any, collection: str, key: str, document_id: str, job_id: str, item_id: int) -> bool:
+    """Make `document_id` the key's current version unless a later submission got there first; remove the version
+    no key names any more. Returns whether `document_id` is current now."""
+    old = conn.execute(select(DocKey.document_id).where(DocKey.collection == collection, DocKey.key == key)
+                       .with_for_update()).scalar_one_or_none()
+    statement = pg_insert(DocKey).values(collection=collection, key=key, document_id=document_id, job_id=job_id,
+                                         item_id=item_id)
+    conn.execute(statement.on_conflict_do_update(
+        index_elements=[DocKey.collection, DocKey.key],
+        set_={"document_id": statement.excluded.document_id, "job_id": statement.excluded.job_id,
+              "item_id": statement.excluded.item_id, "ingested_at": text("now()")},
+        where=(DocKey.item_id.is_(None)) | (DocKey.item_id <= statement.excluded.item_id)))
+    now = current_version(conn, collection, key)
+    for version in {old, document_id} - {now, None}:
+        collect(conn, version)
+    return now == document_id
+
+
+def collect(conn: Any, document_id: str) -> int:
+    """Remove a version (its chunks go with it) if no key of any collection names it; returns its chunk count."""
+    named = exists().where(DocKey.document_id == document_id)
+    chunks = conn.execute(select(Chunk.id).where(Chunk.document_id == document_id)).all()
+    removed = conn.execute(delete(Document).where(Document.id == document_id, ~named)).rowcount
+    return len(chunks) if removed else 0
+
+
+def forget(conn: Any, collection: str, keys: list[str] | None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Remove `keys` (None: every key) of `collection`: their rows, and the versions no other key names, with
+    their chunks and vectors. Returns what was removed and the keys that were not there."""
+    query = select(DocKey.key, DocKey.document_id).where(DocKey.collection == collection)
+    if keys is not None:
+        query = query.where(DocKey.key.in_(keys))
+    found = {row.key: row.document_id for row in conn.execute(query.with_for_update())}
+    removed = []
+    for key, document_id in found.items():
+        conn.execute(delete(DocKey).where(DocKey.collection == collection, DocKey.key == key))
+        removed.append({"key": key, "version": document_id, "chunks_removed": collect(conn, document_id)})
+    missing = [k for k in keys if k not in found] if keys is not None else []
+    return removed, missing
