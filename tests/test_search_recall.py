@@ -1,0 +1,87 @@
+"""Search inside a small collection of a large table (issue [3 of 7], item 7): pgvector filters HNSW results after
+the index scan, so 50 chunks among 50,000 others would come back short; the search must return k results equal to
+exact search over the collection. Real Postgres + pgvector, vectors inserted directly."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from types import SimpleNamespace
+
+import pytest
+from sqlalchemy import text
+
+pytestmark = pytest.mark.integration
+
+DIM = 16
+
+
+def _vector(rng: random.Random) -> list[float]:
+    v = [rng.gauss(0, 1) for _ in range(DIM)]
+    norm = sum(x * x for x in v) ** 0.5
+    return [x / norm for x in v]
+
+
+@pytest.fixture(scope="module")
+def tables(db_engine):  # type: ignore[no-untyped-def]
+    from ragq.core.db import ensure_vector_index
+
+    model = f"recall-{uuid.uuid4().hex[:8]}"
+    rng = random.Random(7)
+    docs = {"big": f"big-{model}", "small": f"small-{model}"}
+    with db_engine.begin() as conn:
+        for collection, doc in docs.items():
+            conn.execute(text("INSERT INTO documents (id, name, source, format, meta) VALUES (:id, :name, :source, 'text', '{}')"),
+                         {"id": doc, "name": doc, "source": doc})
+            conn.execute(text("INSERT INTO doc_keys (collection, key, document_id) VALUES (:c, :k, :d)"),
+                         {"c": f"{collection}-{model}", "k": doc, "d": doc})
+        for collection, count in (("big", 50_000), ("small", 50)):
+            rows = [{"id": f"{collection}-{model}-{i}", "body": f"{collection} {i}", "doc": docs[collection], "seq": i, "model": model,
+                     "v": str(_vector(rng))} for i in range(count)]
+            for start in range(0, count, 5000):
+                conn.execute(text(
+                    "INSERT INTO chunks (id, document_id, seq, text, headings, embed_model, dim, tokens, embedding) "
+                    "VALUES (:id, :doc, :seq, :body, '[]', :model, 16, 1, CAST(:v AS vector))"), rows[start:start + 5000])
+    ensure_vector_index(db_engine, model, DIM)
+    with db_engine.begin() as conn:
+        conn.execute(text("ANALYZE chunks"))
+    yield SimpleNamespace(db=db_engine), model, rng
+    with db_engine.begin() as conn:
+        conn.execute(text("DELETE FROM doc_keys WHERE document_id = ANY(:d)"), {"d": list(docs.values())})
+        conn.execute(text("DELETE FROM documents WHERE id = ANY(:d)"), {"d": list(docs.values())})
+        conn.execute(text(f"DROP INDEX IF EXISTS {_index_name(model)}"))
+
+
+def _index_name(model: str) -> str:
+    from ragq.core.db import vector_index_name
+
+    return vector_index_name(model, DIM)
+
+
+def _exact(rt, model: str, collection: str, vector: list[float], k: int) -> list[str]:  # type: ignore[no-untyped-def]
+    with rt.db.begin() as conn:
+        conn.execute(text("SET LOCAL enable_indexscan = off"))
+        return list(conn.execute(text(
+            "SELECT c.id FROM chunks c JOIN doc_keys k ON k.document_id = c.document_id AND k.collection = :c "
+            "WHERE c.embed_model = :m ORDER BY (c.embedding::vector(16)) <=> CAST(:q AS vector(16)) LIMIT :k"),
+            {"c": collection, "m": model, "q": str(vector), "k": k}).scalars())
+
+
+def test_a_small_collection_inside_a_large_table_gets_k_exact_results(tables) -> None:  # type: ignore[no-untyped-def]
+    from tasks.query import search_chunks
+
+    rt, model, rng = tables
+    with rt.db.begin() as conn:   # the planner does take the HNSW index for the large collection
+        plan = "\n".join(conn.execute(text(
+            "EXPLAIN SELECT c.id FROM chunks c WHERE c.embed_model = :m "
+            "ORDER BY (c.embedding::vector(16)) <=> CAST(:q AS vector(16)) LIMIT 10"),
+            {"m": model, "q": str(_vector(rng))}).scalars())
+    assert _index_name(model) in plan
+    for _ in range(5):
+        query = _vector(rng)
+        for k in (1, 10, 20):
+            got = [r["chunk_id"] for r in search_chunks(rt, query, model, k, f"small-{model}")]
+            assert got == _exact(rt, model, f"small-{model}", query, k)
+            assert len(got) == k
+        big = [r["chunk_id"] for r in search_chunks(rt, query, model, 10, f"big-{model}")]
+        assert len(big) == 10 and all(cid.startswith("big-") for cid in big)
