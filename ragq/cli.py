@@ -154,6 +154,8 @@ def ingest(
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary")] = False,
     timeout: Annotated[float | None, typer.Option(help="seconds to wait with --wait")] = None,
     collection: Annotated[str | None, typer.Option(help=COLLECTION_HELP)] = None,
+    sync: Annotated[bool, typer.Option("--sync", help="the inputs are the collection's whole truth: once they are "
+                                       "in, its documents they do not name are forgotten")] = False,
 ) -> None:
     """Queue documents for background ingestion. A file ingested again with changed content replaces its old
     version (its unchanged chunks keep their vectors). Exit 1 if any input failed (the others are still ingested)."""
@@ -161,7 +163,7 @@ def ingest(
 
     _setup_logging()
     client = Client(_settings())
-    submission = client.submit_ingest(paths, collection=collection)
+    submission = client.submit_ingest(paths, collection=collection, sync=sync)
     result: dict[str, Any] = {**submission.as_dict(), "chunks": None, "chunks_added": None, "status": "queued"}
     # the same count fields as `ragq job --json`
     result.update(documents_total=submission.documents + len(submission.failed), documents_done=0,

@@ -10,7 +10,6 @@ With no URLs configured the embedded Redis and Postgres are started on demand.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -27,7 +26,6 @@ from ragq.core.errors import BadInput, Failure, JobStillRunning, QuestionTimeout
 from ragq.core.services import Endpoints, ensure_services, redact
 from ragq.core.settings import Settings, load_settings
 from ragq.core.keys import check_collection
-from ragq.core.streams import new_stream_key, read_pieces
 from workers.leases import alive_key, urgent_consumers
 
 Source = Union[str, Path, "DoclingDocument"]   # docling-core is imported only to ingest (ask stays light)
@@ -125,17 +123,20 @@ class Client:
 
     # -- ingestion --------------------------------------------------------------------------------------------------
     def submit_ingest(self, sources: Source | Iterable[Source], *, batch_docs: int | None = None,
-                      collection: str | None = None, key: str | None = None) -> IngestSubmission:
+                      collection: str | None = None, key: str | None = None, sync: bool = False) -> IngestSubmission:
         """Validate every input, record a job, and queue the valid documents on the background queue in batches.
         `sources`: one path, folder or DoclingDocument, or an iterable of them; none at all is refused.
         Documents go to `collection` (default "default") under their key: the source as given, normalised (an
         absolute path; a DoclingDocument's origin URI or file name), or `key` for a single source. A key
-        ingested again with changed content is replaced by the new version (`ragq docs`).
+        ingested again with changed content is replaced by the new version (`ragq docs`). With `sync`, the inputs
+        are the collection's whole truth: once the job finishes, its documents that no input named are forgotten
+        (a failed input keeps its previous version; a job with nothing ingested forgets nothing).
 
         Streams: the job row (with its total) is written first, and each task message is published as soon as
         its documents are read, so workers start on the first documents while the rest are still being read.
         A bad input is recorded as a failed item with its error; the others are queued all the same."""
         from tasks.ingest import ingest_documents
+        from tasks.versions import sync_if_finished
 
         from docling_core.types.doc import DoclingDocument
 
@@ -164,11 +165,13 @@ class Client:
             status = "queued" if work else ("failed" if failures else "completed")
             conn.execute(insert(Job).values(
                 id=job_id, kind="ingest", status=status, documents_total=len(work) + len(failures), collection=collection,
+                sync_keys=_input_keys(work, failures, key) if sync else None,
                 documents_failed=len(failures), finished_at=None if work else func.now(),
             ))
             for failure in failures:
                 conn.execute(insert(JobItem).values(job_id=job_id, path=failure.path, status="failed",
                                                     error=failure.error))
+            sync_if_finished(conn, job_id)   # a job with nothing to queue is finished already
         batch = batch_docs or self.settings.ingest_batch_docs
         max_chars = self.settings.ingest_task_tokens * CHARS_PER_TOKEN
         queued = 0
@@ -207,6 +210,7 @@ class Client:
                         conn.execute(insert(JobItem).values(job_id=job_id, path=exc.source, status="failed",
                                                             error=exc.problem))
                         conn.execute(FINISH_JOB, {"job_id": job_id, "done": 0, "failed": 1, "chunks": 0, "added": 0, "reused": 0})
+                        sync_if_finished(conn, job_id)
                     continue
                 except BaseException as exc:  # interrupted while reading: the job covers what was queued
                     self._abandon(job_id, [], f"not queued: {exc!r}")
@@ -243,6 +247,8 @@ class Client:
     def _abandon(self, job_id: str, item_ids: list[int], error: str) -> None:
         """Submission stopped part-way (the broker away, an interrupt): the items written but not queued fail
         with the error, and the job's total becomes the items it has, so the job still finishes."""
+        from tasks.versions import sync_if_finished
+
         with self.db.begin() as conn:
             if item_ids:
                 conn.execute(JobItem.__table__.update().where(JobItem.id.in_(item_ids))
@@ -250,6 +256,7 @@ class Client:
             rows = select(func.count()).select_from(JobItem).where(JobItem.job_id == job_id).scalar_subquery()
             conn.execute(Job.__table__.update().where(Job.id == job_id).values(documents_total=rows))
             conn.execute(FINISH_JOB, {"job_id": job_id, "done": 0, "failed": len(item_ids), "chunks": 0, "added": 0, "reused": 0})
+            sync_if_finished(conn, job_id)
 
     def _top_k(self, top_k: int | None) -> int:
         k = int(self.settings.top_k if top_k is None else top_k)
@@ -393,50 +400,12 @@ class Client:
     def ask_stream(self, question: str, *, timeout_s: float | None = None, top_k: int | None = None,
                    max_new_tokens: int | None = None, collection: str | None = None
                    ) -> Iterator[str | dict[str, Any]]:
-        """`ask`, streamed: yields the answer's text pieces as the generator writes them (through a Redis stream
-        of the broker), then the whole reply (the dict `ask` returns, with `first_token_ms`: from the call to the
-        first piece). The pieces concatenate to the reply's answer; an answer that was not generated (extractive,
-        none) comes as one piece."""
-        key = new_stream_key()
-        box: dict[str, Any] = {}
+        """`ask`, streamed: yields the answer's text pieces as the generator writes them, then the whole reply
+        (ragq/streaming.py)."""
+        from ragq.streaming import ask_stream
 
-        def wait() -> None:
-            try:
-                box["reply"] = self.ask(question, timeout_s=timeout_s, top_k=top_k, max_new_tokens=max_new_tokens,
-                                        stream=key, collection=collection)
-            except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
-                box["error"] = exc
-
-        started = time.time()
-        waiter = threading.Thread(target=wait, name="ragq-ask", daemon=True)
-        waiter.start()
-        last, sent, first_at, grace_until = "0-0", "", None, None
-        try:
-            while True:
-                if not waiter.is_alive():
-                    answer = box["reply"]["answer"] if "reply" in box else None
-                    grace_until = grace_until or time.time() + 1.0
-                    # the reply is in: read on until the stream has all of it (its last pieces may still be on their
-                    # way), or it has nothing more; what is missing then comes whole below
-                    if answer is None or answer == sent or not answer.startswith(sent) or time.time() > grace_until:
-                        break
-                last, pieces = read_pieces(self._redis, key, last, 100)
-                for piece in pieces:
-                    first_at = first_at or time.time()
-                    sent += piece
-                    yield piece
-            waiter.join()
-            if "error" in box:
-                raise box["error"]
-            reply = box["reply"]
-            if reply["answer"] != sent:
-                rest = reply["answer"][len(sent):] if reply["answer"].startswith(sent) else "\n" + reply["answer"]
-                first_at = first_at or time.time()
-                yield rest
-            reply["first_token_ms"] = round((first_at - started) * 1000.0, 2) if first_at else None
-            yield reply
-        finally:
-            self._redis.delete(key)
+        return ask_stream(self, question, timeout_s=timeout_s, top_k=top_k, max_new_tokens=max_new_tokens,
+                          collection=collection)
 
     def _answer(self, make_chain: Callable[[], Any], started: float, timeout: float) -> dict[str, Any]:
         """Publish the question's chain and wait for its answer. Its later stages run on the urgent consumer that
@@ -547,6 +516,16 @@ MAX_REPLY_TEXT_CHARS = 2000   # a source's text in a reply (a chunk is bounded t
 
 def _bounded(text: str, limit: int = MAX_REPLY_TEXT_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def _input_keys(work: list[tuple[str, Any]], failures: list[Failure], key: str | None) -> list[str]:
+    """The keys the inputs name (a failed input's too), for `--sync`."""
+    from ragq.core.keys import docling_key, path_key
+
+    if key is not None:
+        return [key]
+    keys = [path_key(source) if isinstance(source, Path) else docling_key(source) for _, source in work]
+    return keys + [path_key(f.path) for f in failures]
 
 
 def _public_reply(state: dict[str, Any]) -> dict[str, Any]:

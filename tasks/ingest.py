@@ -21,7 +21,7 @@ from ragq.core.keys import DEFAULT_COLLECTION
 from ragq.core.errors import BadInput
 from scheduler.batching import BACKGROUND
 from tasks.common import sent_at
-from tasks.versions import reusable_vectors, switch_key
+from tasks.versions import reusable_vectors, switch_key, sync_if_finished
 from workers.celery_app import RagqTask, app
 from workers.runtime import WorkerRuntime
 
@@ -39,6 +39,7 @@ def record_item_failure(rt_db: Any, job_id: str, item_id: int, error: str) -> No
     with rt_db.begin() as conn:
         if _claim_item(conn, item_id, status="failed", error=error[:4000]):
             conn.execute(FINISH_JOB, {"job_id": job_id, "done": 0, "failed": 1, "chunks": 0, "added": 0, "reused": 0})
+            sync_if_finished(conn, job_id)
 
 
 def _store_document(rt: WorkerRuntime, job_id: str, item: dict[str, Any], chunks: list[ChunkText],
@@ -67,6 +68,7 @@ def _store_document(rt: WorkerRuntime, job_id: str, item: dict[str, Any], chunks
                        chunks_added=added, chunks_reused=reused):
             conn.execute(FINISH_JOB, {"job_id": job_id, "done": 1, "failed": 0, "chunks": len(chunks), "added": added,
                                       "reused": reused})
+            sync_if_finished(conn, job_id)
     return added
 
 

@@ -73,3 +73,23 @@ def forget(conn: Any, collection: str, keys: list[str] | None) -> tuple[list[dic
         removed.append({"key": key, "version": document_id, "chunks_removed": collect(conn, document_id)})
     missing = [k for k in keys if k not in found] if keys is not None else []
     return removed, missing
+
+
+def sync_if_finished(conn: Any, job_id: str) -> list[dict[str, Any]]:
+    """`ragq ingest --sync`: once the job has finished, forget the keys of its collection that none of its inputs
+    named (a failed input's key is among them, so its previous version stays). Runs once per job, in the
+    transaction that finished it; returns what it removed."""
+    job = conn.execute(text(
+        "SELECT collection, sync_keys, documents_done FROM jobs WHERE id = :id AND jsonb_typeof(sync_keys) = 'array' "
+        "AND synced_at IS NULL AND finished_at IS NOT NULL FOR UPDATE"), {"id": job_id}).mappings().first()
+    if job is None:
+        return []
+    removed: list[dict[str, Any]] = []
+    if job["documents_done"]:   # nothing ingested (every input failed): the collection stays as it was
+        keep = set(job["sync_keys"])
+        folders = tuple(k.rstrip("/") + "/" for k in keep)   # a failed folder keeps what is under it
+        stale = [k for k in conn.execute(select(DocKey.key).where(DocKey.collection == job["collection"])).scalars()
+                 if k not in keep and not k.startswith(folders)]
+        removed, _ = forget(conn, job["collection"], stale) if stale else ([], [])
+    conn.execute(text("UPDATE jobs SET synced_at = now() WHERE id = :id"), {"id": job_id})
+    return removed

@@ -131,3 +131,48 @@ def test_an_explicit_key_names_one_document(client, tmp_path: Path) -> None:  # 
     (tmp_path / "b.md").write_text("# B\n\ntext\n")
     with pytest.raises(BadInput, match="a key names one document"):
         client.submit_ingest([tmp_path / "a.md", tmp_path / "b.md"], key="both")
+
+
+def test_sync_makes_the_inputs_the_collections_whole_truth(worker, client, ragq_home: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    collection = f"sync-{uuid.uuid4().hex[:6]}"
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for name in ("keep", "drop", "broken"):
+        (folder / f"{name}.md").write_text(f"# {name.title()}\n\nThe {name} page of the handbook.\n")
+    _ingest(ragq_home, str(folder), "--collection", collection)
+    assert len(client.documents(collection)) == 3
+    (folder / "drop.md").unlink()
+    (folder / "broken.md").write_bytes(b"")          # fails this time: its previous version must stay
+    (folder / "new.md").write_text("# New\n\nA page added since.\n")
+    done = run_ragq(ragq_env(ragq_home), "ingest", str(folder), "--collection", collection, "--sync", "--wait",
+                    "--json")
+    assert done.returncode == 1 and "broken.md" in done.stderr
+    keys = sorted(Path(d["key"]).name for d in client.documents(collection))
+    assert keys == ["broken.md", "keep.md", "new.md"]
+    # nothing ingested (a wrong path): the collection stays as it was
+    wrong = run_ragq(ragq_env(ragq_home), "ingest", str(tmp_path / "no-such-folder"), "--collection", collection,
+                     "--sync", "--wait")
+    assert wrong.returncode != 0
+    assert len(client.documents(collection)) == 3
+
+
+def test_a_later_submission_of_a_key_wins_a_race(db_engine) -> None:  # type: ignore[no-untyped-def]
+    """Two ingests of one key finishing out of order end with the later submission's version, never a mix."""
+    from tasks.versions import current_version, switch_key
+
+    tag = uuid.uuid4().hex[:8]
+    with db_engine.begin() as conn:
+        for version in ("v1", "v2"):
+            conn.execute(text("INSERT INTO documents (id, name, source, format, meta) "
+                              "VALUES (:id, 'race', 'race', 'text', '{}')"), {"id": f"{version}-{tag}"})
+    with db_engine.begin() as conn:   # the later submission (item 20) stores first ...
+        assert switch_key(conn, f"race-{tag}", "doc", f"v2-{tag}", "job-b", 20)
+    with db_engine.begin() as conn:   # ... the earlier one (item 10) finishes after it and changes nothing
+        assert not switch_key(conn, f"race-{tag}", "doc", f"v1-{tag}", "job-a", 10)
+        assert current_version(conn, f"race-{tag}", "doc") == f"v2-{tag}"
+        left = conn.execute(text("SELECT id FROM documents WHERE id = ANY(:ids)"),
+                            {"ids": [f"v1-{tag}", f"v2-{tag}"]}).scalars().all()
+    assert left == [f"v2-{tag}"]   # the losing version is not kept
+    with db_engine.begin() as conn:
+        conn.execute(text("DELETE FROM doc_keys WHERE collection = :c"), {"c": f"race-{tag}"})
+        conn.execute(text("DELETE FROM documents WHERE id = :id"), {"id": f"v2-{tag}"})

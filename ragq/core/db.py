@@ -77,6 +77,8 @@ class Job(Base):
     chunks_added: Mapped[int] = mapped_column(Integer, default=0)
     chunks_reused: Mapped[int] = mapped_column(Integer, default=0)
     collection: Mapped[str | None] = mapped_column(Text)
+    sync_keys: Mapped[list[str] | None] = mapped_column(JSONB(none_as_null=True), comment="--sync: the keys the job's inputs name")
+    synced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
