@@ -85,3 +85,55 @@ def test_a_small_collection_inside_a_large_table_gets_k_exact_results(tables) ->
             assert len(got) == k
         big = [r["chunk_id"] for r in search_chunks(rt, query, model, 10, f"big-{model}")]
         assert len(big) == 10 and all(cid.startswith("big-") for cid in big)
+
+
+def test_a_question_sees_the_old_version_or_the_new_one_never_both_never_neither(db_engine) -> None:  # type: ignore[no-untyped-def]
+    """A document replaced 30 times while questions search its collection: every search finds all 5 chunks of
+    exactly one version (the switch, the new chunks and the old version's removal are one transaction)."""
+    import threading
+
+    from tasks.query import search_chunks
+    from tasks.versions import switch_key
+
+    tag = uuid.uuid4().hex[:8]
+    model, collection = f"atomic-{tag}", f"atomic-{tag}"
+    rng = random.Random(3)
+    rt = SimpleNamespace(db=db_engine)
+
+    def store(n: int) -> None:
+        version = f"v{n}-{tag}"
+        with db_engine.begin() as conn:
+            conn.execute(text("INSERT INTO documents (id, name, source, format, meta) "
+                              "VALUES (:id, 'doc', 'doc', 'text', '{}')"), {"id": version})
+            conn.execute(text(
+                "INSERT INTO chunks (id, document_id, seq, text, headings, embed_model, dim, tokens, embedding) "
+                "VALUES (:id, :doc, :seq, :body, '[]', :model, 16, 1, CAST(:v AS vector))"),
+                [{"id": f"{version}-{i}", "doc": version, "seq": i, "body": f"{version} {i}", "model": model,
+                  "v": str(_vector(rng))} for i in range(5)])
+            switch_key(conn, collection, "doc", version, "job", n)
+
+    store(0)
+    seen: list[list[str]] = []
+    stop = threading.Event()
+
+    def ask() -> None:
+        query = _vector(random.Random(5))
+        while not stop.is_set():
+            seen.append([r["chunk_id"] for r in search_chunks(rt, query, model, 10, collection)])
+
+    reader = threading.Thread(target=ask)
+    reader.start()
+    try:
+        for n in range(1, 31):
+            store(n)
+    finally:
+        stop.set()
+        reader.join()
+    assert len(seen) >= 10
+    for found in seen:
+        versions = {cid.rsplit("-", 1)[0] for cid in found}
+        assert len(found) == 5 and len(versions) == 1, found
+    with db_engine.begin() as conn:
+        assert conn.execute(text("SELECT count(*) FROM documents WHERE id LIKE :p"), {"p": f"%-{tag}"}).scalar() == 1
+        conn.execute(text("DELETE FROM doc_keys WHERE collection = :c"), {"c": collection})
+        conn.execute(text("DELETE FROM documents WHERE id LIKE :p"), {"p": f"%-{tag}"})
