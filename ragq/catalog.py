@@ -8,8 +8,18 @@ from typing import Any
 from sqlalchemy import text
 
 from ragq.core.errors import BadInput
-from ragq.core.keys import check_collection
+from ragq.core.keys import DEFAULT_COLLECTION, check_collection, check_key
 from tasks.versions import forget as forget_keys
+
+
+def require(db: Any, collection: str | None) -> str:
+    """The collection's checked name; BadInput when it holds no document (the default collection may be empty)."""
+    name = check_collection(collection)
+    if name != DEFAULT_COLLECTION:
+        with db.connect() as conn:
+            if conn.execute(text("SELECT 1 FROM doc_keys WHERE collection = :c LIMIT 1"), {"c": name}).first() is None:
+                raise BadInput("--collection", f"no collection named {name!r}: `ragq collections` lists them")
+    return name
 
 
 def collections(db: Any) -> list[dict[str, Any]]:
@@ -39,10 +49,11 @@ def forget(db: Any, keys: list[str], collection: str | None = None, everything: 
     """Remove `keys` of `collection` (or, with `everything`, all of its documents), in one transaction: the keys,
     and the versions no other key names with their chunks and vectors. Returns what was removed and the keys
     that were not there (the others are removed all the same)."""
-    name = check_collection(collection)
+    keys = [check_key(k) for k in keys]
     if everything and keys:
         raise BadInput("forget", "give keys or --all, not both")
     if not everything and not keys:
         raise BadInput("forget", "give the keys to forget (see `ragq docs`), or --all with --collection")
+    name = require(db, collection)
     with db.begin() as conn:
         return forget_keys(conn, name, None if everything else list(dict.fromkeys(keys)))

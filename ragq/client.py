@@ -234,7 +234,7 @@ class Client:
     def documents(self, collection: str | None = None) -> list[dict[str, Any]]:
         from ragq import catalog
 
-        return catalog.documents(self.db, None if collection is None else check_collection(collection))
+        return catalog.documents(self.db, None if collection is None else catalog.require(self.db, collection))
 
     def forget(self, keys: Iterable[str] = (), *, collection: str | None = None, everything: bool = False
                ) -> dict[str, Any]:
@@ -243,6 +243,11 @@ class Client:
 
         removed, missing = catalog.forget(self.db, list(keys), collection, everything)
         return {"collection": check_collection(collection), "removed": removed, "missing": missing}
+
+    def _collection(self, collection: str | None) -> str:
+        from ragq import catalog
+
+        return catalog.require(self.db, collection)
 
     def _abandon(self, job_id: str, item_ids: list[int], error: str) -> None:
         """Submission stopped part-way (the broker away, an interrupt): the items written but not queued fail
@@ -274,7 +279,7 @@ class Client:
         from tasks.questions import answer_questions
 
         k = self._top_k(top_k)
-        collection = check_collection(collection)
+        collection = self._collection(collection)
         size = int(self.settings.question_batch if batch is None else batch)
         if size < 1:
             raise BadInput("--batch", f"{size} is not a positive number of questions")
@@ -390,7 +395,7 @@ class Client:
         }
         if stream:
             state["stream"] = stream   # the generator appends the answer's pieces there as they come
-        state["collection"] = check_collection(collection)   # the question searches this collection only
+        state["collection"] = self._collection(collection)   # the question searches this collection only
         with tracing.span("ask", question_chars=len(question), top_k=k):  # the root of the question's trace
             reply = self._answer(lambda: question_chain(state), started, timeout)
         reply["total_ms"] = round((time.time() - started) * 1000.0, 2)

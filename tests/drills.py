@@ -88,3 +88,27 @@ def job_integrity(client: Any, job: str, docs: int, status: dict[str, Any]) -> d
     summary["ok"] = (status["status"] == "completed" and status["documents_done"] == docs and not incomplete
                      and rows["n"] == rows["distinct_seq"])
     return summary
+
+
+def version_integrity(client: Any, corpus: list[Any], edited: list[Any], status: dict[str, Any]) -> dict[str, Any]:
+    """After a replacement round: every document's key names one version, the edited ones' new version (its
+    chunks carry the edit), no version no key names is left, and no (document, seq) is stored twice."""
+    from sqlalchemy import text
+
+    from ragq.core.keys import path_key
+
+    with client.db.connect() as conn:
+        keys = dict(conn.execute(text("SELECT key, document_id FROM doc_keys WHERE collection = 'default'")).all())
+        orphans = conn.execute(text("SELECT count(*) FROM documents d WHERE NOT EXISTS "
+                                    "(SELECT 1 FROM doc_keys k WHERE k.document_id = d.id)")).scalar()
+        twice = conn.execute(text("SELECT count(*) - count(DISTINCT (document_id, seq)) FROM chunks")).scalar()
+        revised = set(conn.execute(text(
+            "SELECT k.key FROM doc_keys k JOIN chunks c ON c.document_id = k.document_id "
+            "WHERE c.text LIKE '%Revised: doc-%'")).scalars())
+    wanted = {path_key(p) for p in corpus}
+    summary = {"replace_status": status["status"], "chunks_reused": status.get("chunks_reused"),
+               "keys": len(keys), "stale_versions": int(orphans), "chunks_twice": int(twice),
+               "edited": len(edited), "edited_current": len(revised & {path_key(p) for p in edited})}
+    summary["ok"] = (status["status"] == "completed" and set(keys) == wanted and orphans == 0 and twice == 0
+                     and revised == {path_key(p) for p in edited})
+    return summary

@@ -1,5 +1,7 @@
 """Kill drill: SIGKILL a real worker in the middle of an ingestion, again and again; after the last restart every
-job must complete with no chunk missing and none duplicated, and a question must still get an answer.
+job must complete with no chunk missing and none duplicated, and a question must still get an answer. Then a
+replacement round: a tenth of the documents edited and the corpus ingested again, with `--replace-kills` more
+kills; after it exactly one version of each document is stored (the edited ones' new version), no chunk twice.
 
 Runs in its own process with its own embedded Redis and Postgres (the Celery app is process-wide):
 
@@ -21,7 +23,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.drills import drill_services, job_integrity, kill_hard, start_worker, stop, wait_ready  # noqa: E402
+from tests.drills import (  # noqa: E402
+    drill_services, job_integrity, kill_hard, start_worker, stop, version_integrity, wait_ready,
+)
 
 
 def main() -> int:
@@ -30,6 +34,7 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--docs", type=int, default=240)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--replace-kills", type=int, default=3)
     args = parser.parse_args()
     from bench.urgent_cpu import make_corpus
     from ragq.client import Client
@@ -41,7 +46,8 @@ def main() -> int:
     summary: dict[str, Any] = {"kills": 0, "restored": 0}
     try:
         client = Client(settings)
-        job = client.submit_ingest(make_corpus(args.home / "corpus", args.docs, args.seed)).job_id
+        corpus = make_corpus(args.home / "corpus", args.docs, args.seed)
+        job = client.submit_ingest(corpus).job_id
         for _ in range(args.kills):
             # the drill kills faster than a task can finish, so the oldest tasks die with the worker every time: as a
             # message that kills its worker would. Lift the poison cap (RAGQ_MAX_DELIVERIES) above the kills here;
@@ -65,12 +71,27 @@ def main() -> int:
             wait_ready(client.app, proc, name)
             status = client.wait_for_job(job, timeout_s=900)
             reply = client.ask("Which worker keeps the urgent questions fast?", timeout_s=120)
+            summary.update(job_integrity(client, job, args.docs, status))
+            edited = sorted(rng.sample(corpus, max(1, args.docs // 10)))
+            for path in edited:   # the replacement round: a tenth of the documents change
+                path.write_text(path.read_text().replace("## Section 1", f"Revised: {path.stem} v2.\n\n## Section 1"))
+            again = client.submit_ingest(corpus).job_id
+            for _ in range(args.replace_kills):
+                time.sleep(rng.uniform(0.3, 1.0))
+                if client.job_status(again)["status"] not in ("queued", "running"):
+                    break
+                summary["orphans"] = summary.get("orphans", 0) + kill_hard(proc)
+                summary["replace_kills"] = summary.get("replace_kills", 0) + 1
+                proc = start_worker(args.home, name, log, RAGQ_MAX_DELIVERIES="1000")
+                wait_ready(client.app, proc, name)
+            replaced = client.wait_for_job(again, timeout_s=900)
         finally:
             stop(proc)
         summary["restored"] = log.read_text(errors="replace").count("put back")
-        summary.update(job_integrity(client, job, args.docs, status))
+        first_ok = summary["ok"]
+        summary.update(version_integrity(client, corpus, edited, replaced))
         summary["answer"] = bool(reply.get("answer"))
-        summary["ok"] = summary["ok"] and summary["answer"] and not summary.get("orphans")
+        summary["ok"] = first_ok and summary["ok"] and summary["answer"] and not summary.get("orphans")
     finally:
         services.down()
     print(json.dumps(summary))

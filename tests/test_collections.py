@@ -107,7 +107,8 @@ def test_forget_removes_documents_and_names_unknown_keys(worker, client, ragq_ho
     assert _chunks_of(client, collection, keys[0]) == []
     everything = run_ragq(env, "forget", "--all", "--collection", collection, "--json")
     assert everything.returncode == 0, everything.stderr
-    assert len(json.loads(everything.stdout)["removed"]) == 2 and client.documents(collection) == []
+    assert len(json.loads(everything.stdout)["removed"]) == 2
+    assert collection not in {c["collection"] for c in client.collections()}   # an empty collection is gone
     nothing = run_ragq(env, "forget", "--collection", collection)
     assert nothing.returncode == 2 and "keys" in nothing.stderr
 
@@ -176,3 +177,22 @@ def test_a_later_submission_of_a_key_wins_a_race(db_engine) -> None:  # type: ig
     with db_engine.begin() as conn:
         conn.execute(text("DELETE FROM doc_keys WHERE collection = :c"), {"c": f"race-{tag}"})
         conn.execute(text("DELETE FROM documents WHERE id = :id"), {"id": f"v2-{tag}"})
+
+
+def test_bad_inputs_to_the_new_commands_are_clear_and_change_nothing(worker, client, ragq_home: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    env = ragq_env(ragq_home)
+    collection = f"bad-{uuid.uuid4().hex[:6]}"
+    (tmp_path / "kept.md").write_text("# Kept\n\nThis one stays.\n")
+    _ingest(ragq_home, str(tmp_path / "kept.md"), "--collection", collection)
+    (tmp_path / "q.txt").write_text("What stays?\n")
+    for args in (("ask", "anything?", "--collection", "no-such-thing"), ("docs", "--collection", "no-such-thing"),
+                 ("forget", "x", "--collection", "no-such-thing"),
+                 ("questions", str(tmp_path / "q.txt"), "--collection", "nope-x")):
+        done = run_ragq(env, *args)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        assert "no collection named" in done.stderr and "ragq collections" in done.stderr
+    empty = run_ragq(env, "forget", "", "--collection", collection)
+    assert empty.returncode == 2 and "not a document key" in empty.stderr
+    both = run_ragq(env, "forget", "k", "--all", "--collection", collection)
+    assert both.returncode == 2 and "not both" in both.stderr
+    assert len(client.documents(collection)) == 1   # nothing was removed by the refused commands
