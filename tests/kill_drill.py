@@ -34,7 +34,7 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--docs", type=int, default=240)
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--replace-kills", type=int, default=3)
+    parser.add_argument("--replace-kills", type=int, default=2)
     args = parser.parse_args()
     from bench.urgent_cpu import make_corpus
     from ragq.client import Client
