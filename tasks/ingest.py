@@ -21,7 +21,7 @@ from ragq.core.keys import DEFAULT_COLLECTION
 from ragq.core.errors import BadInput
 from scheduler.batching import BACKGROUND
 from tasks.common import sent_at
-from tasks.versions import reusable_vectors, switch_key, sync_if_finished
+from tasks.versions import reusable_vectors, switch_key, sync_if_finished, unchanged
 from workers.celery_app import RagqTask, app
 from workers.runtime import WorkerRuntime
 
@@ -99,6 +99,15 @@ def ingest_documents(self: Any, job_id: str, items: list[dict[str, Any]]) -> dic
         conn.execute(text("UPDATE jobs SET status = 'running', updated_at = now() WHERE id = :id AND status = 'queued'"),
                      {"id": job_id})
 
+    with rt.db.begin() as conn:   # documents already stored as they are: counted done, not chunked again
+        same = unchanged(conn, items, rt.specs["embed"].name)
+        for item in items:
+            if item["item_id"] in same and _claim_item(conn, item["item_id"], status="done",
+                                                      document_id=item["document_id"], chunks=same[item["item_id"]]):
+                conn.execute(FINISH_JOB, {"job_id": job_id, "done": 1, "failed": 0, "chunks": same[item["item_id"]],
+                                          "added": 0, "reused": 0})
+        sync_if_finished(conn, job_id)
+    items = [item for item in items if item["item_id"] not in same]
     prepared: list[tuple[dict[str, Any], list[ChunkText]]] = []
     failed = 0
     with rt.stage("chunk", sent_at=published, **context) as clock:

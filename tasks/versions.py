@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import delete, exists, select, text
+from sqlalchemy import delete, exists, func, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from ragq.core.db import Chunk, DocKey, Document
@@ -32,6 +32,21 @@ def reusable_vectors(conn: Any, collection: str, key: str, model: str, document_
     rows = conn.execute(select(Chunk.text, Chunk.headings, Chunk.embedding)
                         .where(Chunk.document_id == old, Chunk.embed_model == model)).all()
     return {(row.text, tuple(row.headings or ())): row.embedding for row in rows}
+
+
+def unchanged(conn: Any, items: list[dict[str, Any]], model: str) -> dict[int, int]:
+    """Items whose key names their version already, embedded by `model`: item id -> its stored chunks. Ingesting
+    them again changes nothing, so they need no chunking and no embedding."""
+    found: dict[int, int] = {}
+    for item in items:
+        current = current_version(conn, item.get("collection") or "default", item.get("key") or item["path"])
+        if current is None or current != item["document_id"]:
+            continue
+        count = conn.execute(select(func.count()).select_from(Chunk).where(
+            Chunk.document_id == current, Chunk.embed_model == model)).scalar()
+        if count:
+            found[item["item_id"]] = int(count)
+    return found
 
 
 def switch_key(conn: Any, collection: str, key: str, document_id: str, job_id: str, item_id: int) -> bool:
