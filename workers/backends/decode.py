@@ -129,10 +129,11 @@ class Sequence:
         """The final text: from the first non-space character to the first stop string, trailing space cut."""
         if self.start is None:
             return ""
-        return _cut(self.text, self.stops)[self.start:].rstrip()
+        return cut_at_stop(self.text, self.stops)[self.start:].rstrip()
 
 
-def _cut(text: str, stops: tuple[str, ...]) -> str:
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
+    """`text` up to the first of `stops` (all of it where none occurs)."""
     cut = len(text)
     for stop in stops:
         index = text.find(stop)
@@ -459,7 +460,7 @@ class DecodeLoop:
         if final:
             end = seq.start + len(seq.answer)
         else:
-            visible = _cut(seq.text, seq.stops)
+            visible = cut_at_stop(seq.text, seq.stops)
             end = len(visible.rstrip())
             if seq.stops:
                 end = min(end, len(visible) - (max(len(s) for s in seq.stops) - 1))

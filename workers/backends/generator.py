@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ragq.core.errors import DeviceOutOfMemory
-from workers.backends.decode import DecodeLoop, Sequence
+from workers.backends.decode import DecodeLoop, Sequence, cut_at_stop
 from workers.backends.torch_backend import _TorchModel
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ class TorchGenerator(_TorchModel):
         with torch.inference_mode():
             out = self.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
         texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        return [_cut_at_stop(text, stops).strip() for text in texts]
+        return [cut_at_stop(text, tuple(stops)).strip() for text in texts]
 
     def _pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
@@ -227,12 +227,3 @@ class TorchGenerator(_TorchModel):
         while any(s.done is None for s in sequences):
             self.decode_step()
         return [s.generated for s in sequences]
-
-
-def _cut_at_stop(text: str, stops: list[str]) -> str:
-    cut = len(text)
-    for stop in stops:
-        index = text.find(stop)
-        if index != -1:
-            cut = min(cut, index)
-    return text[:cut]
