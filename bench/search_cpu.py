@@ -57,7 +57,7 @@ def main() -> int:
         sizes = [args.chunks // 2] + [args.chunks // 2 // (args.collections - 1)] * (args.collections - 1)
         t0 = time.perf_counter()
         with db.begin() as conn:
-            for c, size in enumerate(sizes):
+            for c in range(len(sizes)):
                 doc = f"doc-{c}"
                 conn.execute(text("INSERT INTO documents (id, name, source, format, meta) "
                                   "VALUES (:id, :name, :source, 'text', '{}')"), {"id": doc, "name": doc, "source": doc})
