@@ -35,13 +35,15 @@ def ask_stream(client: Any, question: str, *, timeout_s: float | None = None, to
     try:
         while True:
             if not waiter.is_alive():
-                answer = box["reply"]["answer"] if "reply" in box else None
+                reply = box.get("reply")
+                # an answer that was not generated (extractive, none) was never streamed: nothing to wait for
+                answer = reply["answer"] if reply is not None and reply.get("mode") == "generated" else None
                 grace_until = grace_until or time.time() + 1.0
                 # the reply is in: read on until the stream has all of it (its last pieces may still be on their
                 # way), or it has nothing more; what is missing then comes whole below
                 if answer is None or answer == sent or not answer.startswith(sent) or time.time() > grace_until:
                     break
-            last, pieces = read_pieces(client._redis, key, last, 100)
+            last, pieces = read_pieces(client._redis, key, last, 20)   # short: the reply ends the wait
             for piece in pieces:
                 first_at = first_at or time.time()
                 sent += piece
