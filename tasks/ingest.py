@@ -17,11 +17,10 @@ from sqlalchemy.exc import OperationalError
 from ragq.core.chunking import ChunkText
 from ragq.core.db import FINISH_JOB, Chunk, Document, JobItem, ensure_vector_index
 from ragq.core.documents import display_name
-from ragq.core.keys import DEFAULT_COLLECTION
 from ragq.core.errors import BadInput
 from scheduler.batching import BACKGROUND
 from tasks.common import sent_at
-from tasks.versions import reusable_vectors, switch_key, sync_if_finished, unchanged
+from tasks.versions import item_key, reusable_vectors, switch_key, sync_if_finished, unchanged
 from workers.celery_app import RagqTask, app
 from workers.runtime import WorkerRuntime
 
@@ -47,7 +46,7 @@ def _store_document(rt: WorkerRuntime, job_id: str, item: dict[str, Any], chunks
     """The document's version, its chunks and the switch of its key to it, in one transaction."""
     model = rt.specs["embed"].name
     doc = item["document"]
-    collection, key = item.get("collection") or DEFAULT_COLLECTION, item.get("key") or item["path"]
+    collection, key = item_key(item)
     with rt.db.begin() as conn:
         conn.execute(pg_insert(Document).values(
             id=item["document_id"], name=display_name(doc.get("name"), item["path"]), source=item["path"],
@@ -130,8 +129,7 @@ def ingest_documents(self: Any, job_id: str, items: list[dict[str, Any]]) -> dic
     with rt.db.connect() as conn:
         stored = set(conn.execute(select(Chunk.id).where(Chunk.id.in_(all_ids))).scalars()) if all_ids else set()
         for item, chunks in prepared:   # a changed document: its unchanged chunks keep their vectors
-            old = reusable_vectors(conn, item.get("collection") or DEFAULT_COLLECTION, item.get("key") or item["path"],
-                                   model, item["document_id"])
+            old = reusable_vectors(conn, *item_key(item), model, item["document_id"])
             for c in chunks:
                 vector = old.get((c.text, tuple(c.headings))) if c.id not in stored else None
                 if vector is not None:

@@ -20,6 +20,7 @@ from ragq.core.answer import extractive_answer, generation_prompt
 from ragq.core.db import FINISH_JOB, Answer
 from scheduler.batching import BACKGROUND
 from tasks.common import sent_at
+from ragq.core.keys import DEFAULT_COLLECTION
 from tasks.query import search_chunks
 from workers.celery_app import RagqTask, app
 
@@ -55,7 +56,7 @@ class QuestionsTask(RagqTask):
 @app.task(name="ragq.answer_questions", bind=True, base=QuestionsTask, autoretry_for=(OperationalError,),
           retry_backoff=True, retry_backoff_max=60, max_retries=8)
 def answer_questions(self: Any, job_id: str, items: list[dict[str, Any]], top_k: int, candidates: int,
-                     max_new_tokens: int | None = None, collection: str = "default") -> dict[str, Any]:
+                     max_new_tokens: int | None = None, collection: str = DEFAULT_COLLECTION) -> dict[str, Any]:
     rt = self.app.require_runtime()
     context = {"priority": BACKGROUND, "job_id": job_id, "task_id": self.request.id}
     with rt.db.begin() as conn:

@@ -15,6 +15,12 @@ from sqlalchemy import delete, exists, func, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from ragq.core.db import Chunk, DocKey, Document
+from ragq.core.keys import DEFAULT_COLLECTION
+
+
+def item_key(item: dict[str, Any]) -> tuple[str, str]:
+    """An ingest message item's (collection, key); items queued before collections carry neither."""
+    return item.get("collection") or DEFAULT_COLLECTION, item.get("key") or item["path"]
 
 
 def current_version(conn: Any, collection: str, key: str) -> str | None:
@@ -39,7 +45,7 @@ def unchanged(conn: Any, items: list[dict[str, Any]], model: str) -> dict[int, i
     them again changes nothing, so they need no chunking and no embedding."""
     found: dict[int, int] = {}
     for item in items:
-        current = current_version(conn, item.get("collection") or "default", item.get("key") or item["path"])
+        current = current_version(conn, *item_key(item))
         if current is None or current != item["document_id"]:
             continue
         count = conn.execute(select(func.count()).select_from(Chunk).where(
