@@ -1,6 +1,7 @@
 """Where a decode step's device time goes (issue [2 of 7]): the loop's step for 1 and 16 sequences under torch's
-profiler (CUDA kernel time by kernel, eager), and the graph-replayed step time of variants side by side: attention
-over the whole cache width, or over a width rounded up from the longest sequence; SDPA's backends.
+profiler (CUDA kernel time by kernel, eager), and the graph-replayed step time of variants side by side: the
+loop as shipped (decode attention on the key/value heads, fused RMSNorm) against transformers' SDPA and norms,
+attention over a width rounded up from the longest sequence; SDPA's backends; torch.compile.
 
     python3 bench/decode_profile.py --models /tmp/m --out $OUT
 """
@@ -30,7 +31,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     from torch.profiler import ProfilerActivity, profile
 
-    from workers.backends.decode import Sequence
+    from workers.backends.decode import Sequence, fuse_norms, use_decode_attention
     from workers.backends.loading import load_torch_model
     from workers.models import ModelSpec
 
@@ -51,12 +52,24 @@ def main() -> int:
             loop.step()
         from torch.nn.attention import SDPBackend
 
-        variants = {"full": {}, "rounded 256": {"width_round": 256},
+        def attention(packed: bool) -> None:
+            if packed:
+                use_decode_attention(gen.model)
+            else:
+                gen.model.set_attn_implementation("sdpa")
+
+        variants = {"as shipped (packed GQA, fused norms)": {},
+                    "transformers' SDPA (repeat kv)": {"attention": False},
+                    "transformers' norms": {"norms": False},
+                    "neither (the previous loop)": {"attention": False, "norms": False},
+                    "rounded 256": {"width_round": 256},
                     "efficient attention": {"sdpa_backends": [SDPBackend.EFFICIENT_ATTENTION]},
-                    "math attention": {"sdpa_backends": [SDPBackend.MATH]},
                     "compiled": {"compile_step": True}}
         for name, settings in variants.items():
             defaults = {"width_round": 0, "sdpa_backends": None, "compile_step": False}
+            settings = dict(settings)
+            attention(settings.pop("attention", True))
+            fuse_norms(gen.model, settings.pop("norms", True))
             for key, value in {**defaults, **settings}.items():
                 setattr(loop, key, value)
             loop._graphs.clear()
@@ -76,6 +89,8 @@ def main() -> int:
             out[f"graph step ms, b={b}, {name}"] = (time.perf_counter() - t0) / 20 * 1000.0
             out[f"first step s, b={b}, {name}"] = first
             print(f"{name} b={b}: {out[f'graph step ms, b={b}, {name}']:.2f} ms (first {first:.1f} s)", flush=True)
+        attention(True)
+        fuse_norms(gen.model, True)
         for key, value in {"width_round": 0, "sdpa_backends": None, "compile_step": False}.items():
             setattr(loop, key, value)
         loop.full_width = True

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ragq.core.errors import DeviceOutOfMemory
-from workers.backends.decode import DecodeLoop, Sequence, cut_at_stop
+from workers.backends.decode import DecodeLoop, Sequence, cut_at_stop, fuse_norms
 from workers.backends.torch_backend import _TorchModel
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ class TorchGenerator(_TorchModel):
         except ValueError as exc:
             log.info("%s answers with transformers' generate: %s", spec.name, exc)
             return
+        if str(spec.extra.get("fused_norms", "on")) != "off":
+            fuse_norms(self.model)
         self.stable: Any = None
         if self.is_cuda and str(spec.extra.get("keep_addresses", "auto")) != "off":
             self._move_to_stable_range(loop)

@@ -114,7 +114,11 @@ class Carver:
         if start + nbytes > self.stable.nbytes:
             raise RuntimeError("the stable range is too small")
         self.offset = start + nbytes
-        return self.stable.tensor[start:start + nbytes].view(dtype).view(shape)
+        # set_ on the range's storage rather than a dtype view of its byte tensor: the result has no `_base`, so
+        # torch.compile can trace writes into it (aot_autograd refuses mutations of views with another dtype)
+        size = torch.empty((), dtype=dtype).element_size()
+        tensor = torch.empty(0, dtype=dtype, device=self.stable.tensor.device)
+        return tensor.set_(self.stable.tensor.untyped_storage(), start // size, torch.Size(shape))
 
     @staticmethod
     def size_of(shapes: list[tuple[tuple[int, ...], torch.dtype]]) -> int:
