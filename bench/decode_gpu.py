@@ -81,7 +81,7 @@ def run_loop(gen: Any, batch: list[list[int]], new: int) -> dict[str, float]:
         loop.add(s)
     full_steps, full_s = 0, 0.0
     while any(s.done is None for s in sequences):
-        together = len(loop.running) == len(batch) and loop.prefilling is None
+        together = len(loop.running) == len(batch) and not loop.prefilling
         t_step = time.perf_counter()
         loop.step()          # ends with the new tokens on the host: a step is synchronous
         if together and all(s.done is None for s in sequences):
@@ -147,7 +147,7 @@ def sleep_wake(gen: Any, vocab: int, prompt: int, device: str, rates: dict[str, 
     sequences = [Sequence(key=i, prompt=p, max_new=64) for i, p in enumerate(prompts(8, prompt, vocab, seed=3))]
     for s in sequences:
         gen.loop.add(s)
-    while len(gen.loop.running) < 8 or gen.loop.prefilling is not None:
+    while len(gen.loop.running) < 8 or gen.loop.prefilling:
         gen.loop.step()
     steps = []
     for _ in range(5):

@@ -26,6 +26,7 @@ def main() -> int:
     parser.add_argument("--models", type=Path, default=Path("/tmp/m"))
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--compile-plain", action="store_true", help="also time torch.compile on ordinary tensors")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -44,11 +45,50 @@ def main() -> int:
     loop.eos = set()
     vocab = gen.model.config.vocab_size
     out: dict[str, object] = {}
+    if args.compile_plain:
+        # torch.compile of the step on a generator whose weights and cache are ordinary allocations (not carved
+        # from one stable range): what fusing the step's small kernels is worth, before making it coexist
+        plain = load_torch_model(ModelSpec(role="generate", path=path, name="qwen3-4b", max_length=1024,
+                                           max_new_tokens=256, dtype="bfloat16",
+                                           extra={"decode_slots": 16, "keep_addresses": "off"}), args.device)
+        plain.loop.eos = set()
+        for b in (1, 16):
+            sequences = [Sequence(key=i, prompt=p, max_new=250) for i, p in enumerate(prompts(b, 900, vocab, b))]
+            for s in sequences:
+                plain.loop.add(s)
+            while len(plain.loop.running) < b or plain.loop.prefilling:
+                plain.loop.step()
+            for name, on in (("plain", False), ("plain compiled", True)):
+                plain.loop.compile_step = on
+                plain.loop._graphs.clear()
+                t0 = time.perf_counter()
+                try:
+                    plain.loop.step()
+                except Exception as exc:  # noqa: BLE001
+                    out[f"graph step ms, b={b}, {name}"] = f"failed: {exc}"[:300]
+                    continue
+                first = time.perf_counter() - t0
+                sync(args.device)
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    plain.loop.step()
+                sync(args.device)
+                out[f"graph step ms, b={b}, {name}"] = (time.perf_counter() - t0) / 20 * 1000.0
+                out[f"first step s, b={b}, {name}"] = first
+                print(f"{name} b={b}: {out[f'graph step ms, b={b}, {name}']:.2f} ms (first {first:.1f} s)", flush=True)
+            for s in sequences:
+                plain.loop.cancel(s.key)
+            plain.loop.step()
+        plain.unload()
+        del plain
+        import torch
+
+        torch.cuda.empty_cache()
     for b in (1, 16):
         sequences = [Sequence(key=i, prompt=p, max_new=250) for i, p in enumerate(prompts(b, 900, vocab, b))]
         for s in sequences:
             loop.add(s)
-        while len(loop.running) < b or loop.prefilling is not None:
+        while len(loop.running) < b or loop.prefilling:
             loop.step()
         from torch.nn.attention import SDPBackend
 

@@ -227,3 +227,13 @@ def test_packed_batch_layout() -> None:
     assert packed.last.tolist() == [2, 3, 5]
     with pytest.raises(ValueError):
         Packed([[1], []])
+
+
+def test_a_questions_rerank_candidates_are_one_urgent_pass_by_default() -> None:
+    """The reranker's urgent batches hold a question's default 20 candidates; a models file can still set it."""
+    from ragq.core.settings import Settings
+    from workers.models import spec_from_table
+
+    assert spec_from_table("rerank", {"path": "/x"}, "models.toml").urgent_batch >= Settings().rerank_candidates
+    assert spec_from_table("embed", {"path": "/x"}, "models.toml").urgent_batch == 8
+    assert spec_from_table("rerank", {"path": "/x", "urgent_batch": 4}, "models.toml").urgent_batch == 4

@@ -57,6 +57,7 @@ def run_all(generator, sequences: list[Sequence], max_steps: int = 10_000) -> in
 
 def test_loop_equals_greedy_generate_alone_and_together(generator, reference) -> None:  # type: ignore[no-untyped-def]
     assert generator.continuous
+    assert generator.loop.packed_gqa   # decode steps attend on the key/value heads (the tiny model has 2 groups)
     assert all(len(r) > 0 for r in reference)
     assert [generator.loop_ids([p], NEW)[0] for p in PROMPTS] == reference
     assert generator.loop_ids(PROMPTS[:4], NEW) == reference[:4]   # four slots: all in flight together
@@ -81,6 +82,34 @@ def test_sequences_join_mid_decode_and_leave_when_done(generator, reference) -> 
     # they shared decode steps: fewer steps than one after another
     assert generator.loop.counters["steps"] - steps_before < (NEW - 6) + 5 + NEW
     assert generator.loop.active == 0
+
+
+def test_prompts_that_arrive_together_are_prefilled_together(tiny_models, reference) -> None:  # type: ignore[no-untyped-def]
+    # a long prompt first (row 0, three chunks), short ones after it (rows 1.., one chunk): the short ones are
+    # prefilled in the same forward passes and join the running rows first, swapping rows with the long one
+    generator = load(tiny_models, prefill_tokens=48)
+    loop = generator.loop
+    order = [3, 0, 2, 1]
+    sequences = [seq(generator, i) for i in order]
+    for s in sequences:
+        loop.add(s)
+    long_ids = len(generator.tokenizer(PROMPTS[3], add_special_tokens=False)["input_ids"])
+    assert long_ids > 2 * 16
+    before = loop.counters["prefill_tokens"]
+    generator.decode_step()
+    assert len(loop.prefilling) + len(loop.running) == 4
+    assert loop.counters["prefill_tokens"] - before > 16   # more than one sequence's chunk in the first pass
+    assert sequences[0] in loop.prefilling and sequences[1] in loop.running   # short ones joined first
+    assert sorted(s.row for s in loop.running + loop.prefilling) == [0, 1, 2, 3]
+    assert [s.row for s in loop.running] == list(range(len(loop.running)))   # running rows stay compact
+    cancelled = sequences[2]
+    loop.cancel(cancelled.key)
+    run_all(generator, [s for s in sequences if s is not cancelled])
+    assert cancelled.done == "cancelled"
+    for index, s in zip(order, sequences):
+        if s is not cancelled:
+            assert s.generated == reference[index], index
+    assert loop.active == 0
 
 
 def test_a_cancelled_or_abandoned_sequence_frees_its_slot(generator, reference) -> None:  # type: ignore[no-untyped-def]
@@ -154,7 +183,7 @@ def test_sleep_and_wake_with_sequences_in_flight_continue_exactly(tiny_models, r
         generator.loop.add(s)
     for _ in range(9):
         generator.decode_step()
-    assert generator.loop.prefilling is None and len(generator.loop.running) >= 2
+    assert not generator.loop.prefilling and len(generator.loop.running) >= 2
     generator.sleep()
     assert generator.loop.cache is None   # the KV rows in use went to the host tier
     generator.wake()

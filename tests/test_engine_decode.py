@@ -92,7 +92,7 @@ def test_a_deadline_drops_the_sequence_mid_decode(tiny_models, alone) -> None:  
     kept = engine.submit("generate", [PROMPTS[0]], priority=URGENT, params={"templated": True})
     engine.step()
     loop = engine._slots["tiny-gen"].model.loop
-    assert len(loop.running) + (loop.prefilling is not None) + len(loop.waiting) == 2
+    assert len(loop.running) + len(loop.prefilling) + len(loop.waiting) == 2
     clock.now += 10
     steps_until(engine, doomed.done)
     with pytest.raises(RequestExpired):

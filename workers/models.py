@@ -44,6 +44,7 @@ class ModelSpec:
     batch_size: int = 32              # the most items in one micro-batch (the adaptive size ramps up to it)
     initial_batch: int | None = None  # where the adaptive size starts (default: embed 8, rerank 8, generate 1)
     urgent_batch: int = 8             # urgent requests go in small, immediate batches of at most this many
+                                      # (default by role: rerank 32, so one question's candidates are one pass)
     max_batch_tokens: int = 32768     # cap on padded tokens (items x longest) per micro-batch
     pass_overhead_tokens: int = 4096  # embed/rerank: a micro-batch runs as length-sorted forward passes, cut where
                                       # the padding saved exceeds this fixed cost of one more pass (in tokens)...
@@ -71,6 +72,9 @@ _DEFAULT_KIND = {"embed": "mean", "rerank": "qwen3", "generate": "causal"}
 _KINDS = {"embed": {"mean", "last", "cls"}, "rerank": {"qwen3", "cross-encoder"}, "generate": {"causal"}}
 _DEFAULT_BATCH = {"embed": 128, "rerank": 64, "generate": 16}
 DEFAULT_INITIAL_BATCH = {"embed": 8, "rerank": 8, "generate": 1}
+# a question's reranking is one pass over its candidates (RAGQ_RERANK_CANDIDATES, default 20): in batches of 8 it
+# took three, and 16 questions asked together took 44 rerank passes on an H200 (bench/stack_gpu.py --generation)
+_DEFAULT_URGENT_BATCH = {"embed": 8, "rerank": 32, "generate": 8}
 # p95 background micro-batch time: long enough for an embedder's most efficient batch (128 chunks of ~200 tokens of
 # a 4B model take ~0.65 s on an H200); questions do not wait behind batches this long while they keep coming
 # (RAGQ_URGENT_YIELD_MS)
@@ -107,6 +111,7 @@ def spec_from_table(role: str, table: dict[str, Any], source: str) -> ModelSpec:
     if "stop" in kwargs:
         kwargs["stop"] = tuple(kwargs["stop"])
     kwargs.setdefault("batch_size", _DEFAULT_BATCH[role])
+    kwargs.setdefault("urgent_batch", _DEFAULT_URGENT_BATCH[role])
     try:
         spec = ModelSpec(
             role=role, path=path, kind=kind, extra=extra,

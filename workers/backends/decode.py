@@ -4,8 +4,10 @@ decode steps replayed from CUDA graphs, streamed text.
 A sequence joins the running batch at the next step and leaves when it finishes, as in vLLM and TGI:
 
   waiting    submitted, no slot yet (urgent ones first; a full cache makes them wait, or preempts a background one)
-  prefill    its prompt (all but the last token) written into its slot's KV, in chunks of `prefill_chunk` tokens,
-             one chunk per step, so running sequences are not stalled for long
+  prefill    its prompt (all but the last token) written into its slot's KV, in chunks of `prefill_chunk` tokens:
+             each step runs one forward pass over the next chunks of every prefilling sequence together (up to
+             `prefill_tokens` padded tokens), so running sequences are not stalled for long and questions that
+             arrive together are prefilled together
   running    one decode step per loop step for all running sequences together: each row's last token at its own
              position, attending to its own slot (a per-row mask); the step samples on the device (greedy, or
              temperature / top-p by an exponential race) and one small copy brings the new tokens to the host
@@ -121,8 +123,10 @@ class SlotCache:
     def for_decode(self, rows: torch.Tensor, positions: torch.Tensor, width: int) -> None:
         self._mode = ("decode", rows, positions, width)
 
-    def for_prefill(self, row: int, start: int, end: int) -> None:
-        self._mode = ("prefill", row, start, end)
+    def for_prefill(self, rows: torch.Tensor, positions: torch.Tensor, width: int) -> None:
+        """Tokens of several sequences at once: row i's tokens at `positions[i]` (padding at the scratch column),
+        attending to the first `width` positions of their own rows."""
+        self._mode = ("prefill", rows, positions, width)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,10 +136,10 @@ class SlotCache:
             keys[rows, :, positions] = key_states[:, :, 0]
             values[rows, :, positions] = value_states[:, :, 0]
             return keys[:rows.shape[0], :, :width], values[:rows.shape[0], :, :width]
-        _, row, start, end = self._mode
-        keys[row, :, start:end] = key_states[0]
-        values[row, :, start:end] = value_states[0]
-        return keys[row:row + 1, :, :end], values[row:row + 1, :, :end]
+        _, rows, positions, width = self._mode
+        keys[rows[:, None], :, positions] = key_states.transpose(1, 2)
+        values[rows[:, None], :, positions] = value_states.transpose(1, 2)
+        return keys.index_select(0, rows)[:, :, :width], values.index_select(0, rows)[:, :, :width]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
@@ -143,6 +147,12 @@ class SlotCache:
     def move_row(self, src: int, dst: int, length: int) -> None:
         for tensor in self.keys + self.values:
             tensor[dst, :, :length] = tensor[src, :, :length]
+
+    def swap_rows(self, a: int, b: int, length_a: int, length_b: int) -> None:
+        for tensor in self.keys + self.values:
+            held = tensor[b, :, :length_b].clone()
+            tensor[b, :, :length_a] = tensor[a, :, :length_a]
+            tensor[a, :, :length_b] = held
 
     def rows_to(self, rows: list[tuple[int, int]], device: torch.device, pin: bool) -> list[torch.Tensor]:
         """The first `length` positions of each (row, length), stacked per layer, on `device` (the host tier)."""
@@ -207,7 +217,8 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
 
 class DecodeLoop:
     def __init__(self, model: Any, tokenizer: Any, *, slots: int, context: int, device: torch.device,
-                 graphs: bool = False, prefill_chunk: int = 512, eos_ids: set[int] | None = None,
+                 graphs: bool = False, prefill_chunk: int = 512, prefill_tokens: int | None = None,
+                 eos_ids: set[int] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         config = model.config
         if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ["full_attention"]) \
@@ -222,6 +233,7 @@ class DecodeLoop:
         self.slots = slots
         self.context = context
         self.prefill_chunk = max(16, prefill_chunk)
+        self.prefill_tokens = max(self.prefill_chunk, prefill_tokens or 4 * self.prefill_chunk)
         self.graphs_on = graphs and device.type == "cuda"
         self.clock = clock
         self.eos = set(eos_ids or ())
@@ -237,7 +249,7 @@ class DecodeLoop:
         self.kv_bytes = config.num_hidden_layers * 2 * slots * (context + 1) * kv_heads * head_dim \
             * torch.empty((), dtype=self.dtype).element_size()
         self.waiting: deque[Sequence] = deque()
-        self.prefilling: Sequence | None = None
+        self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
         self._host_kv: tuple[list[tuple[int, int]], list[torch.Tensor]] | None = None
         self._graphs: dict[tuple[int, bool, int], _StepGraph] = {}
@@ -294,7 +306,7 @@ class DecodeLoop:
                 tensor[row, :, :length].copy_(host, non_blocking=True)
 
     def _in_cache(self) -> list[Sequence]:
-        return self.running + ([self.prefilling] if self.prefilling is not None else [])
+        return self.running + self.prefilling
 
     # -- requests -------------------------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -320,13 +332,14 @@ class DecodeLoop:
 
     # -- one step -----------------------------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
-        """Admit, prefill one chunk, run one decode step; returns the sequences that finished (or were dropped)."""
+        """Admit, prefill the next chunks, run one decode step; returns the sequences that finished (or were
+        dropped)."""
         if self.cache is None:
             self.restore()
         finished = self._reap()
         self._admit()
-        if self.prefilling is not None:
-            self._prefill_chunk(self.prefilling)
+        if self.prefilling:
+            self._prefill()
         if self.running:
             finished += self._decode()
         return finished
@@ -339,12 +352,11 @@ class DecodeLoop:
             if seq.done is not None:
                 self.waiting.remove(seq)
                 gone.append(seq)
-        if self.prefilling is not None:
-            seq = self.prefilling
+        for seq in list(self.prefilling):
             if seq.done is None and seq.alive is not None and not seq.alive():
                 seq.done = "cancelled"
             if seq.done is not None:
-                self.prefilling = None
+                self.prefilling.remove(seq)
                 gone.append(seq)
         for seq in list(self.running):
             if seq.done is None and seq.alive is not None and not seq.alive():
@@ -366,52 +378,79 @@ class DecodeLoop:
         self.running.pop()
 
     def _admit(self) -> None:
-        if self.prefilling is not None or not self.waiting:
-            return
-        urgent = [s for s in self.waiting if s.urgent]
-        seq = urgent[0] if urgent else self.waiting[0]
-        if len(self.running) >= self.slots:
-            background = [s for s in self.running if not s.urgent]
-            if not (seq.urgent and background):
-                return          # the cache is full: it waits for a slot
-            victim = max(background, key=lambda s: s.admitted_at or 0.0)   # the newest background one
-            self._leave(victim)
-            victim.cached, victim.row = 0, -1
-            victim.preempted += 1
-            self.counters["preempted"] += 1
-            self.waiting.appendleft(victim)   # recomputed from its context when a slot frees
-        self.waiting.remove(seq)
-        seq.row = len(self.running)
-        seq.cached = 0
-        self.prefilling = seq
-        if len(seq.context) <= 1:
-            self._join(seq)
+        """Every waiting sequence that has a free row starts prefilling, urgent ones first; when none is free an
+        urgent one preempts the newest running background sequence (recomputed later from its context)."""
+        while self.waiting:
+            urgent = [s for s in self.waiting if s.urgent]
+            seq = urgent[0] if urgent else self.waiting[0]
+            if len(self.running) + len(self.prefilling) >= self.slots:
+                background = [s for s in self.running if not s.urgent]
+                if not (seq.urgent and background):
+                    return          # the cache is full: it waits for a slot
+                victim = max(background, key=lambda s: s.admitted_at or 0.0)   # the newest background one
+                self._leave(victim)
+                victim.cached, victim.row = 0, -1
+                victim.preempted += 1
+                self.counters["preempted"] += 1
+                self.waiting.appendleft(victim)   # recomputed from its context when a slot frees
+            self.waiting.remove(seq)
+            taken = {s.row for s in self.prefilling}
+            seq.row = next(r for r in range(len(self.running), self.slots) if r not in taken)
+            seq.cached = 0
+            self.prefilling.append(seq)
+            if len(seq.context) <= 1:
+                self._join(seq)
 
     def _join(self, seq: Sequence) -> None:
+        """A prefilled sequence joins the running rows (compact: it takes row len(running), swapping with the
+        prefilling sequence that holds that row, if any)."""
         assert self.cache is not None
         row = len(self.running)
+        self.prefilling.remove(seq)
         if seq.row != row:
-            self.cache.move_row(seq.row, row, seq.cached)
+            holder = next((s for s in self.prefilling if s.row == row), None)
+            if holder is None:
+                self.cache.move_row(seq.row, row, seq.cached)
+            else:
+                self.cache.swap_rows(seq.row, row, seq.cached, holder.cached)
+                holder.row = seq.row
             seq.row = row
         self.running.append(seq)
-        self.prefilling = None
 
-    def _prefill_chunk(self, seq: Sequence) -> None:
-        """Write the next chunk of the sequence's context (all but its last token) into its KV row."""
+    def _prefill(self) -> None:
+        """One forward pass over the next chunk of each prefilling sequence (urgent first, then in the order they
+        came, while the padded tokens stay within `prefill_tokens`), writing the context (all but its last token)
+        into each one's KV row; the sequences whose context is all written join the running batch."""
         assert self.cache is not None
-        target = len(seq.context) - 1
-        end = min(target, seq.cached + self.prefill_chunk)
-        if end > seq.cached:
-            ids = torch.tensor([seq.context[seq.cached:end]], device=self.device)
-            positions = torch.arange(seq.cached, end, device=self.device)[None, :]
-            mask = (self._columns[None, :end] <= positions[0, :, None])[None, None]   # [1, 1, q, end]
-            self.cache.for_prefill(seq.row, seq.cached, end)
+        chosen: list[tuple[Sequence, int]] = []
+        longest = 0
+        for seq in sorted(self.prefilling, key=lambda s: not s.urgent):
+            end = min(len(seq.context) - 1, seq.cached + self.prefill_chunk)
+            if end <= seq.cached:
+                continue
+            if chosen and (len(chosen) + 1) * max(longest, end - seq.cached) > self.prefill_tokens:
+                break
+            chosen.append((seq, end))
+            longest = max(longest, end - seq.cached)
+        if chosen:
+            ids = torch.zeros((len(chosen), longest), dtype=torch.long)
+            positions = torch.full((len(chosen), longest), self.context, dtype=torch.long)
+            for i, (seq, end) in enumerate(chosen):
+                ids[i, :end - seq.cached] = torch.tensor(seq.context[seq.cached:end])
+                positions[i, :end - seq.cached] = torch.arange(seq.cached, end)
+            ids, positions = ids.to(self.device), positions.to(self.device)
+            width = max(end for _, end in chosen)
+            mask = (self._columns[None, None, :width] <= positions[:, :, None])[:, None]   # [k, 1, q, width]
+            rows = torch.tensor([seq.row for seq, _ in chosen], device=self.device)
+            self.cache.for_prefill(rows, positions, width)
             with torch.inference_mode():
                 self._forward(ids, positions, mask)
-            self.counters["prefill_tokens"] += end - seq.cached
-            seq.cached = end
-        if seq.cached >= target:
-            self._join(seq)
+            for seq, end in chosen:
+                self.counters["prefill_tokens"] += end - seq.cached
+                seq.cached = end
+        for seq in sorted(self.prefilling, key=lambda s: s.row):
+            if seq.cached >= len(seq.context) - 1:
+                self._join(seq)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         kwargs: dict[str, Any] = {

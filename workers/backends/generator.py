@@ -39,6 +39,7 @@ class TorchGenerator(_TorchModel):
             loop = DecodeLoop(
                 self.model, self.tokenizer, slots=slots, context=spec.max_length + spec.max_new_tokens,
                 device=self.device, graphs=graphs, prefill_chunk=int(spec.extra.get("prefill_chunk", 512)),
+                prefill_tokens=int(spec.extra.get("prefill_tokens", 2048)),
                 eos_ids=self._eos_ids())
         except ValueError as exc:
             log.info("%s answers with transformers' generate: %s", spec.name, exc)
