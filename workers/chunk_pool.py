@@ -49,8 +49,8 @@ class ChunkPool:
         if processes > 0:
             self._pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=_init, initargs=(str(tokenizer_path), max_tokens))
-            for future in [self._pool.submit(_noop) for _ in range(processes)]:  # start them now, not mid-job
-                future.result()
+            for _ in range(processes):   # start them now, not mid-job (a first job's chunks wait for them)
+                self._pool.submit(_noop)
             log.info("chunking in %d processes", processes)
 
     def chunk_many(self, items: list[dict[str, Any]]) -> list[list[ChunkText] | BaseException]:

@@ -6,6 +6,7 @@ Tasks reach it through `app.require_runtime()`; `stage()` is the hook that times
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -89,8 +90,19 @@ class WorkerRuntime:
             self._knobs = (time.monotonic(), values)
         return values.get(name, default)
 
-    @cached_property
+    _chunk_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+
+    @property
     def chunk_pool(self):  # type: ignore[no-untyped-def]
+        """The chunking pool, made once (the worker starts making it in the background at start-up; a task that
+        comes first waits for it)."""
+        with self._chunk_lock:
+            pool = self.__dict__.get("_chunk_pool")
+            if pool is None:
+                pool = self.__dict__["_chunk_pool"] = self._make_chunk_pool()
+            return pool
+
+    def _make_chunk_pool(self):  # type: ignore[no-untyped-def]
         from workers.chunk_pool import ChunkPool
 
         processes = self.settings.chunk_processes

@@ -98,61 +98,96 @@ ENGINE_ADDRESS_ENV = "RAGQ_ENGINE_ADDRESS"   # how the urgent consumer finds its
 ENGINE_KEY_ENV = "RAGQ_ENGINE_KEY"
 
 
-def build_runtime(settings: Settings, device: str, name: str | None = None, log_level: str = "INFO",
-                  attach: bool = False):  # type: ignore[no-untyped-def]
-    """The worker's runtime; its engine client either starts the engine process (the worker) or attaches to the
-    one its worker started (the urgent consumer, from RAGQ_ENGINE_ADDRESS and RAGQ_ENGINE_KEY)."""
-    import transformers
+class StartupClock:
+    """`ragq worker`'s start-up phases, one log line each with its duration, and the total once it consumes."""
 
-    transformers.AutoTokenizer  # noqa: B018 - resolve the lazy import here, before task threads race for it
-    from workers.backends.tokens import count_tokens, prepare_items
+    def __init__(self, worker: str) -> None:
+        import time
+
+        import psutil
+
+        self.worker = worker
+        self._now = time.monotonic
+        # from the process's start, so the interpreter's and the CLI's imports count
+        self.started = self._now() - max(0.0, time.time() - psutil.Process().create_time())
+        self._mark = self.started
+        self.phases: dict[str, float] = {}
+
+    def phase(self, name: str) -> None:
+        now = self._now()
+        self.phases[name] = now - self._mark
+        self._mark = now
+        log.info("worker %s: start-up: %s %.2fs", self.worker, name, self.phases[name])
+
+    def total(self) -> float:
+        return self._now() - self.started
+
+
+def build_runtime(settings: Settings, device: str, name: str | None = None, log_level: str = "INFO",
+                  attach: bool = False, address: str | None = None, authkey: bytes | None = None,
+                  clock: StartupClock | None = None):  # type: ignore[no-untyped-def]
+    """The worker's runtime; its engine client either starts the engine process (the worker, at `address` with
+    `authkey` when given) or attaches to the one its worker started (the urgent consumer, from RAGQ_ENGINE_ADDRESS
+    and RAGQ_ENGINE_KEY). The tokenizers load in the background meanwhile (a task waits for them)."""
+    from workers.backends.tokens import count_tokens, prepare_items, preload
     from workers.engine_process import EngineClient
     from workers.models import check_model_dirs, load_model_specs
     from workers.runtime import WorkerRuntime
     from workers.timing import PostgresSink
 
+    clock = clock or StartupClock(worker_name(device, name))
     specs = load_model_specs(settings.models)
     check_model_dirs(specs)
+    preload(specs)
     endpoints = ensure_services(settings)
-    ensure_schema(endpoints.database_url)
+    clock.phase("services")
+    if not attach:   # the owner migrates (its urgent consumer needs the tables only once it has tasks)
+        ensure_schema(endpoints.database_url)
+        clock.phase("schema")
     name = worker_name(device, name)
     sink = PostgresSink(endpoints.database_url, worker=name)
     if attach:
         engine = EngineClient.attach(device, specs, "\0" + os.environ[ENGINE_ADDRESS_ENV],
                                      bytes.fromhex(os.environ[ENGINE_KEY_ENV]), token_counter=count_tokens, preparer=prepare_items,
                                      start_timeout_s=120)
+        clock.phase("engine attached")
     else:
         engine = EngineClient(device, specs, build_engine,
                               (settings, device, endpoints.database_url, name, endpoints.broker_url),
+                              address=address, authkey=authkey,
                               token_counter=count_tokens, preparer=prepare_items, log_level=log_level)
+        clock.phase("engine process")
     runtime = WorkerRuntime(settings, endpoints, engine, sink, name, device, specs)
     log.info("worker %s: engine process %s, models %s", name, engine.pid or "attached",
              ", ".join(f"{role}={spec.name}" for role, spec in specs.items()))
     return runtime
 
 
-def _start_urgent_consumer(runtime, concurrency: int, loglevel: str) -> subprocess.Popen[bytes]:  # type: ignore[no-untyped-def]
-    """The urgent queue's own Celery worker process, sharing this worker's engine."""
-    engine = runtime.engine
-    env = dict(os.environ, **{ENGINE_ADDRESS_ENV: engine.address.lstrip("\0"), ENGINE_KEY_ENV: engine.authkey.hex()})
-    base = runtime.worker_name.split("@")[0]
-    args = [sys.executable, "-m", "ragq.cli", "worker", "--device", runtime.device, "--name", f"{base}-urgent",
+def _start_urgent_consumer(owner: str, device: str, address: str, authkey: bytes, concurrency: int, loglevel: str
+                           ) -> subprocess.Popen[bytes]:
+    """The urgent queue's own Celery worker process, sharing the engine of the worker named `owner` (which
+    listens, or will, at `address`)."""
+    env = dict(os.environ, **{ENGINE_ADDRESS_ENV: address.lstrip("\0"), ENGINE_KEY_ENV: authkey.hex()})
+    base = owner.split("@")[0]
+    args = [sys.executable, "-m", "ragq.cli", "worker", "--device", device, "--name", f"{base}-urgent",
             "--concurrency", str(concurrency), "--loglevel", loglevel, "--queues", "urgent", "--attach"]
     child = subprocess.Popen(args, env=env)  # noqa: S603
-    log.info("worker %s: urgent consumer started (pid %d, %d threads)", runtime.worker_name, child.pid, concurrency)
+    log.info("worker %s: urgent consumer started (pid %d, %d threads)", owner, child.pid, concurrency)
     return child
 
 
 class UrgentConsumer:
     """The urgent consumer process, restarted if it dies while the worker runs (a question must always find a
-    consumer); stopped with a warm shutdown when the worker stops."""
+    consumer); stopped with a warm shutdown when the worker stops. Started first thing, beside the worker's own
+    start-up: it attaches to the engine once the worker has started it."""
 
-    def __init__(self, runtime, concurrency: int, loglevel: str) -> None:  # type: ignore[no-untyped-def]
-        self.runtime, self.concurrency, self.loglevel = runtime, concurrency, loglevel
+    def __init__(self, owner: str, device: str, address: str, authkey: bytes, concurrency: int, loglevel: str
+                 ) -> None:
+        self.args = (owner, device, address, authkey, concurrency, loglevel)
         self.restarts = 0
         self._stopping = threading.Event()
         self._lock = threading.Lock()
-        self.process = _start_urgent_consumer(runtime, concurrency, loglevel)
+        self.process = _start_urgent_consumer(*self.args)
         threading.Thread(target=self._watch, name="ragq-urgent-watch", daemon=True).start()
 
     def _watch(self) -> None:
@@ -166,7 +201,7 @@ class UrgentConsumer:
                 return
             with self._lock:
                 if not self._stopping.is_set():
-                    self.process = _start_urgent_consumer(self.runtime, self.concurrency, self.loglevel)
+                    self.process = _start_urgent_consumer(*self.args)
 
     def stop(self, timeout_s: float = 60.0) -> None:
         self._stopping.set()
@@ -208,6 +243,7 @@ def run_worker(
     celery-defaults profile, one Celery worker consumes both queues."""
     if device == "all":
         return _run_all(settings, concurrency, loglevel)
+    clock = StartupClock(worker_name(device, name))
     if not attach and os.environ.get(HOST_CHECKED_ENV) != "1":
         from ragq.core.hostplan import check_host_ram
 
@@ -225,21 +261,42 @@ def run_worker(
     split = not attach and queues is None and settings.urgent_concurrency > 0 and settings.celery_profile == "ragq"
     if queues is None:
         queues = BACKGROUND_QUEUE if split else f"{URGENT_QUEUE},{BACKGROUND_QUEUE}"
-    from ragq.core import tracing
-
-    tracing.setup(settings, f"ragq-worker-{worker_name(device, name)}")
-    runtime = build_runtime(settings, device, name, loglevel.upper(), attach=attach)
-    if URGENT_QUEUE in queues.split(","):   # questions in flight here first: their later stages come to this queue
-        queues = f"{direct_queue(runtime.worker_name)},{queues}"
-    configure_app(settings, runtime.endpoints, consumer=True)
-    app.runtime = runtime
+    clock.phase("imports")
     urgent = None
     leases = None
     watchdog = None
     heartbeat = None
+    address = authkey = None
+    if split:   # its start-up runs beside this one's; it attaches to the engine once that is up
+        import uuid
+
+        address, authkey = f"\0ragq-engine-{uuid.uuid4().hex}", os.urandom(32)
+        urgent = UrgentConsumer(worker_name(device, name), device, address, authkey, settings.urgent_concurrency,
+                                loglevel)
     try:
-        if BACKGROUND_QUEUE in queues.split(","):
-            runtime.chunk_pool  # noqa: B018 - start chunking processes before the first task, not during it
+        from ragq.core import tracing
+
+        tracing.setup(settings, f"ragq-worker-{worker_name(device, name)}")
+        runtime = build_runtime(settings, device, name, loglevel.upper(), attach=attach, address=address,
+                                authkey=authkey, clock=clock)
+    except BaseException:
+        if urgent is not None:
+            urgent.stop(timeout_s=5.0)
+        raise
+    if URGENT_QUEUE in queues.split(","):   # questions in flight here first: their later stages come to this queue
+        queues = f"{direct_queue(runtime.worker_name)},{queues}"
+    configure_app(settings, runtime.endpoints, consumer=True)
+    app.runtime = runtime
+    from celery import signals
+
+    def consuming(**_: object) -> None:
+        log.info("worker %s: consuming %s, %.2fs after start", runtime.worker_name, queues, clock.total())
+
+    signals.worker_ready.connect(consuming, weak=False)
+    try:
+        if BACKGROUND_QUEUE in queues.split(","):   # chunking's imports and processes, beside the start-up
+            threading.Thread(target=lambda: runtime.chunk_pool, name="ragq-chunking", daemon=True).start()
+        clock.phase("chunking")
         if not attach and settings.metrics_port >= 0:
             from workers import metrics
 
@@ -249,6 +306,7 @@ def run_worker(
                           metrics.worker_state_dir(settings.home) / f"{runtime.worker_name}.json",
                           {"worker": runtime.worker_name, "device": device, "engine_pid": runtime.engine.pid},
                           collectors=metrics_collectors(runtime.specs))
+        clock.phase("metrics")
         if settings.celery_profile == "ragq":  # late acks: keep this consumer's tasks leased (workers/leases.py)
             from workers.leases import TaskLeases
 
@@ -265,8 +323,7 @@ def run_worker(
             from workers.leases import Heartbeat
 
             heartbeat = Heartbeat(runtime.endpoints.broker_url, runtime.worker_name).start()
-        if split:
-            urgent = UrgentConsumer(runtime, settings.urgent_concurrency, loglevel)
+        clock.phase("leases and watchdogs")
         app.worker_main([
             "worker", "--pool", "threads", "--concurrency", str(concurrency or settings.worker_concurrency),
             "--queues", queues, "--hostname", runtime.worker_name,
@@ -283,7 +340,7 @@ def run_worker(
             heartbeat.stop()
         runtime.engine.stop()
         runtime.sink.close()
-        if "chunk_pool" in runtime.__dict__:
+        if runtime.__dict__.get("_chunk_pool") is not None:
             runtime.chunk_pool.close()
     return 0
 

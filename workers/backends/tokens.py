@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any, NamedTuple
 
 from workers.models import ModelSpec
 
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _RERANK_TEMPLATE_TOKENS = 48  # the Qwen3-Reranker prefix and suffix
 
@@ -18,6 +20,22 @@ def _tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def preload(specs: dict[str, ModelSpec]) -> threading.Thread:
+    """Load the models' tokenizers in a background thread (transformers' import alone takes seconds, torch with it),
+    so a worker's start-up goes on meanwhile; a task that needs one first waits for it (the lock)."""
+    def load() -> None:
+        with _lock:
+            for spec in specs.values():
+                try:
+                    _tokenizer(spec.path)
+                except Exception as exc:  # noqa: BLE001 - the task that needs it raises the error itself
+                    log.warning("tokenizer of %s did not load: %s", spec.name, exc)
+
+    thread = threading.Thread(target=load, name="ragq-tokenizers", daemon=True)
+    thread.start()
+    return thread
 
 
 def count_tokens(spec: ModelSpec, items: list[Any]) -> list[int]:
