@@ -16,6 +16,16 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--drill-busy", type=int, default=0,
+                     help="processes spinning on the CPU beside the kill and outage drills (a busy host)")
+
+
+@pytest.fixture
+def drill_busy(request: pytest.FixtureRequest) -> int:
+    return int(request.config.getoption("--drill-busy"))
+
+
 def ragq_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAGQ_")}
     env.update({"RAGQ_HOME": str(home), "PYTHONUNBUFFERED": "1", "RAGQ_METRICS_PORT": "0"}, **extra)

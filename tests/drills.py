@@ -59,6 +59,40 @@ def drill_services(home: Path) -> tuple[Any, Any]:
     return settings, services
 
 
+def finish_job(client: Any, job: str, stall_s: float = 240.0, poll_s: float = 0.5) -> dict[str, Any]:
+    """Wait for a job as long as it moves: fail only after `stall_s` with no document done, not after a fixed
+    time, so a drill on a busy machine takes longer instead of failing."""
+    last, moved = None, time.monotonic()
+    while True:
+        status = client.job_status(job)
+        if status["status"] in ("completed", "completed_with_errors", "failed"):
+            return status
+        progress = (status["documents_done"], status["documents_failed"], status.get("chunks_total"))
+        if progress != last:
+            last, moved = progress, time.monotonic()
+        elif time.monotonic() - moved > stall_s:
+            raise RuntimeError(f"job {job} made no progress for {stall_s:.0f} s: {status}")
+        time.sleep(poll_s)
+
+
+class Busy:
+    """`count` processes spinning on the CPU beside a drill (as other work on a shared host), for its duration."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> Busy:
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
+                      for _ in range(self.count)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.send_signal(signal.SIGTERM)
     proc.wait(60)

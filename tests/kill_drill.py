@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.drills import (  # noqa: E402
-    drill_services, job_integrity, kill_hard, start_worker, stop, version_integrity, wait_ready,
+    Busy, drill_services, finish_job, job_integrity, kill_hard, start_worker, stop, version_integrity, wait_ready,
 )
 
 
@@ -35,11 +35,13 @@ def main() -> int:
     parser.add_argument("--docs", type=int, default=240)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--replace-kills", type=int, default=2)
+    parser.add_argument("--busy", type=int, default=0, help="processes spinning on the CPU beside the drill")
     args = parser.parse_args()
     from bench.urgent_cpu import make_corpus
     from ragq.client import Client
 
     settings, services = drill_services(args.home)
+    busy = Busy(args.busy).__enter__()   # other work on the machine, for the drill's whole length
     rng = random.Random(args.seed)
     name = "drill"
     log = args.home / "worker.log"
@@ -69,7 +71,7 @@ def main() -> int:
         proc = start_worker(args.home, name, log, RAGQ_MAX_DELIVERIES="1000")
         try:
             wait_ready(client.app, proc, name)
-            status = client.wait_for_job(job, timeout_s=900)
+            status = finish_job(client, job)
             reply = client.ask("Which worker keeps the urgent questions fast?", timeout_s=120)
             summary.update(job_integrity(client, job, args.docs, status))
             edited = sorted(rng.sample(corpus, max(1, args.docs // 10)))
@@ -84,7 +86,7 @@ def main() -> int:
                 summary["replace_kills"] = summary.get("replace_kills", 0) + 1
                 proc = start_worker(args.home, name, log, RAGQ_MAX_DELIVERIES="1000")
                 wait_ready(client.app, proc, name)
-            replaced = client.wait_for_job(again, timeout_s=900)
+            replaced = finish_job(client, again)
         finally:
             stop(proc)
         summary["restored"] = log.read_text(errors="replace").count("put back")
@@ -93,6 +95,7 @@ def main() -> int:
         summary["answer"] = bool(reply.get("answer"))
         summary["ok"] = first_ok and summary["ok"] and summary["answer"] and not summary.get("orphans")
     finally:
+        busy.__exit__(None, None, None)
         services.down()
     print(json.dumps(summary))
     return 0 if summary.get("ok") else 1

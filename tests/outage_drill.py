@@ -26,7 +26,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.drills import drill_services, job_integrity, start_worker, stop, wait_ready  # noqa: E402
+from tests.drills import Busy, drill_services, finish_job, job_integrity, start_worker, stop, wait_ready  # noqa: E402,E501
 
 
 def wait_progress(client: Any, job: str, timeout_s: float = 300) -> dict[str, Any]:
@@ -47,6 +47,7 @@ def main() -> int:
     parser.add_argument("--docs", type=int, default=80)
     parser.add_argument("--outage-s", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--busy", type=int, default=0, help="processes spinning on the CPU beside the drill")
     args = parser.parse_args()
     from sqlalchemy import text
 
@@ -54,6 +55,7 @@ def main() -> int:
     from ragq.client import Client
 
     settings, services = drill_services(args.home)
+    busy = Busy(args.busy).__enter__()   # other work on the machine, for the drill's whole length
     name = "outage"
     log = args.home / "worker.log"
     summary: dict[str, Any] = {"fault": args.fault}
@@ -82,11 +84,11 @@ def main() -> int:
                 time.sleep(args.outage_s)
                 services.start_postgres()
             outage_end = datetime.now(timezone.utc)
-            status = client.wait_for_job(job, timeout_s=600)
+            status = finish_job(client, job)
             reply = client.ask("Which worker keeps the urgent questions fast?", timeout_s=120)
             # a new submission after the fault: the client publishes again
             second = client.submit_ingest(make_corpus(args.home / "corpus2", 4, args.seed + 1)).job_id
-            second_status = client.wait_for_job(second, timeout_s=300)
+            second_status = finish_job(client, second)
             summary["worker_survived"] = proc.poll() is None
             time.sleep(3)   # the sink's next flush
         finally:
@@ -105,6 +107,7 @@ def main() -> int:
         else:                       # rows made while the database was away were written later
             summary["ok"] = summary["ok"] and summary["timing_rows_during_outage"] > 0
     finally:
+        busy.__exit__(None, None, None)
         services.down()
     print(json.dumps(summary, default=str))
     return 0 if summary.get("ok") else 1
