@@ -62,8 +62,14 @@ def build(db: Any, since: datetime, until: datetime) -> dict[str, Any]:
             SELECT rule, subject, severity, state, message, started_at, fired_at, resolved_at FROM alerts
             WHERE started_at < :until AND (resolved_at IS NULL OR resolved_at >= :since) ORDER BY started_at""",
                        **window)
+        starts = _rows(conn, """
+            SELECT s.worker, s.device, s.pid, s.started_at, s.consuming_s, s.restored, s.phases,
+                   EXISTS (SELECT 1 FROM worker_starts e WHERE e.worker = s.worker AND e.started_at < s.started_at)
+                     AS restart
+            FROM worker_starts s WHERE s.started_at >= :since AND s.started_at < :until
+            ORDER BY s.started_at""", **window)
     return {"since": since, "until": until, "stages": stages, "model_events": models, "device_memory": memory,
-            "alerts": alerts}
+            "alerts": alerts, "worker_starts": starts}
 
 
 def series(db: Any, since: datetime, until: datetime) -> dict[str, list[dict[str, Any]]]:
@@ -104,6 +110,24 @@ def stage_table_rows(report: dict[str, Any]) -> list[list[str]]:
 STAGE_HEADERS = ["priority", "stage", "model", "n", "errors", "p50 ms", "p90 ms", "p99 ms", "queue p50",
                  "compute p50", "first token p50", "queue/compute", "items/s", "batch mean"]
 MODEL_HEADERS = ["device", "model", "event", "count", "p50 ms", "max ms", "total s"]
+START_HEADERS = ["worker", "starts", "restarts", "consuming after p50 s", "max s", "tasks put back", "last start"]
+
+
+def start_table_rows(report: dict[str, Any]) -> list[list[str]]:
+    """Per consumer: how often it started in the window, how many of those were restarts (it had started before),
+    and how long each took from its process's start to consuming."""
+    import statistics
+
+    by_worker: dict[str, list[dict[str, Any]]] = {}
+    for row in report.get("worker_starts", []):
+        by_worker.setdefault(row["worker"], []).append(row)
+    rows = []
+    for worker, starts in sorted(by_worker.items()):
+        times = [r["consuming_s"] for r in starts]
+        rows.append([worker, str(len(starts)), str(sum(1 for r in starts if r["restart"])),
+                     f"{statistics.median(times):.1f}", f"{max(times):.1f}", str(sum(r["restored"] for r in starts)),
+                     f"{starts[-1]['started_at']:%Y-%m-%d %H:%M:%S}"])
+    return rows
 
 
 def model_table_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -125,6 +149,11 @@ def render_text(report: dict[str, Any], console: Any) -> None:
     if report["model_events"]:
         table = Table(*MODEL_HEADERS, title="models: loads, wakes, evictions")
         for row in model_table_rows(report):
+            table.add_row(*row)
+        console.print(table)
+    if report.get("worker_starts"):
+        table = Table(*START_HEADERS, title="worker starts (time from the process's start to consuming)")
+        for row in start_table_rows(report):
             table.add_row(*row)
         console.print(table)
     for m in report["device_memory"]:
@@ -232,6 +261,9 @@ def render_html(report: dict[str, Any], points: dict[str, list[dict[str, Any]]])
             sections.append(f'<h2>{title}</h2><div class="plot" id="plot-{key}">{figures[key]}</div>')
     sections.append("<h2>Models</h2>")
     sections.append(_table(MODEL_HEADERS, model_table_rows(report)) if report["model_events"] else "<p>no events</p>")
+    sections.append("<h2>Worker starts</h2>")
+    sections.append(_table(START_HEADERS, start_table_rows(report)) if report.get("worker_starts")
+                    else "<p>none</p>")
     sections.append("<h2>Alerts</h2>")
     sections.append(_table(["state", "severity", "rule", "subject", "message"],
                            [[a["state"], a["severity"], a["rule"], a["subject"], a["message"]]

@@ -7,6 +7,7 @@ requests still pending, and each task checks the deadline when it starts.
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -73,11 +74,50 @@ def embed_query(self: Any, state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+_SIZES: dict[tuple[str, str, str], tuple[float, int, int]] = {}   # (db, collection, model) -> (at, chunks, total)
+_SIZES_LOCK = threading.Lock()
+SIZES_TTL_S = 60.0
+
+
+def collection_size(db: Any, collection: str, embed_model: str) -> tuple[int, int]:
+    """(chunks of `embed_model` in `collection`'s current versions, chunks in the table), counted at most once a
+    minute per process."""
+    key = (str(db.url), collection, embed_model)
+    now = time.monotonic()
+    with _SIZES_LOCK:
+        cached = _SIZES.get(key)
+    if cached is not None and now - cached[0] < SIZES_TTL_S:
+        return cached[1], cached[2]
+    with db.connect() as conn:
+        size = conn.execute(text(
+            "SELECT count(*) FROM doc_keys k JOIN chunks c ON c.document_id = k.document_id "
+            "WHERE k.collection = :c AND c.embed_model = :m"), {"c": collection, "m": embed_model}).scalar_one()
+        total = conn.execute(text("SELECT greatest(reltuples::bigint, 0) FROM pg_class WHERE relname = 'chunks'")
+                             ).scalar() or 0
+    total = max(int(total), int(size))
+    with _SIZES_LOCK:
+        _SIZES[key] = (now, int(size), total)
+    return int(size), total
+
+
+def search_plan(size: int, total: int, wanted: int, ef_min: int = 100, exact_under: int = 50_000
+                ) -> tuple[str, int]:
+    """("exact", 0) for a collection small enough to compare every chunk, else ("hnsw", ef_search): at least
+    `ef_min` and twice the rows wanted, scaled by the share of the table outside the collection (pgvector 0.6
+    filters by collection after the index scan: a collection of a tenth of the table keeps a tenth of the
+    candidates), at most pgvector's 1,000."""
+    if size < exact_under or size <= wanted:
+        return "exact", 0
+    share = size / max(total, size)
+    return "hnsw", int(min(1000, max(ef_min, 2 * wanted) / max(share, 1e-3)))
+
+
 def search_chunks(rt: Any, vector: list[float], embed_model: str, wanted: int,
                   collection: str = DEFAULT_COLLECTION) -> list[dict[str, Any]]:
     """The `wanted` chunks nearest to `vector` among the current versions of `collection`'s documents embedded by
-    `embed_model` (pgvector HNSW, cosine). The index is scanned before the collection filter applies, so a small
-    collection inside a large table can come back short: then the search runs exact over the collection."""
+    `embed_model` (cosine). A small collection is searched exactly; a larger one through the model's HNSW index
+    with enough candidates for its share of the table (`search_plan`); should the index scan still come back
+    short, exactly."""
     dim = int(len(vector))
     # dim is an int from len(): vector(N) is a type modifier, which Postgres takes only as a literal; the values
     # (the query vector, the model, the collection, the limit) are bound parameters
@@ -91,12 +131,18 @@ def search_chunks(rt: Any, vector: list[float], embed_model: str, wanted: int,
         LIMIT :n
     """)  # noqa: S608
     params = {"q": str(vector), "model": embed_model, "n": wanted, "collection": collection}
+    settings = getattr(rt, "settings", None)
+    size, total = collection_size(rt.db, collection, embed_model)
+    how, ef = search_plan(size, total, wanted, getattr(settings, "hnsw_ef_search", 100),
+                          getattr(settings, "exact_search_under", 50_000))
     with rt.db.begin() as conn:
-        conn.execute(text(f"SET LOCAL hnsw.ef_search = {max(40, min(1000, int(wanted)))}"))
-        rows = conn.execute(sql, params).mappings().all()
-        if len(rows) < wanted:   # short: exact over the collection (no index scan), which has all it holds
+        rows: list[Any] = []
+        if how == "hnsw":
+            conn.execute(text(f"SET LOCAL hnsw.ef_search = {int(ef)}"))
+            rows = list(conn.execute(sql, params).mappings().all())
+        if len(rows) < wanted:   # exact over the collection (no index scan), which has all it holds
             conn.execute(text("SET LOCAL enable_indexscan = off"))
-            rows = conn.execute(sql, params).mappings().all()
+            rows = list(conn.execute(sql, params).mappings().all())
     return [
         {"chunk_id": r["id"], "document": r["document"], "source": r["source"], "key": r["key"], "text": r["text"],
          "headings": r["headings"], "score": float(r["score"]), "similarity": float(r["score"])}

@@ -147,5 +147,5 @@ def delete_rows_from(engine, start) -> None:  # type: ignore[no-untyped-def]
 
     with engine.begin() as conn:
         for table, column in (("stage_timings", "finished_at"), ("model_events", "ts"), ("device_samples", "ts"),
-                              ("alerts", "started_at")):
+                              ("alerts", "started_at"), ("worker_starts", "started_at")):
             conn.execute(text(f"DELETE FROM {table} WHERE {column} >= :t"), {"t": start})

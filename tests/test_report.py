@@ -4,6 +4,7 @@ the session's real data, and the HTML report rendered in headless Chromium with 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -23,7 +24,7 @@ def db(db_engine):  # type: ignore[no-untyped-def]
 
 
 def known_rows(engine) -> None:  # type: ignore[no-untyped-def]
-    from sqlalchemy import insert
+    from sqlalchemy import insert, text
 
     from ragq.core.db import Alert, DeviceSample, ModelEvent, StageTiming
 
@@ -53,6 +54,10 @@ def known_rows(engine) -> None:  # type: ignore[no-untyped-def]
         conn.execute(insert(StageTiming), streamed)   # rows of one executemany share the first row's columns
         conn.execute(insert(ModelEvent), events)
         conn.execute(insert(DeviceSample), samples)
+        conn.execute(text(
+            "INSERT INTO worker_starts (worker, device, pid, started_at, consuming_s, restored) "
+            "VALUES ('w@h', 'cpu', 1, :a, 4.0, 0), ('w@h', 'cpu', 2, :b, 6.0, 2), ('w@h', 'cpu', 3, :c, 20.0, 0)"),
+            {"a": T0, "b": T0 + timedelta(seconds=60), "c": T0 + timedelta(seconds=120)})
         conn.execute(insert(Alert).values(rule="vram_usage", subject="w cuda:0", severity="warning", state="resolved",
                                           value=0.85, threshold=0.8, message="85 %", started_at=T0,
                                           updated_at=T0, fired_at=T0, resolved_at=T0 + timedelta(seconds=90)))
@@ -80,6 +85,10 @@ def test_numbers_from_known_rows(db) -> None:  # type: ignore[no-untyped-def]
     memory = report["device_memory"][0]
     assert memory["used_max"] == 12 * 2**30 and memory["samples"] == 3
     assert [a["rule"] for a in report["alerts"]] == ["vram_usage"]
+    from ragq.report import start_table_rows
+
+    # three starts of one consumer: two of them restarts, from start to consuming 4, 6 and 20 s
+    assert start_table_rows(report) == [["w@h", "3", "2", "6.0", "20.0", "2", "2099-06-01 00:02:00"]]
     empty = build(db, T0 + timedelta(days=1), T0 + timedelta(days=2))
     assert empty["stages"] == [] and empty["model_events"] == []
 
@@ -122,8 +131,15 @@ def test_report_cli_on_the_sessions_jobs(worker, client, ragq_home, tmp_path: Pa
     data = json.loads(out.stdout)
     stages = {(r["priority"], r["stage"]) for r in data["stages"]}
     assert {("urgent", "embed"), ("urgent", "search"), ("background", "embed"), ("background", "store")} <= stages
+    # the session's worker recorded its two consumers' starts, with their start-up phases
+    starts = {r["worker"]: r for r in data["worker_starts"] if r["worker"].startswith(f"{worker.name}")}
+    host = os.uname().nodename
+    assert {f"{worker.name}@{host}", f"{worker.name}-urgent@{host}"} <= set(starts), data["worker_starts"]
+    main = starts[f"{worker.name}@{host}"]
+    assert 0 < main["consuming_s"] < 600 and {"imports", "services", "schema", "engine process"} <= set(main["phases"])
     text = run_ragq(env, "report", "--since", "2h", "--html", str(tmp_path / "r.html"))
     assert text.returncode == 0 and "stages" in text.stdout and (tmp_path / "r.html").stat().st_size > 1000
+    assert "worker starts" in text.stdout and f"{worker.name}-urgent@" in text.stdout
     bad = run_ragq(env, "report", "--html", str(tmp_path / "missing" / "r.html"))
     assert bad.returncode == 2 and "cannot write the HTML report" in bad.stderr + bad.stdout
     assert not (tmp_path / "missing").exists()  # nothing half-written

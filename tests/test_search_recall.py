@@ -77,14 +77,32 @@ def test_a_small_collection_inside_a_large_table_gets_k_exact_results(tables) ->
             "ORDER BY (c.embedding::vector(16)) <=> CAST(:q AS vector(16)) LIMIT 10"),
             {"m": model, "q": str(_vector(rng))}).scalars())
     assert _index_name(model) in plan
+    # by default the small collection is searched exactly; with exact search off it goes through the index (with
+    # the most candidates pgvector takes), comes back short, and falls back to exact: k results either way
+    index_only = SimpleNamespace(db=rt.db, settings=SimpleNamespace(hnsw_ef_search=40, exact_search_under=0))
+    found = 0
     for _ in range(5):
         query = _vector(rng)
         for k in (1, 10, 20):
-            got = [r["chunk_id"] for r in search_chunks(rt, query, model, k, f"small-{model}")]
-            assert got == _exact(rt, model, f"small-{model}", query, k)
-            assert len(got) == k
+            for runtime in (rt, index_only):
+                got = [r["chunk_id"] for r in search_chunks(runtime, query, model, k, f"small-{model}")]
+                assert got == _exact(rt, model, f"small-{model}", query, k)
+                assert len(got) == k
         big = [r["chunk_id"] for r in search_chunks(rt, query, model, 10, f"big-{model}")]
         assert len(big) == 10 and all(cid.startswith("big-") for cid in big)
+        found += len(set(big) & set(_exact(rt, model, f"big-{model}", query, 10)))
+    assert found / 50 >= 0.9   # the large collection through HNSW (ef_search 100): recall@10 against exact
+
+
+def test_the_search_plan_scales_candidates_with_the_collections_share() -> None:
+    from tasks.query import search_plan
+
+    assert search_plan(50, 50_050, 10) == ("exact", 0)                   # small: every chunk compared
+    assert search_plan(60_000, 60_000, 10) == ("hnsw", 100)              # the whole table: ef_search's floor
+    assert search_plan(500_000, 1_000_000, 10) == ("hnsw", 200)          # half the table: twice the candidates
+    assert search_plan(100_000, 1_000_000, 100) == ("hnsw", 1000)        # capped at pgvector's 1,000
+    assert search_plan(100_000, 100_000, 80, ef_min=40) == ("hnsw", 160)  # twice the rows wanted
+    assert search_plan(10, 20, 10, exact_under=0) == ("exact", 0)        # no more chunks than wanted
 
 
 def test_a_question_sees_the_old_version_or_the_new_one_never_both_never_neither(db_engine) -> None:  # type: ignore[no-untyped-def]

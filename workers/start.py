@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -121,6 +122,24 @@ class StartupClock:
 
     def total(self) -> float:
         return self._now() - self.started
+
+
+def record_start(runtime, clock: StartupClock, consuming_s: float, restored: int) -> None:  # type: ignore[no-untyped-def]
+    """One worker_starts row (`ragq report` shows restarts from them); a database away costs the row, not the start."""
+    from datetime import datetime, timedelta, timezone
+
+    from sqlalchemy import text
+
+    started = datetime.now(timezone.utc) - timedelta(seconds=consuming_s)
+    try:
+        with runtime.db.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO worker_starts (worker, device, pid, started_at, consuming_s, phases, restored) "
+                "VALUES (:w, :d, :p, :t, :s, CAST(:ph AS jsonb), :r)"),
+                {"w": runtime.worker_name, "d": runtime.device, "p": os.getpid(), "t": started, "s": consuming_s,
+                 "ph": json.dumps({k: round(v, 3) for k, v in clock.phases.items()}), "r": restored})
+    except Exception as exc:  # noqa: BLE001
+        log.warning("worker %s: its start was not recorded: %s", runtime.worker_name, exc)
 
 
 def build_runtime(settings: Settings, device: str, name: str | None = None, log_level: str = "INFO",
@@ -289,8 +308,12 @@ def run_worker(
     app.runtime = runtime
     from celery import signals
 
+    restored = [0]
+
     def consuming(**_: object) -> None:
-        log.info("worker %s: consuming %s, %.2fs after start", runtime.worker_name, queues, clock.total())
+        total = clock.total()
+        log.info("worker %s: consuming %s, %.2fs after start", runtime.worker_name, queues, total)
+        record_start(runtime, clock, total, restored[0])
 
     signals.worker_ready.connect(consuming, weak=False)
     try:
@@ -311,7 +334,7 @@ def run_worker(
             from workers.leases import TaskLeases
 
             leases = TaskLeases(app, runtime.endpoints.broker_url, runtime.worker_name, settings.lease_interval_s)
-            leases.restore_previous()  # before consuming: what a killed predecessor held runs again now
+            restored[0] = leases.restore_previous()  # before consuming: what a killed predecessor held runs again now
             leases.start()
         if settings.consumer_stall_s > 0:  # a consumer that stops fetching after a broker reconnect is restarted
             from workers.leases import ConsumerWatchdog

@@ -99,6 +99,11 @@ class Settings(BaseSettings):
     ask_timeout_s: float = Field(60.0, gt=0)
     top_k: int = Field(5, ge=1, le=100)
     rerank_candidates: int = Field(20, ge=1, le=1000, description="passages the reranker sees per question")
+    hnsw_ef_search: int = Field(100, ge=10, le=1000, description="the least candidates an HNSW search keeps "
+                                "(pgvector's hnsw.ef_search); raised for a collection that is a small part of the "
+                                "table, since pgvector filters by collection after the index scan")
+    exact_search_under: int = Field(50_000, ge=0, description="a collection with fewer chunks than this is searched "
+                                    "exactly (every chunk compared): as fast there, and nothing is missed")
     question_batch: int = Field(16, ge=1, le=1000, description="background questions per task (`ragq questions`)")
     # host RAM plan (the reference box): what runs on this host beside its workers, checked at `ragq worker` start
     host_services: str = Field("", description="comma-separated services on this host: redis, postgres, docling, "
