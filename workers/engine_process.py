@@ -129,7 +129,11 @@ def _serve_connection(conn: Any, engine: Engine, owner: bool) -> None:
                 message = conn.recv()
             except (EOFError, OSError):
                 if owner:
-                    log.warning("the worker process went away; the engine stops")
+                    # killed, not stopped: nothing here outlives it usefully (its requests' callers are gone, the
+                    # device's memory goes with the process), and its replacement waits for it to be gone
+                    log.warning("the worker process went away; the engine exits")
+                    logging.shutdown()
+                    os._exit(0)
                 return
             if isinstance(message, SubmitCall):
                 try:

@@ -88,6 +88,9 @@ def build_engine(settings: Settings, device: str, database_url: str, worker: str
         config=EngineConfig(report_interval_s=settings.stats_interval_s, urgent_yield_s=settings.urgent_yield_s,
                             urgent_yield_ms=settings.urgent_yield_ms),
     )
+    for role in (r.strip() for r in settings.preload.split(",")):
+        if role:   # loaded now, while the consumers start, rather than by the first question
+            engine.prewarm(role)
     if broker_url:
         from ragq.core.streams import StreamWriter
 
@@ -236,11 +239,14 @@ class UrgentConsumer:
 
 
 def _exit_with_parent() -> None:
-    """An urgent consumer ends with its worker, however the worker ends (Linux: the parent-death signal)."""
+    """An urgent consumer ends with its worker, however the worker ends (Linux: the parent-death signal). A worker
+    stopping cleanly stops it first (a warm shutdown); a worker that died took the engine with it, so its consumer
+    is killed at once: what it held goes back through its lease when the replacement starts, and the replacement
+    waits for it to be gone."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 
