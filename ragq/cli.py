@@ -529,8 +529,11 @@ def demo(
 
 from ragq.cli_catalog import collections, docs, forget  # noqa: E402 - they use the helpers above
 
+from ragq.cli_eval import eval_  # noqa: E402
+
 for command in (collections, docs, forget):
     app.command()(command)
+app.command("eval")(eval_)
 
 
 def main() -> None:

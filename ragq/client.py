@@ -371,10 +371,12 @@ class Client:
 
     # -- questions ----------------------------------------------------------------------------------------------------
     def ask(self, question: str, *, timeout_s: float | None = None, top_k: int | None = None,
-            max_new_tokens: int | None = None, stream: str | None = None, collection: str | None = None
-            ) -> dict[str, Any]:
+            max_new_tokens: int | None = None, stream: str | None = None, collection: str | None = None,
+            retrieve_only: bool = False, exact: bool = False) -> dict[str, Any]:
         """A synchronous RPC over the urgent queue. Raises QuestionTimeout if no answer comes in time; the
-        question's tasks expire with it, so a late question never runs on the device."""
+        question's tasks expire with it, so a late question never runs on the device. `retrieve_only`: the
+        passages, no answer generated; `exact`: the reply's `exact` lists the chunks exact search finds with the
+        same query vector (both for `ragq eval`)."""
         from tasks.query import question_chain
 
         question = (question or "").strip()
@@ -395,6 +397,10 @@ class Client:
         }
         if stream:
             state["stream"] = stream   # the generator appends the answer's pieces there as they come
+        if retrieve_only:
+            state["retrieve_only"] = True
+        if exact:
+            state["exact"] = True
         state["collection"] = self._collection(collection)   # the question searches this collection only
         with tracing.span("ask", question_chars=len(question), top_k=k):  # the root of the question's trace
             reply = self._answer(lambda: question_chain(state), started, timeout)
@@ -552,6 +558,7 @@ def _public_reply(state: dict[str, Any]) -> dict[str, Any]:
             for stage in ("embed", "search", "rerank", "generate") if stage in state.get("timings", {})
         },
         "total_ms": state.get("total_ms"),
+        **({"exact": state["exact"]} if isinstance(state.get("exact"), list) else {}),
     }
 
 

@@ -294,14 +294,31 @@ class BatchTuner:
         if self._full_batches < self.window and not far_under:  # far under the target, two batches tell enough
             return
         p95 = self.p95_ms()
+        here = self._throughput[self.size]
         if p95 > self.latency_target_ms:
-            too_big = self.size
-            self._set(int(self.size * 0.75), f"p95 {p95:.0f}ms over the {self.latency_target_ms:.0f}ms target")
-            self.ceiling = max(self.minimum, too_big - 1)  # not back to a size that broke the target (for a while)
-            self._under_ceiling = 0
+            # over the target: smaller batches, but not at any price. Questions do not need it (while they keep
+            # coming the planner cuts batches to the urgent yield anyway); what a smaller size costs is
+            # throughput, so the tuner goes down only while that does not lose throughput, and comes back to the
+            # size that gave the most when every size tried misses the target (a busy CPU: 160 ms of CPU per
+            # passage at batch 1 against 28 at 32)
+            best = max(self._throughput, key=lambda size: self._throughput[size])
+            if best != self.size and self._throughput[best] > 1.05 * here:
+                self.ceiling = max(self.ceiling, best)
+                self._set(best, f"p95 {p95:.0f}ms over the {self.latency_target_ms:.0f}ms target at every size "
+                                f"tried: back to {best}, the most throughput ({self._throughput[best]:.1f}/s)")
+                self._under_ceiling = 0
+                return
+            down = max(self.minimum, int(self.size * 0.75))
+            below = self._throughput.get(down)
+            if down < self.size and (below is None or below >= 0.95 * here):
+                too_big = self.size
+                self._set(down, f"p95 {p95:.0f}ms over the {self.latency_target_ms:.0f}ms target")
+                self.ceiling = max(self.minimum, too_big - 1)  # not back to a size that broke the target (for a while)
+                self._under_ceiling = 0
+            else:   # smaller sizes measured slower: this is where throughput peaks
+                self._full_batches = 0
             return
         smaller = self._throughput.get(self.size // 2)
-        here = self._throughput[self.size]
         if smaller is not None and here < 1.05 * smaller:
             self.ceiling = self.size   # doubling stopped paying: stay here (for a while)
             self._under_ceiling = 0

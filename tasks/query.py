@@ -113,11 +113,11 @@ def search_plan(size: int, total: int, wanted: int, ef_min: int = 100, exact_und
 
 
 def search_chunks(rt: Any, vector: list[float], embed_model: str, wanted: int,
-                  collection: str = DEFAULT_COLLECTION) -> list[dict[str, Any]]:
+                  collection: str = DEFAULT_COLLECTION, exact: bool = False) -> list[dict[str, Any]]:
     """The `wanted` chunks nearest to `vector` among the current versions of `collection`'s documents embedded by
     `embed_model` (cosine). A small collection is searched exactly; a larger one through the model's HNSW index
     with enough candidates for its share of the table (`search_plan`); should the index scan still come back
-    short, exactly."""
+    short, exactly. `exact` compares every chunk whatever the size (`ragq eval`'s reference)."""
     dim = int(len(vector))
     # dim is an int from len(): vector(N) is a type modifier, which Postgres takes only as a literal; the values
     # (the query vector, the model, the collection, the limit) are bound parameters
@@ -133,8 +133,8 @@ def search_chunks(rt: Any, vector: list[float], embed_model: str, wanted: int,
     params = {"q": str(vector), "model": embed_model, "n": wanted, "collection": collection}
     settings = getattr(rt, "settings", None)
     size, total = collection_size(rt.db, collection, embed_model)
-    how, ef = search_plan(size, total, wanted, getattr(settings, "hnsw_ef_search", 100),
-                          getattr(settings, "exact_search_under", 50_000))
+    how, ef = ("exact", 0) if exact else search_plan(size, total, wanted, getattr(settings, "hnsw_ef_search", 100),
+                                                     getattr(settings, "exact_search_under", 50_000))
     with rt.db.begin() as conn:
         rows: list[Any] = []
         if how == "hnsw":
@@ -160,6 +160,9 @@ def search(self: Any, state: dict[str, Any]) -> dict[str, Any]:
         state["candidates"] = search_chunks(rt, vector, state["embed_model"], wanted,
                                             state.get("collection") or DEFAULT_COLLECTION)
         clock.items = len(state["candidates"])
+    if state.get("exact"):   # `ragq eval`: exact search with the same vector, beside the answer's (not timed)
+        state["exact"] = [{"chunk_id": c["chunk_id"], "key": c["key"], "score": c["score"]} for c in search_chunks(
+            rt, vector, state["embed_model"], wanted, state.get("collection") or DEFAULT_COLLECTION, exact=True)]
     _keep_timing(state, "search", clock, self.request.hostname)
     return state
 
@@ -200,7 +203,11 @@ def generate(self: Any, state: dict[str, Any]) -> dict[str, Any]:
             cap = int(rt.knob("max_new_tokens", spec.max_new_tokens))
             asked = state.get("max_new_tokens") or spec.max_new_tokens
             state["max_new_tokens"] = min(asked, cap)
-        if not sources:
+        if state.get("retrieve_only"):   # `ragq eval`: the ranking is what is measured
+            clock.model = "none"
+            state["answer"] = ""
+            state["mode"] = "retrieval"
+        elif not sources:
             clock.model = "none"
             state["answer"] = "No ingested passage matches this question: ingest documents first (`ragq ingest`)."
             state["mode"] = "none"

@@ -237,3 +237,20 @@ def test_a_questions_rerank_candidates_are_one_urgent_pass_by_default() -> None:
     assert spec_from_table("rerank", {"path": "/x"}, "models.toml").urgent_batch >= Settings().rerank_candidates
     assert spec_from_table("embed", {"path": "/x"}, "models.toml").urgent_batch == 8
     assert spec_from_table("rerank", {"path": "/x", "urgent_batch": 4}, "models.toml").urgent_batch == 4
+
+
+def test_a_cpu_engine_sets_torch_threads_from_the_cores_or_the_setting() -> None:
+    import os
+
+    import torch
+
+    from ragq.core.settings import Settings
+    from workers.start import cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert cpu_threads(Settings(torch_threads=3)) == 3 and torch.get_num_threads() == 3
+        cores = len(os.sched_getaffinity(0))
+        assert cpu_threads(Settings()) == max(1, cores // 2) == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)

@@ -135,6 +135,27 @@ def test_tuner_shrinks_when_latency_passes_its_target() -> None:
     assert any("over the 100ms target" in why for _, _, why in tuner.changes)
 
 
+def test_a_target_no_size_meets_does_not_cost_the_throughput() -> None:
+    """A slow, busy device (ragq eval on a loaded 2-core machine): a fixed cost per batch, the cost per item
+    rising past 24 items, an 800 ms target that no size meets. The tuner used to shrink to 1 and stay (throughput
+    down ~6x); it now goes down only while that costs no throughput and settles where throughput peaks."""
+    def ms(n: int) -> float:
+        return 700.0 + 28.0 * n + 4.0 * max(0, n - 24) ** 2
+
+    def rate(n: int) -> float:
+        return n / ms(n)
+
+    tuner = BatchTuner(size=64, maximum=128, latency_target_ms=800)
+    sizes = []
+    for _ in range(400):
+        tuner.observe(tuner.size, ms(tuner.size))
+        sizes.append(tuner.size)
+    peak = max(range(1, 129), key=rate)
+    assert rate(tuner.size) >= 0.9 * rate(peak), (tuner.size, peak, tuner.changes)
+    assert min(sizes[200:]) == max(sizes[200:])   # settled, not oscillating
+    assert min(sizes) >= 16                       # never down to the sizes that lose most of the throughput
+
+
 def test_tuner_halves_on_oom_and_does_not_ramp_past_it() -> None:
     tuner = BatchTuner(size=64, maximum=256, latency_target_ms=1000)
     tuner.out_of_memory(64)

@@ -137,6 +137,9 @@ def test_report_cli_on_the_sessions_jobs(worker, client, ragq_home, tmp_path: Pa
     assert {f"{worker.name}@{host}", f"{worker.name}-urgent@{host}"} <= set(starts), data["worker_starts"]
     main = starts[f"{worker.name}@{host}"]
     assert 0 < main["consuming_s"] < 600 and {"imports", "services", "schema", "engine process"} <= set(main["phases"])
+    log = worker.log_path.read_text(errors="replace")
+    assert "start-up: engine process" in log and "consuming background" in log   # one line per phase
+    assert "engine on the CPU: " in log and "torch thread(s) of" in log   # the intra-op threads it chose
     text = run_ragq(env, "report", "--since", "2h", "--html", str(tmp_path / "r.html"))
     assert text.returncode == 0 and "stages" in text.stdout and (tmp_path / "r.html").stat().st_size > 1000
     assert "worker starts" in text.stdout and f"{worker.name}-urgent@" in text.stdout

@@ -53,6 +53,20 @@ def host_budget_for(settings: Settings, device: str) -> int:
     return int(psutil.virtual_memory().total * 0.25)
 
 
+def cpu_threads(settings: Settings) -> int:
+    """torch's intra-op threads in a CPU engine: RAGQ_TORCH_THREADS, else half the cores this process may use (the
+    consumers, chunking and Postgres share them: with 2 busy cores, one query embed took 78 ms on 2 threads
+    against 22 ms on 1)."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = settings.torch_threads or max(1, cores // 2)
+    torch.set_num_threads(threads)
+    log.info("engine on the CPU: %d torch thread(s) of %d core(s)%s", threads, cores,
+             "" if settings.torch_threads else " (RAGQ_TORCH_THREADS to change)")
+    return threads
+
+
 def build_engine(settings: Settings, device: str, database_url: str, worker: str,  # type: ignore[no-untyped-def]
                  broker_url: str | None = None):
     """In the engine process: the budget (enforced on the card), the profiles, the model-event sink, the engine."""
@@ -67,6 +81,8 @@ def build_engine(settings: Settings, device: str, database_url: str, worker: str
     from workers.timing import PostgresSink, SinkObserver
 
     _allocator_settings(device)
+    if device == "cpu":
+        cpu_threads(settings)
     specs = load_model_specs(settings.models)
     budget = budget_for(settings, device)
     host_budget = host_budget_for(settings, device)

@@ -99,6 +99,8 @@ class Settings(BaseSettings):
     ask_timeout_s: float = Field(60.0, gt=0)
     top_k: int = Field(5, ge=1, le=100)
     rerank_candidates: int = Field(20, ge=1, le=1000, description="passages the reranker sees per question")
+    torch_threads: int = Field(0, ge=0, le=256, description="torch's intra-op threads in a CPU engine (0: half "
+                               "the cores the worker may use)")
     preload: str = Field("embed", description="roles whose models the engine loads at start, while the consumers "
                          "start (comma-separated; empty: every model on first use)")
     hnsw_ef_search: int = Field(100, ge=10, le=1000, description="the least candidates an HNSW search keeps "
