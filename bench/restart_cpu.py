@@ -107,34 +107,28 @@ def main() -> int:
     from ragq.client import Client
     from ragq.demo import sample_paths
 
-    out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "cpu_cores": os.cpu_count(), "restarts": args.restarts,
-                           "runs": {}}
     here = Path(__file__).resolve().parent.parent / "migrations" / "versions"
     for _, tree in trees:   # the client here migrates to this tree's newest revision: an older tree gets the files
         for migration in here.glob("*.py"):   # it lacks (new tables it does not use), or its alembic would refuse
             if not (tree / "migrations" / "versions" / migration.name).exists():
                 shutil.copy(migration, tree / "migrations" / "versions" / migration.name)
-    homes: list[Path] = []
-    stacks: dict[str, tuple[Any, Any, Path]] = {}
+    out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "cpu_cores": os.cpu_count(), "restarts": args.restarts,
+                           "runs": {}}
+    home = Path(tempfile.mkdtemp(prefix="ragq-restart-"))
+    settings, services = drill_services(home)   # one broker for all trees (Celery's app is one per process)
     try:
-        for label, tree in trees:   # each tree on services of its own (their schemas may differ)
-            home = Path(tempfile.mkdtemp(prefix=f"ragq-restart-{label}-"))
-            homes.append(home)
-            settings, services = drill_services(home)
-            client = Client(settings)
-            stacks[label] = (client, services, home)
-            job = client.submit_ingest(sample_paths()).job_id
-            proc = start(tree, home, "seed", home / "seed.log")
-            until_consuming(client.app, proc, "seed")
-            client.wait_for_job(job, timeout_s=600)
-            kill_hard(proc)
+        client = Client(settings)
+        job = client.submit_ingest(sample_paths()).job_id
+        proc = start(trees[-1][1], home, "seed", home / "seed.log")
+        until_consuming(client.app, proc, "seed")
+        client.wait_for_job(job, timeout_s=600)
+        kill_hard(proc)
         for busy in (int(b) for b in args.busy.split(",")):
             spinners = [multiprocessing.Process(target=spin, daemon=True) for _ in range(busy)]
             for s in spinners:
                 s.start()
             try:
                 for label, tree in trees:   # side by side, the same machine state
-                    client, _, home = stacks[label]
                     key = f"{label}, {busy} busy"
                     out["runs"][key] = run_tree(f"{label}{busy}", tree, client, home, args.restarts)
                     r = out["runs"][key]
@@ -146,10 +140,8 @@ def main() -> int:
                 for s in spinners:
                     s.kill()
     finally:
-        for _, services, _ in stacks.values():
-            services.down()
-        for home in homes:
-            shutil.rmtree(home, ignore_errors=True)
+        services.down()
+        shutil.rmtree(home, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
     return 0

@@ -257,6 +257,66 @@ def run_generation(home: Path, device: str, args: argparse.Namespace) -> dict[st
     return out
 
 
+def run_restarts(home: Path, device: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Issue [6 of 7]'s GPU row: a worker with the three full-size models SIGKILLed `--restarts` times; after each
+    kill a replacement starts at once (as a supervisor would) and a question is asked at once and again every
+    0.2 s while no consumer is there: the time from the kill to its answer, and to both consumers answering a ping."""
+    from ragq.client import Client
+    from ragq.core.errors import ServiceError
+    from ragq.core.settings import Settings
+    from ragq.demo import QUESTIONS, sample_paths
+    from tests.drills import kill_hard
+    from workers.celery_app import app
+
+    client = Client(Settings(home=home))
+    log = home / "worker-restarts.log"
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "ragq.cli", "worker", "--device", device, "--name", "rs"],
+                                env=dict(os.environ), stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+
+    def consuming(proc: subprocess.Popen[bytes]) -> float:
+        t0 = time.monotonic()
+        names = [f"rs@{os.uname().nodename}", f"rs-urgent@{os.uname().nodename}"]
+        while time.monotonic() - t0 < 600:
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker exited {proc.returncode}")
+            if len(app.control.ping(destination=names, timeout=0.2)) == len(names):
+                return time.monotonic() - t0
+        raise RuntimeError("not consuming")
+
+    proc = start()
+    out: dict[str, Any] = {"first_start_s": consuming(proc), "kills": []}
+    client.wait_for_job(client.submit_ingest(sample_paths()).job_id, timeout_s=600)
+    for _ in range(2):
+        client.ask(QUESTIONS[0], timeout_s=300)   # every model loaded once
+    for i in range(args.restarts):
+        t_kill = time.monotonic()
+        kill_hard(proc)
+        dead_s = time.monotonic() - t_kill
+        proc = start()
+        t_start = time.monotonic()
+        reply = None
+        while time.monotonic() - t_kill < 600:
+            try:
+                reply = client.ask(QUESTIONS[i % len(QUESTIONS)], timeout_s=300, top_k=3)
+                break
+            except ServiceError:
+                time.sleep(0.2)
+        answered_s = time.monotonic() - t_kill
+        ping_s = consuming(proc) + (t_start - t_kill)
+        row = {"children_gone_s": dead_s, "kill_to_consuming_s": ping_s, "kill_to_answer_s": answered_s,
+               "answer_stages_ms": (reply or {}).get("timings")}
+        out["kills"].append(row)
+        print(f"kill {i + 1}: consuming after {ping_s:.1f} s, question answered {answered_s:.1f} s after the kill",
+              flush=True)
+    kill_hard(proc)
+    text = log.read_text(errors="replace")
+    out["startup_lines"] = [line.split("workers.start: ", 1)[-1] for line in text.splitlines() if "start-up:" in line
+                            or "consuming " in line][-24:]
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", type=Path, default=Path("/tmp/ragq-models"))
@@ -273,6 +333,7 @@ def main() -> int:
                         help="only the generation rows: idle streamed asks and --concurrent questions at once")
     parser.add_argument("--concurrent", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--restarts", type=int, default=0, help="only the recovery rows: kill the worker N times")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import torch
@@ -293,6 +354,16 @@ def main() -> int:
         "torch": torch.__version__, "transformers": transformers.__version__, "cpu_cores": os.cpu_count(),
         "docs": args.docs, "questions": args.questions, "budget": "16GiB",
     }
+    if args.restarts:
+        services = EmbeddedServices(Settings(home=home))
+        services.up()
+        try:
+            results["restarts"] = run_restarts(home, args.device, args)
+        finally:
+            services.down()
+            shutil.copy(home / "worker-restarts.log", args.out / "worker-restarts.log")
+        (args.out / "stack.json").write_text(json.dumps(results, indent=2))
+        return 0
     if args.generation:
         from ragq.core.services import EmbeddedServices
         from ragq.core.settings import Settings

@@ -276,3 +276,39 @@ def test_closing_a_channel_whose_broker_is_gone_does_not_kill_the_worker(monkeyp
     endpoints = Endpoints("redis://:pw@127.0.0.1:1/0", "redis://:pw@127.0.0.1:1/0", "x")
     assert celery_config(Settings(), endpoints, consumer=True)["broker_transport"] == "workers.broker:Transport"
     assert celery_config(Settings(), endpoints)["broker_transport"] is None   # clients, beat, Flower: kombu's own
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_workers_children_die_with_it_at_once(ragq_home: Path, client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL the worker: its engine process, its urgent consumer and its chunking processes all end within
+    seconds (the engine exits when its worker's pipe closes, the others by the parent-death signal), so a
+    replacement need not wait for them (on a GPU machine the chunking processes outlived a killed worker)."""
+    import signal
+    import time
+
+    import psutil
+
+    from tests.drills import start_worker, wait_ready
+
+    proc = start_worker(ragq_home, "orphans", tmp_path / "worker.log", RAGQ_CHUNK_PROCESSES="1")
+    try:
+        wait_ready(client.app, proc, "orphans")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:   # the engine and the chunking process (both spawned), the consumer
+            children = psutil.Process(proc.pid).children(recursive=True)
+            if sum("spawn_main" in " ".join(c.cmdline()) for c in children) >= 2:
+                break
+            time.sleep(0.2)
+        assert sum("spawn_main" in " ".join(c.cmdline()) for c in children) >= 2, [c.cmdline() for c in children]
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        _, alive = psutil.wait_procs(children, timeout=20)
+        gone_s = time.monotonic() - t0
+        for child in alive:
+            child.kill()
+        assert not alive, [c.cmdline() for c in alive]
+        assert gone_s < 15, gone_s
+    finally:
+        if proc.poll() is None:
+            proc.kill()

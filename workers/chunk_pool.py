@@ -26,6 +26,13 @@ def _init(tokenizer_path: str, max_tokens: int) -> None:
     # chunking is throughput work: the engine process (launching kernels, bound by one core when decoding) and the
     # urgent consumer get the CPU first when the cores are busy
     os.nice(CHUNK_NICENESS)
+    try:   # it dies with its worker, however the worker ends (a killed worker's replacement waits for its children)
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
     from transformers import AutoTokenizer
 
     _chunker = make_chunker(AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True), max_tokens)
