@@ -217,6 +217,7 @@ def evaluate(client: Any, folder: Path, *, collection: str | None = None, top_k:
                             **{system: per_query[system].get(qid, {}) for system in runs}}
                       for i, qid in enumerate(dataset.queries)},
         "primary": ndcg,
+        "runs": {system: {qid: list(ranked) for qid, ranked in run.items()} for system, run in runs.items()},
     }
 
 

@@ -81,8 +81,15 @@ def build_engine(settings: Settings, device: str, database_url: str, worker: str
     from workers.timing import PostgresSink, SinkObserver
 
     _allocator_settings(device)
-    if device == "cpu":
-        cpu_threads(settings)
+    loader = load_model
+    if device == "cpu":   # torch's threads set by the first load (in the engine's thread, after the engine answers
+        first = [True]    # its worker: importing torch here would hold the worker's start-up for two seconds)
+
+        def loader(*a: object, **k: object) -> object:  # type: ignore[misc]
+            if first[0]:
+                first[0] = False
+                cpu_threads(settings)
+            return load_model(*a, **k)
     specs = load_model_specs(settings.models)
     budget = budget_for(settings, device)
     host_budget = host_budget_for(settings, device)
@@ -97,7 +104,7 @@ def build_engine(settings: Settings, device: str, database_url: str, worker: str
     log.info("engine for %s: budget %s, host tier %s, models %s", worker, format_size(budget),
              format_size(host_budget), ", ".join(f"{role}={spec.name}" for role, spec in specs.items()))
     engine = Engine(
-        device, specs, load_model, budget, host_budget_bytes=host_budget, cooldown_s=settings.cooldown_s,
+        device, specs, loader, budget, host_budget_bytes=host_budget, cooldown_s=settings.cooldown_s,
         observer=Observers(EngineMetrics(device, total), SinkObserver(sink, total)),
         profiles=PostgresProfileStore(database_url), device_kind=device_kind(device), memory_used=memory_used,
         knob_source=lambda: tuning.live_values(get_engine(database_url)),
