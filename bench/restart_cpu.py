@@ -36,9 +36,13 @@ def spin() -> None:
         pass
 
 
-def start(tree: Path, home: Path, name: str, log: Path) -> subprocess.Popen[bytes]:
+EXTRA_ENV: dict[str, dict[str, str]] = {}   # label -> settings of that run (--env)
+
+
+def start(tree: Path, home: Path, name: str, log: Path, label: str = "") -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAGQ_")}
     env.update(RAGQ_HOME=str(home), PYTHONPATH=str(tree), RAGQ_METRICS_PORT="0", PYTHONUNBUFFERED="1")
+    env.update(EXTRA_ENV.get(label, {}))
     return subprocess.Popen([sys.executable, "-m", "ragq.cli", "worker", "--device", "cpu", "--name", name],
                             env=env, cwd=tree, stdout=open(log, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
                             stdin=subprocess.DEVNULL)
@@ -59,11 +63,11 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"p50": statistics.median(values), "max": max(values), "n": len(values)}
 
 
-def run_tree(label: str, tree: Path, client: Any, home: Path, restarts: int) -> dict[str, Any]:
+def run_tree(label: str, tree: Path, client: Any, home: Path, restarts: int, env_label: str = "") -> dict[str, Any]:
     name = f"rs{label}"
     log = home / f"worker-{label}.log"
     starts, kills, answers = [], [], []
-    proc = start(tree, home, name, log)
+    proc = start(tree, home, name, log, env_label)
     starts.append(until_consuming(client.app, proc, name))
     client.ask("warm up the models", timeout_s=300)
     for _ in range(restarts):
@@ -85,7 +89,7 @@ def run_tree(label: str, tree: Path, client: Any, home: Path, restarts: int) -> 
 
         asker = threading.Thread(target=ask)
         asker.start()
-        proc = start(tree, home, name, log)
+        proc = start(tree, home, name, log, env_label)
         starts.append(until_consuming(client.app, proc, name))
         kills.append(time.monotonic() - t_kill)
         asker.join(300)
@@ -101,8 +105,13 @@ def main() -> int:
     parser.add_argument("--restarts", type=int, default=10)
     parser.add_argument("--busy", default="0,2", help="busy processes beside the worker, one run per value")
     parser.add_argument("--trees", default="after=.", help="label=source tree, comma separated")
+    parser.add_argument("--env", action="append", default=[], help="LABEL:KEY=VALUE, a setting for one tree's runs")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    for item in args.env:
+        label, setting = item.split(":", 1)
+        key, value = setting.split("=", 1)
+        EXTRA_ENV.setdefault(label, {})[key] = value
     trees = [(label, Path(path).resolve()) for label, path in (t.split("=", 1) for t in args.trees.split(","))]
     from ragq.client import Client
     from ragq.demo import sample_paths
@@ -130,7 +139,7 @@ def main() -> int:
             try:
                 for label, tree in trees:   # side by side, the same machine state
                     key = f"{label}, {busy} busy"
-                    out["runs"][key] = run_tree(f"{label}{busy}", tree, client, home, args.restarts)
+                    out["runs"][key] = run_tree(f"{label}{busy}", tree, client, home, args.restarts, label)
                     r = out["runs"][key]
                     print(f"{key}: start p50 {r['start_to_consuming_s']['p50']:.2f} s max "
                           f"{r['start_to_consuming_s']['max']:.2f}; kill p50 {r['kill_to_consuming_s']['p50']:.2f} "

@@ -111,7 +111,8 @@ def build_engine(settings: Settings, device: str, database_url: str, worker: str
         config=EngineConfig(report_interval_s=settings.stats_interval_s, urgent_yield_s=settings.urgent_yield_s,
                             urgent_yield_ms=settings.urgent_yield_ms),
     )
-    for role in (r.strip() for r in settings.preload.split(",")):
+    preload = settings.preload if settings.preload != "auto" else ("" if device == "cpu" else "embed")
+    for role in (r.strip() for r in preload.split(",")):
         if role:   # loaded now, while the consumers start, rather than by the first question
             engine.prewarm(role)
     if broker_url:

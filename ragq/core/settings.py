@@ -101,8 +101,9 @@ class Settings(BaseSettings):
     rerank_candidates: int = Field(20, ge=1, le=1000, description="passages the reranker sees per question")
     torch_threads: int = Field(0, ge=0, le=256, description="torch's intra-op threads in a CPU engine (0: half "
                                "the cores the worker may use)")
-    preload: str = Field("embed", description="roles whose models the engine loads at start, while the consumers "
-                         "start (comma-separated; empty: every model on first use)")
+    preload: str = Field("auto", description="roles whose models the engine loads at start, while the consumers "
+                         "start (comma-separated; empty: every model on first use; auto: the embedder on a GPU, "
+                         "nothing on the CPU, where loading beside the consumers' start-up slows both)")
     hnsw_ef_search: int = Field(100, ge=10, le=1000, description="the least candidates an HNSW search keeps "
                                 "(pgvector's hnsw.ef_search); raised for a collection that is a small part of the "
                                 "table, since pgvector filters by collection after the index scan")
