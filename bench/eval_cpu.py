@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,6 +68,18 @@ def main() -> int:
     from ragq.client import Client
     from ragq.evaluation import evaluate, load_dataset
 
+    levels = [int(b) for b in args.busy.split(",")]
+    if len(levels) > 1:   # one process per level: Celery's app is bound to one broker per process
+        merged: dict[str, Any] = {}
+        for busy in levels:
+            part = args.out.with_suffix(f".{busy}busy.json")
+            subprocess.run([sys.executable, __file__, "--dataset", str(args.dataset), "--busy", str(busy),
+                            "--out", str(part)], check=True)
+            data = json.loads(part.read_text())
+            merged = {**data, "runs": {**merged.get("runs", {}), **data["runs"]}}
+            part.unlink()
+        args.out.write_text(json.dumps(merged, indent=2))
+        return 0
     dataset = load_dataset(args.dataset)
     out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "cpu_cores": os.cpu_count(),
                            "dataset": str(args.dataset.resolve()), "runs": {}}

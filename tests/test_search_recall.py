@@ -176,10 +176,10 @@ def test_hnsw_recall_against_exact_search_with_real_minilm_vectors_for_every_k(d
     name = f"minilm-recall-{uuid.uuid4().hex[:8]}"
     doc = f"doc-{name}"
     with db_engine.begin() as conn:
-        conn.execute(text("INSERT INTO documents (id, name, source, format, meta) VALUES (:d, :d, :d, 'text', '{}')"),
-                     {"d": doc})
-        conn.execute(text("INSERT INTO doc_keys (collection, key, document_id) VALUES (:c, :d, :d)"),
-                     {"c": name, "d": doc})
+        conn.execute(text("INSERT INTO documents (id, name, source, format, meta) "
+                          "VALUES (:id, :name, :source, 'text', '{}')"), {"id": doc, "name": doc, "source": doc})
+        conn.execute(text("INSERT INTO doc_keys (collection, key, document_id) VALUES (:c, :k, :d)"),
+                     {"c": name, "k": doc, "d": doc})
         conn.execute(text(
             "INSERT INTO chunks (id, document_id, seq, text, headings, embed_model, dim, tokens, embedding) "
             "VALUES (:id, :doc, :seq, :body, '[]', :model, 384, 1, CAST(:v AS vector))"),
