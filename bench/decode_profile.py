@@ -32,7 +32,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     from torch.profiler import ProfilerActivity, profile
 
-    from workers.backends.decode import Sequence, fuse_norms, use_decode_attention
+    from workers.backends.decode import Sequence
+    from workers.backends.fastpaths import fuse_norms, use_decode_attention
     from workers.backends.loading import load_torch_model
     from workers.models import ModelSpec
 

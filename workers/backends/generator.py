@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from ragq.core.errors import DeviceOutOfMemory
-from workers.backends.decode import DecodeLoop, Sequence, cut_at_stop, fuse_norms
+from workers.backends.decode import DecodeLoop, Sequence, cut_at_stop
+from workers.backends.fastpaths import fuse_norms
 from workers.backends.torch_backend import _TorchModel
 
 log = logging.getLogger(__name__)
