@@ -57,6 +57,34 @@ def minilm_vectors(corpus: Path, limit: int) -> tuple[Any, Any]:
     return vectors, query_vectors
 
 
+def measure(rt: Any, db: Any, queries: list[Any], collection: str) -> dict[str, Any]:
+    """ragq's search in `collection` for each query: latency, and recall@10 against exact search there."""
+    import numpy as np
+    from sqlalchemy import text
+
+    from tasks.query import search_chunks
+
+    latencies, recalls = [], []
+    search_chunks(rt, queries[0].tolist(), MODEL, 10, collection)   # the collection's size, counted once
+    for q in queries:
+        q = (q / np.linalg.norm(q)).tolist()
+        t0 = time.perf_counter()
+        got = [r["chunk_id"] for r in search_chunks(rt, q, MODEL, 10, collection)]
+        latencies.append((time.perf_counter() - t0) * 1000.0)
+        with db.begin() as conn:
+            conn.execute(text("SET LOCAL enable_indexscan = off"))
+            exact = list(conn.execute(text(
+                "SELECT c.id FROM chunks c JOIN doc_keys k ON k.document_id = c.document_id "
+                "AND k.collection = :c WHERE c.embed_model = :m "
+                "ORDER BY (c.embedding::vector(384)) <=> CAST(:q AS vector(384)) LIMIT 10"),
+                {"c": collection, "m": MODEL, "q": str(q)}).scalars())
+        recalls.append(len(set(got) & set(exact)) / 10)
+    ordered = sorted(latencies)
+    return {"collection": collection, "p50_ms": statistics.median(latencies),
+            "p95_ms": ordered[int(0.95 * (len(ordered) - 1))], "recall_at_10": statistics.mean(recalls),
+            "min_recall": min(recalls), "queries_under_0_9": sum(r < 0.9 for r in recalls)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--chunks", type=int, default=1_000_000)
@@ -65,6 +93,7 @@ def main() -> int:
     parser.add_argument("--corpus", type=Path,
                         default=Path(__file__).resolve().parents[2] / "shared/data/eval/business-reports")
     parser.add_argument("--max-sentences", type=int, default=6000)
+    parser.add_argument("--ef", default="100,200,400", help="RAGQ_HNSW_EF_SEARCH values to measure, side by side")
     parser.add_argument("--noise", type=float, default=0.6, help="norm of the noise added to a sentence vector")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -75,7 +104,6 @@ def main() -> int:
     from ragq.core.db import ensure_schema, ensure_vector_index, get_engine
     from ragq.core.services import EmbeddedServices
     from ragq.core.settings import Settings
-    from tasks.query import search_chunks
 
     home = Path(tempfile.mkdtemp(prefix="ragq-search-"))
     services = EmbeddedServices(Settings(home=home))
@@ -141,30 +169,16 @@ def main() -> int:
         with db.begin() as conn:
             conn.execute(text("ANALYZE chunks"))
         settings = Settings(home=home)
-        rt = SimpleNamespace(db=db, settings=settings)
-        result["plan"] = {"hnsw_ef_search": settings.hnsw_ef_search, "exact_search_under": settings.exact_search_under}
         queries = list(query_base) + list(chunks_like(max(0, args.queries - len(query_base))))
-        for label, collection in (("large", "c0"), ("small", f"c{args.collections - 1}")):
-            latencies, recalls = [], []
-            search_chunks(rt, queries[0].tolist(), MODEL, 10, collection)   # the collection's size, counted once
-            for q in queries[:args.queries]:
-                q = (q / np.linalg.norm(q)).tolist()
-                t0 = time.perf_counter()
-                got = [r["chunk_id"] for r in search_chunks(rt, q, MODEL, 10, collection)]
-                latencies.append((time.perf_counter() - t0) * 1000.0)
-                with db.begin() as conn:
-                    conn.execute(text("SET LOCAL enable_indexscan = off"))
-                    exact = list(conn.execute(text(
-                        "SELECT c.id FROM chunks c JOIN doc_keys k ON k.document_id = c.document_id "
-                        "AND k.collection = :c WHERE c.embed_model = :m "
-                        "ORDER BY (c.embedding::vector(384)) <=> CAST(:q AS vector(384)) LIMIT 10"),
-                        {"c": collection, "m": MODEL, "q": str(q)}).scalars())
-                recalls.append(len(set(got) & set(exact)) / 10)
-            ordered = sorted(latencies)
-            result[label] = {"collection": collection, "chunks": sizes[int(collection[1:])],
-                             "p50_ms": statistics.median(latencies), "p95_ms": ordered[int(0.95 * (len(ordered) - 1))],
-                             "recall_at_10": statistics.mean(recalls), "min_recall": min(recalls)}
-            print(label, result[label], flush=True)
+        result["exact_search_under"] = settings.exact_search_under
+        for ef_min in (int(e) for e in args.ef.split(",")):   # side by side: what recall each ef floor buys
+            rt = SimpleNamespace(db=db, settings=SimpleNamespace(hnsw_ef_search=ef_min,
+                                                                 exact_search_under=settings.exact_search_under))
+            for label, collection in (("large", "c0"), ("small", f"c{args.collections - 1}")):
+                row = measure(rt, db, queries[:args.queries], collection)
+                row["chunks"] = sizes[int(collection[1:])]
+                result[f"{label}, ef_search >= {ef_min}"] = row
+                print(label, ef_min, row, flush=True)
     finally:
         services.down()
         shutil.rmtree(home, ignore_errors=True)

@@ -354,27 +354,17 @@ def main() -> int:
         "torch": torch.__version__, "transformers": transformers.__version__, "cpu_cores": os.cpu_count(),
         "docs": args.docs, "questions": args.questions, "budget": "16GiB",
     }
-    if args.restarts:
+    for wanted, key, runner in ((args.restarts, "restarts", run_restarts), (args.generation, "generation",
+                                                                           run_generation)):
+        if not wanted:
+            continue
         services = EmbeddedServices(Settings(home=home))
         services.up()
         try:
-            results["restarts"] = run_restarts(home, args.device, args)
+            results[key] = runner(home, args.device, args)
         finally:
             services.down()
-            shutil.copy(home / "worker-restarts.log", args.out / "worker-restarts.log")
-        (args.out / "stack.json").write_text(json.dumps(results, indent=2))
-        return 0
-    if args.generation:
-        from ragq.core.services import EmbeddedServices
-        from ragq.core.settings import Settings
-
-        services = EmbeddedServices(Settings(home=home))
-        services.up()
-        try:
-            results["generation"] = run_generation(home, args.device, args)
-        finally:
-            services.down()
-            shutil.copy(home / "worker-generation.log", args.out / "worker-generation.log")
+            shutil.copy(home / f"worker-{key}.log", args.out / f"worker-{key}.log")
         (args.out / "stack.json").write_text(json.dumps(results, indent=2))
         return 0
     results["raw_forward"] = raw_forward(paths, make_corpus(home / "raw", args.docs, 1), args.device, args.tiny)
