@@ -100,7 +100,7 @@ def collection_size(db: Any, collection: str, embed_model: str) -> tuple[int, in
     return int(size), total
 
 
-def search_plan(size: int, total: int, wanted: int, ef_min: int = 100, exact_under: int = 50_000
+def search_plan(size: int, total: int, wanted: int, ef_min: int = 400, exact_under: int = 50_000
                 ) -> tuple[str, int]:
     """("exact", 0) for a collection small enough to compare every chunk, else ("hnsw", ef_search): at least
     `ef_min` and twice the rows wanted, scaled by the share of the table outside the collection (pgvector 0.6
@@ -133,7 +133,7 @@ def search_chunks(rt: Any, vector: list[float], embed_model: str, wanted: int,
     params = {"q": str(vector), "model": embed_model, "n": wanted, "collection": collection}
     settings = getattr(rt, "settings", None)
     size, total = collection_size(rt.db, collection, embed_model)
-    how, ef = ("exact", 0) if exact else search_plan(size, total, wanted, getattr(settings, "hnsw_ef_search", 100),
+    how, ef = ("exact", 0) if exact else search_plan(size, total, wanted, getattr(settings, "hnsw_ef_search", 400),
                                                      getattr(settings, "exact_search_under", 50_000))
     with rt.db.begin() as conn:
         rows: list[Any] = []

@@ -91,15 +91,16 @@ def test_a_small_collection_inside_a_large_table_gets_k_exact_results(tables) ->
         big = [r["chunk_id"] for r in search_chunks(rt, query, model, 10, f"big-{model}")]
         assert len(big) == 10 and all(cid.startswith("big-") for cid in big)
         found += len(set(big) & set(_exact(rt, model, f"big-{model}", query, 10)))
-    assert found / 50 >= 0.9   # the large collection through HNSW (ef_search 100): recall@10 against exact
+    assert found / 50 >= 0.9   # the large collection through HNSW (ef_search 400): recall@10 against exact
 
 
 def test_the_search_plan_scales_candidates_with_the_collections_share() -> None:
     from tasks.query import search_plan
 
     assert search_plan(50, 50_050, 10) == ("exact", 0)                   # small: every chunk compared
-    assert search_plan(60_000, 60_000, 10) == ("hnsw", 100)              # the whole table: ef_search's floor
-    assert search_plan(500_000, 1_000_000, 10) == ("hnsw", 200)          # half the table: twice the candidates
+    assert search_plan(60_000, 60_000, 10) == ("hnsw", 400)              # the whole table: ef_search's floor
+    assert search_plan(500_000, 1_000_000, 10) == ("hnsw", 800)          # half the table: twice the candidates
+    assert search_plan(500_000, 1_000_000, 10, ef_min=100) == ("hnsw", 200)
     assert search_plan(100_000, 1_000_000, 100) == ("hnsw", 1000)        # capped at pgvector's 1,000
     assert search_plan(100_000, 100_000, 80, ef_min=40) == ("hnsw", 160)  # twice the rows wanted
     assert search_plan(10, 20, 10, exact_under=0) == ("exact", 0)        # no more chunks than wanted

@@ -104,7 +104,7 @@ class Settings(BaseSettings):
     preload: str = Field("auto", description="roles whose models the engine loads at start, while the consumers "
                          "start (comma-separated; empty: every model on first use; auto: the embedder on a GPU, "
                          "nothing on the CPU, where loading beside the consumers' start-up slows both)")
-    hnsw_ef_search: int = Field(100, ge=10, le=1000, description="the least candidates an HNSW search keeps "
+    hnsw_ef_search: int = Field(400, ge=10, le=1000, description="the least candidates an HNSW search keeps "
                                 "(pgvector's hnsw.ef_search); raised for a collection that is a small part of the "
                                 "table, since pgvector filters by collection after the index scan")
     exact_search_under: int = Field(50_000, ge=0, description="a collection with fewer chunks than this is searched "
