@@ -53,17 +53,20 @@ def host_budget_for(settings: Settings, device: str) -> int:
     return int(psutil.virtual_memory().total * 0.25)
 
 
+def cpu_thread_count(settings: Settings) -> tuple[int, int]:
+    """(torch intra-op threads for a CPU engine, cores this process may use): RAGQ_TORCH_THREADS, else half the
+    cores (the consumers, chunking and Postgres share them: with 2 busy cores, one query embed took 78 ms on 2
+    threads against 22 ms on 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return settings.torch_threads or max(1, cores // 2), cores
+
+
 def cpu_threads(settings: Settings) -> int:
-    """torch's intra-op threads in a CPU engine: RAGQ_TORCH_THREADS, else half the cores this process may use (the
-    consumers, chunking and Postgres share them: with 2 busy cores, one query embed took 78 ms on 2 threads
-    against 22 ms on 1)."""
+    """Set torch's intra-op threads for a CPU engine (`cpu_thread_count`); returns how many."""
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = settings.torch_threads or max(1, cores // 2)
+    threads, _ = cpu_thread_count(settings)
     torch.set_num_threads(threads)
-    log.info("engine on the CPU: %d torch thread(s) of %d core(s)%s", threads, cores,
-             "" if settings.torch_threads else " (RAGQ_TORCH_THREADS to change)")
     return threads
 
 
@@ -82,8 +85,11 @@ def build_engine(settings: Settings, device: str, database_url: str, worker: str
 
     _allocator_settings(device)
     loader = load_model
-    if device == "cpu":   # torch's threads set by the first load (in the engine's thread, after the engine answers
-        first = [True]    # its worker: importing torch here would hold the worker's start-up for two seconds)
+    if device == "cpu":   # said now; set by the first load (in the engine's thread, after the engine answers its
+        threads, cores = cpu_thread_count(settings)   # worker: importing torch here holds start-up for 2 s)
+        log.info("engine on the CPU: %d torch thread(s) of %d core(s)%s", threads, cores,
+                 "" if settings.torch_threads else " (RAGQ_TORCH_THREADS to change)")
+        first = [True]
 
         def loader(*a: object, **k: object) -> object:  # type: ignore[misc]
             if first[0]:
