@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.models import build_all  # noqa: E402
+from bench.restart_cpu import until_consuming  # noqa: E402
 from bench.urgent_cpu import ask_many, make_corpus, percentile  # noqa: E402
 
 
@@ -276,14 +277,7 @@ def run_restarts(home: Path, device: str, args: argparse.Namespace) -> dict[str,
                                 env=dict(os.environ), stdout=open(log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
 
     def consuming(proc: subprocess.Popen[bytes]) -> float:
-        t0 = time.monotonic()
-        names = [f"rs@{os.uname().nodename}", f"rs-urgent@{os.uname().nodename}"]
-        while time.monotonic() - t0 < 600:
-            if proc.poll() is not None:
-                raise RuntimeError(f"worker exited {proc.returncode}")
-            if len(app.control.ping(destination=names, timeout=0.2)) == len(names):
-                return time.monotonic() - t0
-        raise RuntimeError("not consuming")
+        return until_consuming(app, proc, "rs", timeout_s=600)
 
     proc = start()
     out: dict[str, Any] = {"first_start_s": consuming(proc), "kills": []}
