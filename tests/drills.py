@@ -71,8 +71,26 @@ def finish_job(client: Any, job: str, stall_s: float = 240.0, poll_s: float = 0.
         if progress != last:
             last, moved = progress, time.monotonic()
         elif time.monotonic() - moved > stall_s:
-            raise RuntimeError(f"job {job} made no progress for {stall_s:.0f} s: {status}")
+            raise RuntimeError(f"job {job} made no progress for {stall_s:.0f} s: {status}; broker: "
+                               f"{broker_state(client)}")
         time.sleep(poll_s)
+
+
+def broker_state(client: Any) -> dict[str, Any]:
+    """Where a stalled job's messages are: queued, unacked (and how long since refreshed), named by a lease."""
+    import redis
+
+    from workers.leases import UNACKED_HASH, UNACKED_INDEX
+
+    r = redis.Redis.from_url(client.endpoints.broker_url)
+    now = time.time()
+    leases = {k.decode(): sorted(m.decode() for m in r.smembers(k)) for k in r.scan_iter("ragq:leases:*")}
+    return {
+        "queued": {q: r.llen(q) for q in ("background", "urgent")},
+        "unacked": r.hlen(UNACKED_HASH),
+        "unacked_age_s": [round(now - score) for _, score in r.zrange(UNACKED_INDEX, 0, -1, withscores=True)],
+        "leases": leases,
+    }
 
 
 class Busy:

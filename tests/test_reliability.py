@@ -88,6 +88,58 @@ def test_a_lease_keeps_a_long_task_from_looking_expired_and_forgets_acked_ones(s
     assert not r.exists(lease_key("lease-test@host"))  # a clean stop leaves no lease behind
 
 
+def test_an_unacked_message_no_lease_names_goes_back_after_the_orphan_delay(settings, client) -> None:  # type: ignore[no-untyped-def]
+    """A consumer killed after the broker handed it a message but before it recorded it in its lease: no lease
+    names it; the sweep of any live worker puts it back once nobody has refreshed it for the orphan delay."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    import redis
+
+    from workers.leases import UNACKED_HASH, UNACKED_INDEX, TaskLeases
+
+    broker = client.endpoints.broker_url
+    r = redis.Redis.from_url(broker)
+    queue = "ragq-sweep-test"
+    r.delete(queue)
+    take = (  # a consumer that takes one message and dies without acking or closing its channel
+        "import os, sys\nfrom kombu import Connection\n"
+        "with Connection(sys.argv[1]) as c:\n"
+        "    q = c.SimpleQueue(sys.argv[2])\n"
+        "    q.put({'n': int(sys.argv[3])})\n"
+        "    m = q.get(timeout=10)\n"
+        "    print(m.delivery_tag, flush=True)\n"
+        "    os._exit(0)\n")
+    tags = [subprocess.run([sys.executable, "-c", take, broker, queue, str(n)], capture_output=True, text=True,
+                           check=True, timeout=60).stdout.strip() for n in (1, 2)]
+    assert all(r.hexists(UNACKED_HASH, tag) for tag in tags) and r.llen(queue) == 0
+    r.zadd(UNACKED_INDEX, {tags[1]: time.time() + 3600}, xx=True)   # the second: refreshed (a live lease)
+    leases = TaskLeases(client.app, broker, "sweep-test@host", orphan_after_s=60.0,
+                        clock=lambda: time.time() + 61)     # a minute on: the first has not been refreshed since
+    try:
+        assert leases.sweep() == 1
+        assert not r.hexists(UNACKED_HASH, tags[0]) and r.zscore(UNACKED_INDEX, tags[0]) is None
+        assert r.hexists(UNACKED_HASH, tags[1])                     # refreshed: left with its consumer
+        back = [json.loads(m) for m in r.lrange(queue, 0, -1)]
+        assert len(back) == 1 and back[0]["properties"]["delivery_info"]["routing_key"] == queue
+        assert leases.sweep() == 0                                  # once
+    finally:
+        r.hdel(UNACKED_HASH, *tags)
+        r.zrem(UNACKED_INDEX, *tags)
+        r.delete(queue)
+
+
+def test_orphan_delay_must_leave_a_live_worker_time_to_refresh() -> None:
+    from ragq.core.settings import Settings
+
+    assert Settings(lease_interval_s=10).orphan_after == 60
+    assert Settings(lease_interval_s=30).orphan_after == 180
+    with pytest.raises(ValueError, match=r"RAGQ_ORPHAN_AFTER_S \(20\) must be at least 3 lease intervals"):
+        Settings(lease_interval_s=10, orphan_after_s=20)
+
+
 def test_a_pickle_message_is_refused_and_not_redelivered(worker, client) -> None:  # type: ignore[no-untyped-def]
     import time
 

@@ -103,6 +103,29 @@ def device_memory(device: str) -> DeviceMemory:
     return DeviceMemory(int(total), int(total - free), "torch")
 
 
+def device_capability(device: str) -> tuple[str, tuple[int, int]]:
+    """A CUDA device's name and compute capability, from NVML where it is (no torch import in the worker), else
+    from torch."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index(device))
+            name = pynvml.nvmlDeviceGetName(handle)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+            return (name.decode() if isinstance(name, bytes) else str(name)), (int(major), int(minor))
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception as exc:
+        log.debug("NVML unavailable for %s: %s", device, exc)
+    import torch
+
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    major, minor = torch.cuda.get_device_capability(index)
+    return str(torch.cuda.get_device_name(index)), (int(major), int(minor))
+
+
 def parse_device(text: str) -> str:
     value = text.strip().lower()
     if value in ("cpu", "all"):

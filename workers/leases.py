@@ -12,7 +12,15 @@ twice. So each Celery consumer of a ragq worker keeps a lease:
 - when a worker of the same name starts again (one worker per device and name), it first puts the tags its dead
   predecessor recorded back on their queues, before it consumes anything.
 
-A worker that never comes back leaves its tasks to the visibility timeout, as before.
+- every `interval_s` one consumer (a Redis lock, kombu's own `unacked_mutex`) also puts back the unacked messages
+  whose index entry nobody has refreshed for `orphan_after_s` (a minute by default): a live ragq consumer refreshes
+  its own every `interval_s`, so such a message belongs to no living consumer. That covers a worker that never
+  comes back, and a delivery its worker was killed with before it could record it in its lease (the broker moves a
+  message to `unacked` before Celery's `task_received` fires; on a busy host that window is wide enough for the
+  kill drill to hit it).
+
+Consumers of Celery's default profile (`RAGQ_CELERY_PROFILE=celery-defaults`) keep no leases and run no sweep; do
+not mix the two profiles on one broker (the sweep would put back what such a consumer holds after a minute).
 
 Bringing tasks back at once has a risk: a message that kills its worker (a poison message) would come back with
 every restart, for ever. `DeliveryCounter` counts the starts of each attempt of a task (its id and retry number) in
@@ -32,6 +40,8 @@ log = logging.getLogger(__name__)
 
 UNACKED_HASH = "unacked"          # kombu.transport.redis.Channel.unacked_key
 UNACKED_INDEX = "unacked_index"   # kombu.transport.redis.Channel.unacked_index_key
+UNACKED_MUTEX = "unacked_mutex"  # kombu.transport.redis.Channel.unacked_mutex_key
+UNACKED_MUTEX_EXPIRE_S = 300      # kombu.transport.redis.Channel.unacked_mutex_expire
 LEASE_TTL_S = 7 * 24 * 3600
 
 
@@ -53,12 +63,16 @@ def held_delivery_tags() -> list[str]:
 
 
 class TaskLeases:
-    def __init__(self, app: Any, broker_url: str, worker_name: str, interval_s: float = 10.0) -> None:
+    def __init__(self, app: Any, broker_url: str, worker_name: str, interval_s: float = 10.0,
+                 orphan_after_s: float = 60.0, clock: Any = time.time) -> None:
         import redis
 
         self.app = app
         self.worker_name = worker_name
         self.interval_s = interval_s
+        self.orphan_after_s = orphan_after_s
+        self.clock = clock
+        self._unrestorable: set[str] = set()
         self.redis = redis.Redis.from_url(broker_url)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -108,6 +122,43 @@ class TaskLeases:
         pipe.expire(key, LEASE_TTL_S)
         pipe.execute()
 
+    def sweep(self, limit: int = 100) -> int:
+        """Put back the unacked messages no consumer has refreshed for `orphan_after_s`; returns how many. One
+        consumer at a time (kombu's lock for its own visibility-timeout restore); a message restored twice is not
+        possible (kombu's restore is a transaction on the unacked hash)."""
+        from kombu.transport.redis import Mutex, MutexHeld
+
+        ceiling = self.clock() - self.orphan_after_s
+        if not self.redis.zcount(UNACKED_INDEX, "-inf", ceiling):
+            return 0
+        restored = 0
+        try:
+            with Mutex(self.redis, UNACKED_MUTEX, UNACKED_MUTEX_EXPIRE_S):
+                stale = self.redis.zrangebyscore(UNACKED_INDEX, "-inf", ceiling, start=0, num=limit)
+                if not stale:
+                    return 0
+                with self.app.connection_for_write() as conn:
+                    qos = conn.default_channel.qos
+                    for tag in stale:
+                        tag = tag.decode() if isinstance(tag, bytes) else str(tag)
+                        if not self.redis.hexists(UNACKED_HASH, tag):
+                            self.redis.zrem(UNACKED_INDEX, tag)   # acked meanwhile: kombu drops such entries too
+                            continue
+                        try:
+                            qos.restore_by_tag(tag)
+                            restored += 1
+                        except Exception as exc:  # noqa: BLE001 - one unreadable entry must not stop the others
+                            if tag not in self._unrestorable:
+                                self._unrestorable.add(tag)
+                                log.warning("worker %s: could not put back unacked message %s: %s",
+                                            self.worker_name, tag, exc)
+        except MutexHeld:
+            return 0
+        if restored:
+            log.warning("worker %s: put back %d task(s) no consumer had refreshed for %.0fs (their worker is gone)",
+                        self.worker_name, restored, self.orphan_after_s)
+        return restored
+
     def start(self) -> TaskLeases:
         from celery.signals import task_received
 
@@ -125,6 +176,7 @@ class TaskLeases:
             while not self._stop.wait(self.interval_s):
                 try:
                     self.refresh()
+                    self.sweep()
                 except Exception as exc:  # the broker away for a moment: the next round tries again
                     log.warning("worker %s: could not refresh task leases: %s", self.worker_name, exc)
 

@@ -54,6 +54,7 @@ class ModelSpec:
     latency_target_ms: float | None = None  # p95 micro-batch time to stay under (default by role)
     max_queue_delay_ms: float = 0.0   # background work may wait this long for a fuller batch (as Triton's)
     dtype: str = "auto"               # auto = float32 on cpu, bfloat16 on cuda
+    quantize: str = "none"            # torch: 8-bit linear weights at load, "fp8" (CUDA >= 8.9) or "int8"
     query_prefix: str = ""
     document_prefix: str = ""
     instruction: str = DEFAULT_RERANK_INSTRUCTION
@@ -66,6 +67,11 @@ class ModelSpec:
     @property
     def pooling(self) -> str:
         return self.kind
+
+    @property
+    def precision(self) -> str:
+        """The dtype and the quantization: what a measured profile is kept under (an fp8 model is another size)."""
+        return self.dtype if self.quantize == "none" else f"{self.dtype}+{self.quantize}"
 
 
 _DEFAULT_KIND = {"embed": "mean", "rerank": "qwen3", "generate": "causal"}
@@ -123,6 +129,11 @@ def spec_from_table(role: str, table: dict[str, Any], source: str) -> ModelSpec:
         spec = ModelSpec(**{**spec.__dict__, "name": path.name})
     if spec.backend not in ("torch", "triton"):
         raise ConfigError(f"{source}: [{role}] backend must be \"torch\" or \"triton\", not {spec.backend!r}")
+    if spec.quantize not in QUANTIZE_FORMATS:
+        raise ConfigError(f"{source}: [{role}] quantize must be \"none\", \"fp8\" or \"int8\", not {spec.quantize!r}")
+    if spec.quantize != "none" and spec.backend != "torch":
+        raise ConfigError(f"{source}: [{role}] quantize applies to the torch backend; a Triton model is quantized "
+                          "in its own repository")
     if spec.packed not in ("auto", "on", "off"):
         raise ConfigError(f"{source}: [{role}] packed must be \"auto\", \"on\" or \"off\", not {spec.packed!r}")
     if spec.batch_size < 1 or spec.max_length < 8 or spec.urgent_batch < 1 or spec.max_batch_tokens < spec.max_length \
@@ -147,6 +158,36 @@ def load_model_specs(models_file: Path | None) -> dict[str, ModelSpec]:
     if "embed" not in specs:
         specs["embed"] = default_embed_spec()
     return specs
+
+
+QUANTIZE_FORMATS = ("none", "fp8", "int8")
+FP8_CAPABILITY = (8, 9)
+
+
+def check_format(name: str, role: str, quantize: str, device: str) -> None:
+    """A quantization format the device cannot run is a configuration error naming the model and the card (no
+    torch import: the worker checks this at start)."""
+    import importlib.util
+
+    from workers.devices import device_capability
+
+    if quantize not in QUANTIZE_FORMATS:
+        raise ConfigError(f"[{role}] {name}: quantize must be one of {', '.join(QUANTIZE_FORMATS)}, not {quantize!r}")
+    if quantize == "none":
+        return
+    if importlib.util.find_spec("torchao") is None:
+        raise ConfigError(f"[{role}] {name}: quantize = {quantize!r} needs torchao, which is not installed "
+                          "(pip install 'ragq[quantize]')")
+    if quantize != "fp8":
+        return
+    need = f"{FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]}"
+    if not device.startswith("cuda"):
+        raise ConfigError(f"[{role}] {name}: quantize = \"fp8\" needs a CUDA card of compute capability {need} or "
+                          f"later, and this worker runs on {device}; use \"int8\" or \"none\"")
+    card, capability = device_capability(device)
+    if capability < FP8_CAPABILITY:
+        raise ConfigError(f"[{role}] {name}: quantize = \"fp8\" needs compute capability {need} or later; "
+                          f"{device} is {card} ({capability[0]}.{capability[1]}); use \"int8\" or \"none\"")
 
 
 def check_model_dirs(specs: dict[str, ModelSpec]) -> None:

@@ -53,7 +53,7 @@ class ModelSlots:
         self._pinning = ThreadPoolExecutor(1, thread_name_prefix=f"ragq-pin-{device}")
 
     def profile(self, spec: ModelSpec) -> ModelProfile | None:
-        return self.profiles.get(spec.name, self.device_kind, spec.dtype)
+        return self.profiles.get(spec.name, self.device_kind, spec.precision)
 
     # -- what the planner sees -------------------------------------------------------------------------------------
     def views(self, pending: dict[str, int] | None = None, expected: set[str] | None = None) -> dict[str, ModelView]:
@@ -253,7 +253,7 @@ class ModelSlots:
     def save_profile(self, slot: Slot, weights_bytes: int | None = None,
                      activation: tuple[int, int, int] | None = None, tuned_batch: int | None = None) -> None:
         spec = slot.spec
-        profile = self.profile(spec) or ModelProfile(spec.name, self.device_kind, spec.dtype,
+        profile = self.profile(spec) or ModelProfile(spec.name, self.device_kind, spec.precision,
                                                      weights_bytes or slot.vram_bytes)
         changed = False
         if weights_bytes is not None and weights_bytes != profile.weights_bytes:

@@ -183,13 +183,15 @@ def build_runtime(settings: Settings, device: str, name: str | None = None, log_
     and RAGQ_ENGINE_KEY). The tokenizers load in the background meanwhile (a task waits for them)."""
     from workers.backends.tokens import count_tokens, prepare_items, preload
     from workers.engine_process import EngineClient
-    from workers.models import check_model_dirs, load_model_specs
+    from workers.models import check_format, check_model_dirs, load_model_specs
     from workers.runtime import WorkerRuntime
     from workers.timing import PostgresSink
 
     clock = clock or StartupClock(worker_name(device, name))
     specs = load_model_specs(settings.models)
     check_model_dirs(specs)
+    for role, spec in specs.items():   # fp8 on a card that cannot run it: one error at start, naming both
+        check_format(spec.name, role, spec.quantize, device)
     preload(specs)
     endpoints = ensure_services(settings)
     clock.phase("services")
@@ -369,7 +371,8 @@ def run_worker(
         if settings.celery_profile == "ragq":  # late acks: keep this consumer's tasks leased (workers/leases.py)
             from workers.leases import TaskLeases
 
-            leases = TaskLeases(app, runtime.endpoints.broker_url, runtime.worker_name, settings.lease_interval_s)
+            leases = TaskLeases(app, runtime.endpoints.broker_url, runtime.worker_name, settings.lease_interval_s,
+                                settings.orphan_after)
             restored[0] = leases.restore_previous()  # before consuming: what a killed predecessor held runs again now
             leases.start()
         if settings.consumer_stall_s > 0:  # a consumer that stops fetching after a broker reconnect is restarted

@@ -47,6 +47,10 @@ class Settings(BaseSettings):
         "elsewhere (a worker that restarts puts back what it held at once)")
     lease_interval_s: float = Field(
         10.0, gt=0, description="how often a worker refreshes the broker entries of the tasks it holds")
+    orphan_after_s: float | None = Field(
+        None, gt=0, description="an unacked task message no consumer has refreshed this long is put back on its "
+        "queue (its worker died before it could lease it, or never came back); at least 3 lease intervals; "
+        "default 6 lease intervals, at least 60 s")
     flower_user: str | None = Field(None, description="`ragq flower` basic auth user (with RAGQ_FLOWER_PASSWORD)")
     flower_password: SecretStr | None = Field(None, description="`ragq flower` basic auth password")
     flower_auth: str | None = Field(
@@ -152,7 +156,16 @@ class Settings(BaseSettings):
         if self.lease_interval_s >= self.visibility_timeout_s:
             raise ValueError(f"RAGQ_LEASE_INTERVAL_S ({self.lease_interval_s:g}) must be shorter than "
                              f"RAGQ_VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s})")
+        if self.orphan_after_s is not None and self.orphan_after_s < 3 * self.lease_interval_s:
+            raise ValueError(f"RAGQ_ORPHAN_AFTER_S ({self.orphan_after_s:g}) must be at least 3 lease intervals "
+                             f"(RAGQ_LEASE_INTERVAL_S={self.lease_interval_s:g}): a live worker's tasks would be "
+                             "put back while it runs them")
         return self
+
+    @property
+    def orphan_after(self) -> float:
+        """Seconds after which an unacked message nobody refreshes is put back (workers/leases.py)."""
+        return self.orphan_after_s if self.orphan_after_s is not None else max(60.0, 6 * self.lease_interval_s)
 
     @cached_property
     def run_dir(self) -> Path:

@@ -65,7 +65,8 @@ class TorchGenerator(_TorchModel):
         if why_not is not None:
             log.info("%s: its graphs are captured again after each wake: %s", self.name, why_not)
             return
-        tensors = self._tensors()
+        leaves = self._leaves()
+        tensors = [leaf.get() for leaf in leaves]
         shapes = [(tuple(t.shape), t.dtype) for t in tensors] + loop.kv_shapes()
         try:
             stable = vmm.StableRange(vmm.Carver.size_of(shapes), self.device)
@@ -73,10 +74,11 @@ class TorchGenerator(_TorchModel):
             log.warning("%s: no stable device range (%s); graphs are captured again after each wake", self.name, exc)
             return
         self._carver = vmm.Carver(stable)
-        for tensor in tensors:
+        for leaf, tensor in zip(leaves, tensors):
             placed = self._carver.take(tuple(tensor.shape), tensor.dtype)
-            placed.copy_(tensor.data)
-            tensor.data = placed
+            placed.copy_(tensor)
+            leaf.set(placed)
+        del tensors
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         self.stable = stable
@@ -158,8 +160,8 @@ class TorchGenerator(_TorchModel):
         if getattr(self, "stable", None) is not None:
             self.stable.remap()
             assert self._host is not None
-            for tensor in self._tensors():    # the same addresses: the captured graphs are still valid
-                tensor.data.copy_(self._host[id(tensor)], non_blocking=True)
+            for leaf, host in zip(self._leaves(), self._host):   # the same addresses: the graphs still hold
+                leaf.get().copy_(host, non_blocking=True)
             assert self.loop is not None
             self.loop.restore()
             torch.cuda.current_stream(self.device).synchronize()

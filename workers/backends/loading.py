@@ -55,6 +55,18 @@ def load_torch_model(spec: ModelSpec, device: str) -> _TorchModel:
         del model
         torch.cuda.empty_cache()
         raise DeviceOutOfMemory(f"loading {spec.name}: {str(exc).splitlines()[0]}") from None
+    if spec.quantize != "none":
+        from workers.backends.quantize import quantize_model
+        from workers.models import check_format
+
+        check_format(spec.name, spec.role, spec.quantize, device)
+        try:
+            layers = quantize_model(model, spec.quantize)
+        except torch.cuda.OutOfMemoryError as exc:
+            del model
+            torch.cuda.empty_cache()
+            raise DeviceOutOfMemory(f"quantizing {spec.name}: {str(exc).splitlines()[0]}") from None
+        log.info("%s: %d linear layers in %s", spec.name, layers, spec.quantize)
     loaded = cls(spec, device, model, tokenizer)
     if spec.role == "generate":
         loaded.setup_decode()   # type: ignore[attr-defined]

@@ -13,7 +13,6 @@ longest item.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import threading
@@ -35,6 +34,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
+
+from workers.backends.quantize import Leaf, leaves_bytes, tensor_leaves  # noqa: E402
 
 hf_logging.disable_progress_bar()
 
@@ -66,8 +67,8 @@ def _check_dir(spec: ModelSpec) -> Path:
 
 
 def module_bytes(module: torch.nn.Module) -> int:
-    tensors = list(module.parameters()) + list(module.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes of a module's weights as stored (8-bit where quantized)."""
+    return leaves_bytes(module)
 
 
 def _left_padded_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -117,7 +118,7 @@ class _TorchModel(ModelBase):
         self._mark: tuple[float, float, Any, Any, int, int, int] | None = None
         self.pass_costs = PassCostModel()
         self.packed = False   # one padding-free forward pass per batch (enable_packing said yes at load)
-        self._host: dict[int, torch.Tensor] | None = None
+        self._host: list[torch.Tensor] | None = None   # per leaf (`_leaves`), in pinned host memory
         self._host_buffer: torch.Tensor | None = None
         self._registered = False
         self._host_lock = threading.Lock()
@@ -127,11 +128,10 @@ class _TorchModel(ModelBase):
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
 
-    def _tensors(self) -> list[torch.Tensor]:
-        seen: dict[int, torch.Tensor] = {}
-        for tensor in itertools.chain(self.model.parameters(), self.model.buffers()):
-            seen.setdefault(id(tensor), tensor)
-        return list(seen.values())
+    def _leaves(self) -> list[Leaf]:
+        """The plain tensors the weights are made of (a quantized weight's 8-bit data and scales), in a fixed order:
+        what sleep, wake and the host copy move."""
+        return tensor_leaves(self.model)
 
     def execute(self, items: list[Any], params: dict[str, Any]) -> BatchOutput:
         self._mark = None
@@ -249,7 +249,7 @@ class _TorchModel(ModelBase):
         with self._host_lock:
             if self._host is not None or self.model is None:
                 return
-            tensors = self._tensors()
+            tensors = [leaf.get() for leaf in self._leaves()]
             offsets, total = [], 0
             for tensor in tensors:
                 offsets.append(total)
@@ -257,13 +257,13 @@ class _TorchModel(ModelBase):
             buffer, self._registered = _pinned_buffer(total)
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
-            host = {}
+            host = []
             with torch.cuda.stream(stream):
                 for tensor, offset in zip(tensors, offsets):
                     nbytes = tensor.numel() * tensor.element_size()
                     view = buffer[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
-                    view.copy_(tensor.data, non_blocking=True)
-                    host[id(tensor)] = view
+                    view.copy_(tensor, non_blocking=True)
+                    host.append(view)
             stream.synchronize()
             self._host_buffer, self._host = buffer, host
 
@@ -274,35 +274,36 @@ class _TorchModel(ModelBase):
         if not self.is_cuda:
             return
         self.prepare_host_copy()  # at once if the copy exists; waits for one being made
-        for tensor in self._tensors():
-            tensor.data = self._host[id(tensor)]
+        assert self._host is not None
+        for leaf, host in zip(self._leaves(), self._host):
+            leaf.set(host)
 
     def wake(self, asynchronous: bool = False) -> _CudaReady | None:
         """Pinned host RAM -> device: one copy per tensor, on a side stream when asynchronous."""
         if not self.is_cuda or self._host is None:
             return None
-        tensors = self._tensors()
+        leaves = list(zip(self._leaves(), self._host))
         if asynchronous:
             if self._side_stream is None:
                 self._side_stream = torch.cuda.Stream(self.device)
             stream = self._side_stream
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
-                for tensor in tensors:
-                    tensor.data = self._host[id(tensor)].to(self.device, non_blocking=True)
-            for tensor in tensors:  # the default stream uses them: don't recycle their memory before it is done
-                tensor.data.record_stream(torch.cuda.current_stream(self.device))
+                for leaf, host in leaves:
+                    leaf.set(host.to(self.device, non_blocking=True))
+            for leaf, _ in leaves:  # the default stream uses them: don't recycle their memory before it is done
+                leaf.get().record_stream(torch.cuda.current_stream(self.device))
             event = torch.cuda.Event()
             event.record(stream)
             return _CudaReady(event, self.device)
-        for tensor in tensors:
-            tensor.data = self._host[id(tensor)].to(self.device, non_blocking=True)
+        for leaf, host in leaves:
+            leaf.set(host.to(self.device, non_blocking=True))
         torch.cuda.current_stream(self.device).synchronize()
         return None
 
     @property
     def host_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self._host or {}).values())
+        return sum(t.numel() * t.element_size() for t in (self._host or []))
 
     def count_tokens(self, items: list[Any]) -> list[int]:
         texts = [item if isinstance(item, str) else " ".join(item) for item in items]
