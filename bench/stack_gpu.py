@@ -33,17 +33,58 @@ from bench.restart_cpu import until_consuming  # noqa: E402
 from bench.urgent_cpu import ask_many, make_corpus, percentile  # noqa: E402
 
 
-def models_toml(paths: dict[str, Path], tiny: bool, max_new_tokens: int = 16) -> str:
+def models_toml(paths: dict[str, Path], tiny: bool, max_new_tokens: int = 16, quantize: str = "none") -> str:
+    """The three models; `quantize` (fp8 | int8) applies to the embedder and the generator (the reranker is small)."""
     guess = (lambda s: "") if tiny else (lambda s: f'estimate = "{s}"\n')
+    q = "" if quantize == "none" else f'quantize = "{quantize}"\n'
+    big = "7.5GiB" if quantize == "none" else "4.2GiB"
     return (
         f'[embed]\npath = "{paths["embed"]}"\nname = "qwen3-embedding-4b"\npooling = "last"\ndim = {48 if tiny else 1024}\n'
-        f'chunk_tokens = 256\nmax_length = 512\nbatch_size = 256\n{guess("7.5GiB")}'
+        f'chunk_tokens = 256\nmax_length = 512\nbatch_size = 256\n{guess(big)}{q}'
         f'[rerank]\npath = "{paths["rerank"]}"\nname = "qwen3-reranker-0.6b"\nkind = "qwen3"\nmax_length = 512\n'
         f'{guess("1.1GiB")}'
         f'[generate]\npath = "{paths["generate"]}"\nname = "qwen3-4b"\nmax_new_tokens = {max_new_tokens}\n'
         f'max_length = 1024\n'
-        f'{guess("7.5GiB")}'
+        f'{guess(big)}{q}'
     )
+
+
+def ask_streamed(client: Any, count: int) -> tuple[list[float], list[float]]:
+    """Sequential streamed questions: the caller's total and time to the first token (ms) of each."""
+    from ragq.demo import QUESTIONS
+
+    totals, firsts = [], []
+    for i in range(count):
+        t0 = time.perf_counter()
+        reply = [p for p in client.ask_stream(QUESTIONS[i % len(QUESTIONS)], timeout_s=120, top_k=3)][-1]
+        totals.append((time.perf_counter() - t0) * 1000.0)
+        firsts.append(reply.get("first_token_ms") or float("nan"))
+    return totals, firsts
+
+
+def model_events(client: Any, since: Any, until: Any) -> dict[str, int]:
+    """model_events rows per event kind (load, wake, sleep, evict, unload, oom) between two database times."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(client.endpoints.database_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT event, count(*) FROM model_events WHERE ts >= :a AND ts < :b "
+                                     "GROUP BY event"), {"a": since, "b": until}).all()
+    finally:
+        engine.dispose()
+    return {str(event): int(n) for event, n in rows}
+
+
+def db_now(client: Any) -> Any:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(client.endpoints.database_url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT clock_timestamp()")).scalar()
+    finally:
+        engine.dispose()
 
 
 def raw_forward(paths: dict[str, Path], corpus: list[Path], device: str, tiny: bool) -> dict[str, Any]:
@@ -131,6 +172,7 @@ VARIANT_ENV = {
     # variants of ragq's worker, for finding what slows the device loop inside the worker (same run, same card)
     "ragq-switch0.5ms": {"RAGQ_SWITCH_INTERVAL_MS": "0.5"},
     "ragq-nobudget": {"RAGQ_VRAM_BUDGET": "", "RAGQ_VRAM_BUFFER": "0.15"},  # 85% of the card: no swaps, no cap
+    # ragq-fp8 / ragq-int8: the same worker with the embedder and the generator quantized (RAGQ_MODELS set in main)
 }
 
 
@@ -170,13 +212,18 @@ def run_variant(name: str, home: Path, device: str, args: argparse.Namespace, se
             print(f"{name}: {phase} ingestion of {status['chunks_total']} chunks in {timings[phase][1]:.1f}s",
                   flush=True)
         idle, idle_timeouts = ask_many(client, args.questions, 60.0)
+        streamed, first_tokens = ask_streamed(client, args.questions)
         print(f"{name}: idle questions done", flush=True)
         corpus_b = make_corpus(home / f"b-{name}", 2 * args.docs, seed + 100)  # outlasts the questions
         job_b = client.submit_ingest(corpus_b).job_id
         time.sleep(args.settle)
+        mixed_from, mixed_t0 = db_now(client), time.perf_counter()
+        chunks_before = client.job_status(job_b).get("chunks_total") or 0
         loaded, loaded_timeouts = ask_many(client, args.questions, 60.0, busy_job=job_b)
-        print(f"{name}: loaded questions done", flush=True)
         during = client.job_status(job_b)
+        mixed_s = time.perf_counter() - mixed_t0
+        mixed_events = model_events(client, mixed_from, db_now(client))
+        print(f"{name}: loaded questions done; model events meanwhile {mixed_events}", flush=True)
         try:
             client.wait_for_job(job_b, timeout_s=args.drain_s)
         except Exception:
@@ -192,6 +239,10 @@ def run_variant(name: str, home: Path, device: str, args: argparse.Namespace, se
         "idle_ms": idle, "loaded_ms": loaded, "idle_p50": statistics.median(idle), "idle_p95": percentile(idle, 0.95),
         "loaded_p50": statistics.median(loaded) if loaded else float("nan"), "loaded_p95": percentile(loaded, 0.95),
         "timeouts": idle_timeouts + loaded_timeouts, "ingestion_running_after_questions": during["status"] == "running",
+        "idle_streamed_ms": streamed, "idle_first_token_ms": first_tokens,
+        "idle_streamed_p50": statistics.median(streamed), "idle_first_token_p50": statistics.median(first_tokens),
+        "mixed_s": mixed_s, "mixed_chunks_per_s": ((during.get("chunks_total") or 0) - chunks_before) / mixed_s,
+        "mixed_model_events": mixed_events,
     }
 
 
@@ -216,12 +267,7 @@ def run_generation(home: Path, device: str, args: argparse.Namespace) -> dict[st
         client.wait_for_job(client.submit_ingest(sample_paths()).job_id, timeout_s=600)
         for _ in range(2):
             client.ask(QUESTIONS[0], timeout_s=300)   # every model loaded once, graphs captured
-        totals, firsts = [], []
-        for i in range(args.questions):
-            t0 = time.perf_counter()
-            reply = [p for p in client.ask_stream(QUESTIONS[i % len(QUESTIONS)], timeout_s=120, top_k=3)][-1]
-            totals.append((time.perf_counter() - t0) * 1000.0)
-            firsts.append(reply.get("first_token_ms") or float("nan"))
+        totals, firsts = ask_streamed(client, args.questions)
         out["idle_ms"], out["idle_first_token_ms"] = totals, firsts
         print(f"idle ask: p50 {statistics.median(totals):.0f} ms, first token p50 {statistics.median(firsts):.0f} ms",
               flush=True)
@@ -338,6 +384,9 @@ def main() -> int:
     paths = build_all(args.models, "cuda" if cuda else "cpu", tiny=args.tiny)
     models_file = home / "models.toml"
     models_file.write_text(models_toml(paths, args.tiny, args.max_new_tokens))
+    for quantize in ("fp8", "int8"):   # the variants ragq-fp8 and ragq-int8
+        (home / f"models-{quantize}.toml").write_text(models_toml(paths, args.tiny, args.max_new_tokens, quantize))
+        VARIANT_ENV[f"ragq-{quantize}"] = {"RAGQ_MODELS": str(home / f"models-{quantize}.toml")}
     os.environ.update(RAGQ_MODELS=str(models_file), RAGQ_HOME=str(home), RAGQ_VRAM_BUDGET="16GiB",
                       RAGQ_CPU_BUDGET="16GiB", RAGQ_STATS_INTERVAL_S="10")
     from ragq.core.services import EmbeddedServices
@@ -387,6 +436,11 @@ def main() -> int:
               f"| {r['ingest_chunks_per_s']:.1f} | {r['ingest_chunks_per_s'] / raw:.2f} | {r['idle_p50']:.0f} "
               f"| {r['idle_p95']:.0f} | {r['loaded_p50']:.0f} | {r['loaded_p95']:.0f} "
               f"| {r['loaded_p95'] / r['idle_p95']:.2f} | {r['timeouts']} |")
+    print("\n| variant | streamed ask p50 ms | first token p50 ms | mixed-run chunks/s | model events in the mixed run |"
+          "\n|---|---|---|---|---|")
+    for name, r in results["variants"].items():
+        print(f"| {name} | {r['idle_streamed_p50']:.0f} | {r['idle_first_token_p50']:.0f} "
+              f"| {r['mixed_chunks_per_s']:.1f} | {r['mixed_model_events']} |")
     return 0
 
 

@@ -195,9 +195,18 @@ def build_runtime(settings: Settings, device: str, name: str | None = None, log_
     preload(specs)
     endpoints = ensure_services(settings)
     clock.phase("services")
-    if not attach:   # the owner migrates (its urgent consumer needs the tables only once it has tasks)
-        ensure_schema(endpoints.database_url)
-        clock.phase("schema")
+    schema: list[BaseException | None] = []
+    migrating = None
+    if not attach:   # the owner migrates (its urgent consumer needs the tables only once it has tasks), beside the
+        def migrate() -> None:   # engine process's start (its torch import is the longer of the two)
+            try:
+                ensure_schema(endpoints.database_url)
+                schema.append(None)
+            except BaseException as exc:  # noqa: BLE001 - raised in the worker's thread below
+                schema.append(exc)
+
+        migrating = threading.Thread(target=migrate, name="ragq-schema", daemon=True)
+        migrating.start()
     name = worker_name(device, name)
     sink = PostgresSink(endpoints.database_url, worker=name)
     if attach:
@@ -211,6 +220,12 @@ def build_runtime(settings: Settings, device: str, name: str | None = None, log_
                               address=address, authkey=authkey,
                               token_counter=count_tokens, preparer=prepare_items, log_level=log_level)
         clock.phase("engine process")
+    if migrating is not None:
+        migrating.join()
+        if schema and schema[0] is not None:
+            engine.stop()
+            raise schema[0]
+        clock.phase("schema (beside the engine process)")
     runtime = WorkerRuntime(settings, endpoints, engine, sink, name, device, specs)
     log.info("worker %s: engine process %s, models %s", name, engine.pid or "attached",
              ", ".join(f"{role}={spec.name}" for role, spec in specs.items()))
@@ -354,6 +369,7 @@ def run_worker(
         record_start(runtime, clock, total, restored[0])
 
     signals.worker_ready.connect(consuming, weak=False)
+    exit_code = 0
     try:
         if BACKGROUND_QUEUE in queues.split(","):   # chunking's imports and processes, beside the start-up
             threading.Thread(target=lambda: runtime.chunk_pool, name="ragq-chunking", daemon=True).start()
@@ -386,11 +402,13 @@ def run_worker(
 
             heartbeat = Heartbeat(runtime.endpoints.broker_url, runtime.worker_name).start()
         clock.phase("leases and watchdogs")
-        app.worker_main([
-            "worker", "--pool", "threads", "--concurrency", str(concurrency or settings.worker_concurrency),
-            "--queues", queues, "--hostname", runtime.worker_name,
-            "--loglevel", loglevel, "--without-gossip", "--without-mingle",
-        ])
+        # Celery's Worker directly, as its `celery worker` command builds it: the command line's parsing and its
+        # scan of every installed package's entry points for plugins took 1.8 s of a 5 s start here
+        worker = app.Worker(hostname=runtime.worker_name, pool_cls="threads",
+                            concurrency=concurrency or settings.worker_concurrency, queues=queues.split(","),
+                            loglevel=loglevel, without_gossip=True, without_mingle=True)
+        worker.start()
+        exit_code = worker.exitcode
     finally:
         if urgent is not None:
             urgent.stop()
@@ -404,6 +422,8 @@ def run_worker(
         runtime.sink.close()
         if runtime.__dict__.get("_chunk_pool") is not None:
             runtime.chunk_pool.close()
+    if exit_code:
+        raise SystemExit(exit_code)
     return 0
 
 

@@ -25,6 +25,22 @@ import torch
 
 
 
+def _quiet_import() -> None:
+    """Import torchao without its import-time noise: torch's notes on Enum registration, and (on a CPU build of
+    torch) warnings about the CUDA kernels it cannot load there."""
+    import logging
+
+    names = ("torch.utils._pytree", "torchao")
+    levels = [logging.getLogger(n).level for n in names]
+    try:
+        for n in names:
+            logging.getLogger(n).setLevel(logging.ERROR)
+        import torchao.quantization  # noqa: F401
+    finally:
+        for n, level in zip(names, levels):
+            logging.getLogger(n).setLevel(level)
+
+
 def _config(quantize: str) -> Any:
     if quantize == "fp8":
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
@@ -39,6 +55,7 @@ def quantize_model(model: torch.nn.Module, quantize: str) -> int:
     """Quantize the linear layers' weights in place (on the device they are on); returns how many layers."""
     if quantize == "none":
         return 0
+    _quiet_import()
     from torchao.quantization import quantize_
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
