@@ -225,7 +225,7 @@ def build_runtime(settings: Settings, device: str, name: str | None = None, log_
         if schema and schema[0] is not None:
             engine.stop()
             raise schema[0]
-        clock.phase("schema (beside the engine process)")
+        clock.phase("schema")   # the time it waited beyond the engine
     runtime = WorkerRuntime(settings, endpoints, engine, sink, name, device, specs)
     log.info("worker %s: engine process %s, models %s", name, engine.pid or "attached",
              ", ".join(f"{role}={spec.name}" for role, spec in specs.items()))

@@ -2,13 +2,15 @@
 the bf16 checkpoint with torchao's quantized tensors, not kernels of ragq's own.
 
 - `fp8`: the linear layers' weights in float8 (e4m3), one scale per output row; each call quantizes its
-  activations per row on the fly and runs torch's FP8 matrix multiply (`torch._scaled_mm`, cuBLASLt), so a step
-  reads half the weight bytes. Needs a CUDA card of compute capability 8.9 or later (Ada, Hopper, Blackwell).
-  Chosen over torchao's FP8 weight-only form by measurement (bench/quant_gpu.py): outside torch.compile that form
-  turns the weights back into bf16 at every call and reads more bytes than bf16 itself.
+  activations per row on the fly and runs torch's FP8 matrix multiply (`torch._scaled_mm`, cuBLASLt). Needs a CUDA
+  card of compute capability 8.9 or later (Ada, Hopper, Blackwell). Chosen over torchao's FP8 weight-only form by
+  measurement (bench/quant_gpu.py, H200: 72 against 406 µs for a Qwen3-4B MLP at one row; bf16 36 µs).
 - `int8`: int8 weights, one scale per output row, activations as they are (torchao's int8 weight-only); runs on
-  the CPU and on any CUDA card. It saves memory; on a GPU it does not make a step faster (outside torch.compile
-  the weights are widened at each call).
+  the CPU and on any CUDA card.
+
+Both halve the weights' memory (what lets the reference stack's three models share a 16 GiB card) and make a decode
+step slower, not faster: outside torch.compile torchao widens the weights or quantizes the activations in kernels
+of their own at every call (measured: one sequence at 0.41x bf16's tokens/s in int8, 0.60x in fp8; BENCHMARKS.md).
 
 The output head (`lm_head`) stays as it is: the reranker reads two of its rows, and Qwen3's small models tie it to
 the input embeddings (quantizing it would store it twice). torchao's tensors are wrappers around plain tensors
