@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -19,9 +20,8 @@ _chunker: Any = None  # one per pool process
 CHUNK_NICENESS = 10
 
 
-def _init(tokenizer_path: str, max_tokens: int) -> None:
+def _init(tokenizer_path: str, max_tokens: int, parent_pid: int | None = None) -> None:
     global _chunker
-    import os
 
     # chunking is throughput work: the engine process (launching kernels, bound by one core when decoding) and the
     # urgent consumer get the CPU first when the cores are busy
@@ -33,6 +33,10 @@ def _init(tokenizer_path: str, max_tokens: int) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    if parent_pid is not None:   # it may have died before the signal was asked for; and the signal is sent when
+        from workers.parent import watch_parent            # the thread that started this process ends, not the
+
+        watch_parent(parent_pid)                           # process: the parent's pid is what to watch
     from transformers import AutoTokenizer
 
     _chunker = make_chunker(AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True), max_tokens)
@@ -55,7 +59,7 @@ class ChunkPool:
         self._inline_lock = threading.Lock()
         if processes > 0:
             self._pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_init, initargs=(str(tokenizer_path), max_tokens))
+                                             initializer=_init, initargs=(str(tokenizer_path), max_tokens, os.getpid()))
             for _ in range(processes):   # start them now, not mid-job (a first job's chunks wait for them)
                 self._pool.submit(_noop)
             log.info("chunking in %d processes", processes)

@@ -160,9 +160,13 @@ def _serve_connection(conn: Any, engine: Engine, owner: bool) -> None:
 
 
 def serve(conn: Any, address: str, authkey: bytes, factory: EngineFactory, args: tuple[Any, ...],
-          log_level: str) -> None:
+          log_level: str, parent_pid: int | None = None) -> None:
     """The engine process's main: build the engine, then answer its owner (the worker that started it, over `conn`)
     and any other local worker that attaches at `address` (the urgent consumer), until the owner stops or goes."""
+    if parent_pid is not None:
+        from workers.parent import watch_parent
+
+        watch_parent(parent_pid)
     logging.basicConfig(level=log_level, format="[%(asctime)s: %(levelname)s/%(processName)s] %(message)s")
     try:
         engine = factory(*args).start()
@@ -266,7 +270,8 @@ class EngineClient:
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe()
         process = context.Process(
-            target=serve, args=(child, self.address, self.authkey, self.factory, self.args, self.log_level),
+            target=serve, args=(child, self.address, self.authkey, self.factory, self.args, self.log_level,
+                                os.getpid()),
             name=f"ragq-engine-{self.device}", daemon=True)
         process.start()
         child.close()  # so that the engine process's exit reads as EOF here

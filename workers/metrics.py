@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -156,13 +157,18 @@ class _Metrics:
 
 
 _metrics: _Metrics | None = None
+_metrics_lock = threading.Lock()
 
 
 def metrics() -> _Metrics | None:
-    """The metrics, or None where the process has no metrics directory (a test's engine, a bench script)."""
+    """The metrics, or None where the process has no metrics directory (a test's engine, a bench script). Made
+    once: the first tasks of a consumer's threads arrive together, and a second registration of the same names
+    raises (prometheus_client's DuplicateTimeseries failed two questions' embed stages in CI)."""
     global _metrics
     if _metrics is None and os.environ.get(MULTIPROC_ENV):
-        _metrics = _Metrics()
+        with _metrics_lock:
+            if _metrics is None:
+                _metrics = _Metrics()
     return _metrics
 
 
