@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from ragq.core.errors import BadInput
 
@@ -82,48 +83,58 @@ class Utilization:
         return self._value
 
 
-def device_memory(device: str) -> DeviceMemory:
-    if not device.startswith("cuda"):
-        return DeviceMemory(0, 0, "none")
-    index = int(device.split(":", 1)[1]) if ":" in device else 0
+def _from_nvml(device: str, read: Any) -> Any:
+    """`read(pynvml, handle)` for a CUDA device, or None where NVML cannot say (no driver library here)."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
         try:
-            info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(nvml_index(device)))
-            return DeviceMemory(int(info.total), int(info.used), "nvml")
+            return read(pynvml, pynvml.nvmlDeviceGetHandleByIndex(nvml_index(device)))
         finally:
             pynvml.nvmlShutdown()
     except Exception as exc:
         log.debug("NVML unavailable for %s: %s", device, exc)
+        return None
+
+
+def _torch_index(device: str) -> int:
+    return int(device.split(":", 1)[1]) if ":" in device else 0
+
+
+def device_memory(device: str) -> DeviceMemory:
+    if not device.startswith("cuda"):
+        return DeviceMemory(0, 0, "none")
+
+    def read(nvml: Any, handle: Any) -> DeviceMemory:
+        info = nvml.nvmlDeviceGetMemoryInfo(handle)
+        return DeviceMemory(int(info.total), int(info.used), "nvml")
+
+    found = _from_nvml(device, read)
+    if found is not None:
+        return found
     import torch
 
-    free, total = torch.cuda.mem_get_info(index)
+    free, total = torch.cuda.mem_get_info(_torch_index(device))
     return DeviceMemory(int(total), int(total - free), "torch")
 
 
 def device_capability(device: str) -> tuple[str, tuple[int, int]]:
     """A CUDA device's name and compute capability, from NVML where it is (no torch import in the worker), else
     from torch."""
-    try:
-        import pynvml
 
-        pynvml.nvmlInit()
-        try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index(device))
-            name = pynvml.nvmlDeviceGetName(handle)
-            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-            return (name.decode() if isinstance(name, bytes) else str(name)), (int(major), int(minor))
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception as exc:
-        log.debug("NVML unavailable for %s: %s", device, exc)
+    def read(nvml: Any, handle: Any) -> tuple[str, tuple[int, int]]:
+        name = nvml.nvmlDeviceGetName(handle)
+        major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
+        return (name.decode() if isinstance(name, bytes) else str(name)), (int(major), int(minor))
+
+    found = _from_nvml(device, read)
+    if found is not None:
+        return found
     import torch
 
-    index = int(device.split(":", 1)[1]) if ":" in device else 0
-    major, minor = torch.cuda.get_device_capability(index)
-    return str(torch.cuda.get_device_name(index)), (int(major), int(minor))
+    major, minor = torch.cuda.get_device_capability(_torch_index(device))
+    return str(torch.cuda.get_device_name(_torch_index(device))), (int(major), int(minor))
 
 
 def parse_device(text: str) -> str:

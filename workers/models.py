@@ -177,7 +177,7 @@ def check_format(name: str, role: str, quantize: str, device: str) -> None:
         return
     if importlib.util.find_spec("torchao") is None:
         raise ConfigError(f"[{role}] {name}: quantize = {quantize!r} needs torchao, which is not installed "
-                          "(pip install 'ragq[quantize]')")
+                          "(pip install torchao; ragq's dependencies pin it)")
     if quantize != "fp8":
         return
     need = f"{FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]}"

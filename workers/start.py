@@ -195,18 +195,13 @@ def build_runtime(settings: Settings, device: str, name: str | None = None, log_
     preload(specs)
     endpoints = ensure_services(settings)
     clock.phase("services")
-    schema: list[BaseException | None] = []
     migrating = None
     if not attach:   # the owner migrates (its urgent consumer needs the tables only once it has tasks), beside the
-        def migrate() -> None:   # engine process's start (its torch import is the longer of the two)
-            try:
-                ensure_schema(endpoints.database_url)
-                schema.append(None)
-            except BaseException as exc:  # noqa: BLE001 - raised in the worker's thread below
-                schema.append(exc)
+        from concurrent.futures import ThreadPoolExecutor   # engine process's start (its torch import is longer)
 
-        migrating = threading.Thread(target=migrate, name="ragq-schema", daemon=True)
-        migrating.start()
+        pool = ThreadPoolExecutor(1, thread_name_prefix="ragq-schema")
+        migrating = pool.submit(ensure_schema, endpoints.database_url)
+        pool.shutdown(wait=False)
     name = worker_name(device, name)
     sink = PostgresSink(endpoints.database_url, worker=name)
     if attach:
@@ -221,10 +216,11 @@ def build_runtime(settings: Settings, device: str, name: str | None = None, log_
                               token_counter=count_tokens, preparer=prepare_items, log_level=log_level)
         clock.phase("engine process")
     if migrating is not None:
-        migrating.join()
-        if schema and schema[0] is not None:
+        try:
+            migrating.result()
+        except BaseException:
             engine.stop()
-            raise schema[0]
+            raise
         clock.phase("schema")   # the time it waited beyond the engine
     runtime = WorkerRuntime(settings, endpoints, engine, sink, name, device, specs)
     log.info("worker %s: engine process %s, models %s", name, engine.pid or "attached",

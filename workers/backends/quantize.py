@@ -25,8 +25,6 @@ from typing import Any
 import torch
 
 
-
-
 def _quiet_import() -> None:
     """Import torchao without its import-time noise: torch's notes on Enum registration, and (on a CPU build of
     torch) warnings about the CUDA kernels it cannot load there."""
