@@ -80,8 +80,11 @@ def run_loop(gen: Any, batch: list[list[int]], new: int) -> dict[str, float]:
     for s in sequences:
         loop.add(s)
     full_steps, full_s = 0, 0.0
+    all_running = 0.0
     while any(s.done is None for s in sequences):
         together = len(loop.running) == len(batch) and not loop.prefilling
+        if together and not all_running:
+            all_running = time.perf_counter() - t0
         t_step = time.perf_counter()
         loop.step()          # ends with the new tokens on the host: a step is synchronous
         if together and all(s.done is None for s in sequences):
@@ -89,7 +92,7 @@ def run_loop(gen: Any, batch: list[list[int]], new: int) -> dict[str, float]:
             full_s += time.perf_counter() - t_step
     total = time.perf_counter() - t0
     tokens = sum(len(s.generated) for s in sequences)
-    return {"tokens": tokens, "seconds": total, "tokens_per_s": tokens / total,
+    return {"tokens": tokens, "seconds": total, "tokens_per_s": tokens / total, "all_running_s": all_running,
             "decode_tokens_per_s": (full_steps * len(batch) / full_s) if full_s else 0.0,
             "step_ms": (full_s / full_steps * 1000.0) if full_steps else 0.0}
 
@@ -144,10 +147,11 @@ def sleep_wake(gen: Any, vocab: int, prompt: int, device: str, rates: dict[str, 
     """8 sequences mid-decode; the generator sleeps and wakes; the first step after the wake recaptures."""
     from workers.backends.decode import Sequence
 
-    sequences = [Sequence(key=i, prompt=p, max_new=64) for i, p in enumerate(prompts(8, prompt, vocab, seed=3))]
+    count = min(8, gen.loop.slots)
+    sequences = [Sequence(key=i, prompt=p, max_new=64) for i, p in enumerate(prompts(count, prompt, vocab, seed=3))]
     for s in sequences:
         gen.loop.add(s)
-    while len(gen.loop.running) < 8 or gen.loop.prefilling:
+    while len(gen.loop.running) < count or gen.loop.prefilling:
         gen.loop.step()
     steps = []
     for _ in range(5):
@@ -182,6 +186,13 @@ def sleep_wake(gen: Any, vocab: int, prompt: int, device: str, rates: dict[str, 
             if bound_ms else 0.0}
 
 
+VARIANTS: dict[str, dict[str, str]] = {
+    "compiled": {},                                  # the default on a CUDA card
+    "decoder": {"compile": "off"},
+    "modules": {"decoder": "off"},
+}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", type=Path, default=Path("/tmp/ragq-models"))
@@ -192,6 +203,10 @@ def main() -> int:
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--skip-static", action="store_true")
     parser.add_argument("--quick", action="store_true", help="the loop's rows and the sleep/wake only")
+    parser.add_argument("--variants", default="compiled",
+                        help="comma-separated loop variants, each loaded in turn and timed in this run: compiled "
+                             "(the default: ragq's decoder, elementwise parts compiled), decoder (ragq's decoder, "
+                             "eager parts), modules (transformers' modules in the loop, as before)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -210,35 +225,45 @@ def main() -> int:
                      roles=("generate",))["generate"]
     results["rates"] = rates = copy_rates(args.device)
     batches = [int(b) for b in args.batches.split(",")]
-    spec = ModelSpec(role="generate", path=path, name="qwen3-4b", max_length=args.prompt,
-                     max_new_tokens=args.new, dtype="bfloat16", extra={"decode_slots": max(batches)})
-    t0 = time.perf_counter()
-    gen = load_torch_model(spec, args.device)
-    results["load_s"] = time.perf_counter() - t0
-    gen.loop.eos = set()   # random weights: run every sequence its full length
-    vocab = gen.model.config.vocab_size
-    weights = gen.nbytes - gen.loop.kv_bytes
-    results["weights_bytes"], results["kv_bytes"] = weights, gen.loop.kv_bytes
-    d2d = rates["d2d_bytes_per_s"]
-    # one read of the weights per step at the copy's rate (a copy's bytes read + written: the memory's traffic)
-    results["bound_tokens_per_s"] = d2d / weights if d2d else 0.0
-    print(f"weights {weights / 2**30:.2f} GiB, KV cache {gen.loop.kv_bytes / 2**30:.2f} GiB, "
-          f"copy {d2d / 1e12:.2f} TB/s (read+write), bound {results['bound_tokens_per_s']:.0f} tokens/s", flush=True)
-
-    results["agreement"] = agreement(gen, vocab, args.device)
-    print("greedy agreement with generate:", results["agreement"], flush=True)
     rows: dict[str, dict[str, Any]] = {}
-    for b in batches:
-        batch = prompts(b, args.prompt, vocab, seed=b)
-        run_loop(gen, batch[:b], min(args.new, 8))        # capture this bucket's graph, warm up
-        rows[f"ragq loop, graphs, {b}"] = run_loop(gen, batch, args.new)
-        print(f"ragq loop graphs b={b}: {rows[f'ragq loop, graphs, {b}']}", flush=True)
-    results["graph_captures"] = dict(gen.loop.counters)
-    results["sleep_wake"] = sleep_wake(gen, vocab, args.prompt, args.device, rates)
-    print("sleep/wake:", results["sleep_wake"], flush=True)
-    results["stable_addresses"] = gen.stable is not None
+    gen = None
+    for variant in [v for v in args.variants.split(",") if v]:
+        if gen is not None:   # the previous variant's weights and cache go before the next loads
+            gen.unload()
+            del gen
+            torch.cuda.empty_cache()
+        extra: dict[str, Any] = {"decode_slots": max(batches), **VARIANTS[variant]}
+        spec = ModelSpec(role="generate", path=path, name="qwen3-4b", max_length=args.prompt,
+                         max_new_tokens=args.new, dtype="bfloat16", extra=extra)
+        t0 = time.perf_counter()
+        gen = load_torch_model(spec, args.device)
+        results[f"load_s, {variant}"] = time.perf_counter() - t0
+        gen.loop.eos = set()   # random weights: run every sequence its full length
+        vocab = gen.model.config.vocab_size
+        weights = gen.nbytes - gen.loop.kv_bytes
+        results["weights_bytes"], results["kv_bytes"] = weights, gen.loop.kv_bytes
+        d2d = rates["d2d_bytes_per_s"]
+        # one read of the weights per step at the copy's rate (a copy's bytes read + written: the memory's traffic)
+        results["bound_tokens_per_s"] = d2d / weights if d2d else 0.0
+        print(f"{variant}: loaded in {results[f'load_s, {variant}']:.1f} s; weights {weights / 2**30:.2f} GiB, "
+              f"KV cache {gen.loop.kv_bytes / 2**30:.2f} GiB, copy {d2d / 1e12:.2f} TB/s (read+write), bound "
+              f"{results['bound_tokens_per_s']:.0f} tokens/s", flush=True)
+        results[f"agreement, {variant}"] = agreement(gen, vocab, args.device)
+        print("greedy agreement with generate:", results[f"agreement, {variant}"], flush=True)
+        for b in batches:
+            batch = prompts(b, args.prompt, vocab, seed=b)
+            run_loop(gen, batch[:b], min(args.new, 8))        # capture this bucket's graph, warm up
+            name = f"ragq loop ({variant}), graphs, {b}"
+            rows[name] = run_loop(gen, batch, args.new)
+            print(f"{name}: {rows[name]}", flush=True)
+        results[f"graph_captures, {variant}"] = dict(gen.loop.counters)
+        results[f"sleep_wake, {variant}"] = sleep_wake(gen, vocab, args.prompt, args.device, rates)
+        print("sleep/wake:", results[f"sleep_wake, {variant}"], flush=True)
+        results[f"stable_addresses, {variant}"] = gen.stable is not None
+    assert gen is not None
     if args.quick:
         results["rows"] = rows
+        print_rows(results, rows)
         (args.out / "decode.json").write_text(json.dumps(results, indent=2))
         return 0
     gen.loop.graphs_on = False
@@ -258,13 +283,17 @@ def main() -> int:
             print(f"HF static b={b}: {rows[f'HF generate static, {b}']}", flush=True)
     results["rows"] = rows
     (args.out / "decode.json").write_text(json.dumps(results, indent=2))
-    print(f"\n{results['device']} torch {results['torch']} transformers {results['transformers']}")
-    print(f"bound {results['bound_tokens_per_s']:.0f} tokens/s (weights {weights / 2**30:.2f} GiB)")
-    print(f"{'path':34} {'tokens/s':>9} {'decode tok/s':>12} {'step ms':>8}")
-    for name, row in rows.items():
-        print(f"{name:34} {row['tokens_per_s']:9.1f} {row.get('decode_tokens_per_s', 0):12.1f} "
-              f"{row.get('step_ms', 0):8.2f}")
+    print_rows(results, rows)
     return 0
+
+
+def print_rows(results: dict[str, Any], rows: dict[str, dict[str, Any]]) -> None:
+    print(f"\n{results['device']} torch {results['torch']} transformers {results['transformers']}")
+    print(f"bound {results['bound_tokens_per_s']:.0f} tokens/s (weights {results['weights_bytes'] / 2**30:.2f} GiB)")
+    print(f"{'path':40} {'tokens/s':>9} {'decode tok/s':>12} {'step ms':>8}")
+    for name, row in rows.items():
+        print(f"{name:40} {row['tokens_per_s']:9.1f} {row.get('decode_tokens_per_s', 0):12.1f} "
+              f"{row.get('step_ms', 0):8.2f}")
 
 
 if __name__ == "__main__":

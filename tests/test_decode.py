@@ -224,3 +224,48 @@ def test_the_kv_cache_counts_in_the_footprint(tiny_models, generator) -> None:  
     assert not off.continuous
     assert generator.nbytes == off.nbytes + generator.loop.kv_bytes
     assert generator.loop.kv_bytes == generator.loop.cache.nbytes
+
+
+def test_the_loop_runs_its_own_decoder_with_fused_projections_as_views(generator) -> None:  # type: ignore[no-untyped-def]
+    decoder = generator.loop.decoder
+    assert decoder is not None and not decoder.compiled   # eager parts on the CPU by default
+    for i, layer in enumerate(decoder.base.layers):
+        fused = decoder.fused(i)
+        attn, mlp = layer.self_attn, layer.mlp
+        # one weight each for q/k/v and gate/up, lying where the modules' own weights are (views, no copies)
+        assert fused.qkv is not None and fused.gate_up is not None
+        assert fused.qkv.data_ptr() == attn.q_proj.weight.data_ptr()
+        assert fused.qkv.shape[0] == sum(m.weight.shape[0] for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+        assert torch.equal(fused.qkv[-attn.v_proj.weight.shape[0]:], attn.v_proj.weight)
+        assert fused.gate_up.data_ptr() == mlp.gate_proj.weight.data_ptr()
+        assert torch.equal(fused.gate_up[mlp.gate_proj.weight.shape[0]:], mlp.up_proj.weight)
+
+
+def test_weights_moved_apart_run_unfused_and_transformers_modules_still_work(tiny_models, reference) -> None:  # type: ignore[no-untyped-def]
+    moved = load(tiny_models)
+    layer = moved.loop.decoder.base.layers[0]
+    with torch.no_grad():   # as after an ordinary wake: each weight in an allocation of its own
+        for module in (layer.self_attn.k_proj, layer.mlp.up_proj):
+            module.weight.data = module.weight.data.clone()
+    assert moved.loop.decoder.fused(0).qkv is None and moved.loop.decoder.fused(0).gate_up is None
+    assert moved.loop.decoder.fused(1).qkv is not None
+    assert moved.loop_ids(PROMPTS, NEW) == reference
+    modules = load(tiny_models, decoder="off")   # transformers' own modules in the loop
+    assert modules.loop.decoder is None and modules.loop.why_not_decoder == "turned off"
+    assert modules.loop_ids(PROMPTS, NEW) == reference
+
+
+def test_the_compiled_decoder_equals_generate(tiny_models, reference) -> None:  # type: ignore[no-untyped-def]
+    """What runs on a CUDA card by default: decode steps' elementwise parts through torch.compile (here inductor's
+    C++ code), compiled at load for one row and for any other count, so serving recompiles nothing."""
+    compiled = load(tiny_models, compile="on")
+    assert compiled.loop.decoder.compiled
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0   # compiled at load
+    assert compiled.loop_ids(PROMPTS, NEW) == reference
+    assert [compiled.loop_ids([p], NEW)[0] for p in PROMPTS[:2]] == reference[:2]
+    assert counters["stats"]["unique_graphs"] == graphs   # no shape in prefill or decode compiled again
+    with pytest.raises(ValueError, match="compile must be auto, on or off"):
+        load(tiny_models, compile="sometimes")

@@ -14,8 +14,10 @@ A sequence joins the running batch at the next step and leaves when it finishes,
 
 Rows of the cache are kept compact (running sequence i is row i), so a step over n sequences is a step over the
 first n rows, and a CUDA graph captured for the smallest batch bucket >= n replays it; padded rows write to a
-scratch column no sequence reads. The model is any transformers causal LM whose decoder takes `position_ids`, a
-prepared mask per attention type and a cache object (`SlotCache` answers its `update` calls).
+scratch column no sequence reads. Llama-shaped decoders (Qwen3, Qwen2, Llama) run the loop's own forward pass
+(workers/backends/decoder.py: fused projections, compiled elementwise parts); any other transformers causal LM whose
+decoder takes `position_ids`, a prepared mask per attention type and a cache object runs its own modules
+(`SlotCache` answers their `update` calls).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from typing import Any
 import torch
 
 from ragq.core.errors import DeviceOutOfMemory
-from workers.backends.fastpaths import use_decode_attention
+from workers.backends.decoder import Decoder, supported
+from workers.backends.fastpaths import decode_attention, use_decode_attention
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +157,7 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> str:
 class DecodeLoop:
     def __init__(self, model: Any, tokenizer: Any, *, slots: int, context: int, device: torch.device,
                  graphs: bool = False, prefill_chunk: int = 512, prefill_tokens: int | None = None,
-                 eos_ids: set[int] | None = None,
+                 eos_ids: set[int] | None = None, own_decoder: bool = True,
                  clock: Callable[[], float] = time.monotonic) -> None:
         config = model.config
         if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ["full_attention"]) \
@@ -162,6 +165,10 @@ class DecodeLoop:
             raise ValueError("the decode loop runs full-attention models only (this one has sliding-window layers)")
         self.model = model
         self.packed_gqa = use_decode_attention(model)
+        why_not = supported(model) if own_decoder else "turned off"
+        # the loop's own forward pass (fused projections, compiled elementwise parts), else transformers' modules
+        self.decoder: Decoder | None = Decoder(model, decode_attention) if why_not is None else None
+        self.why_not_decoder = why_not
         self.base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         self.head = model.get_output_embeddings()
         self.tokenizer = tokenizer
@@ -389,6 +396,8 @@ class DecodeLoop:
                 self._join(seq)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.decoder is not None:
+            return self.decoder.forward(ids, positions, mask, self.cache)
         kwargs: dict[str, Any] = {
             "input_ids": ids, "position_ids": positions, "use_cache": True, self._cache_kw: self.cache,
             "attention_mask": {kind: mask for kind in self.layer_types},

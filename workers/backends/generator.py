@@ -17,6 +17,7 @@ import torch
 
 from ragq.core.errors import DeviceOutOfMemory
 from workers.backends.decode import DecodeLoop, Sequence, cut_at_stop
+from workers.backends.decoder import pack_projections
 from workers.backends.fastpaths import fuse_norms
 from workers.backends.torch_backend import _TorchModel
 
@@ -41,12 +42,19 @@ class TorchGenerator(_TorchModel):
                 self.model, self.tokenizer, slots=slots, context=spec.max_length + spec.max_new_tokens,
                 device=self.device, graphs=graphs, prefill_chunk=int(spec.extra.get("prefill_chunk", 512)),
                 prefill_tokens=int(spec.extra.get("prefill_tokens", 2048)),
-                eos_ids=self._eos_ids())
+                eos_ids=self._eos_ids(), own_decoder=str(spec.extra.get("decoder", "auto")) != "off")
         except ValueError as exc:
             log.info("%s answers with transformers' generate: %s", spec.name, exc)
             return
         if str(spec.extra.get("fused_norms", "on")) != "off":
             fuse_norms(self.model)
+        if loop.decoder is not None:
+            packed = pack_projections(self.model)   # before the move to the fixed-address range, which keeps the order
+            compiled = self._compile_decoder(loop)
+            log.info("%s runs ragq's decoder: %d projection groups side by side, elementwise parts %s", spec.name,
+                     packed, compiled)
+        else:
+            log.info("%s runs transformers' modules in the decode loop: %s", spec.name, loop.why_not_decoder)
         self.stable: Any = None
         if self.is_cuda and str(spec.extra.get("keep_addresses", "auto")) != "off":
             self._move_to_stable_range(loop)
@@ -55,6 +63,27 @@ class TorchGenerator(_TorchModel):
         self.nbytes += loop.kv_bytes
         log.info("%s decodes continuously on %s: %d slots x %d tokens, KV cache %.2f GiB, graphs %s", spec.name,
                  self.device, slots, loop.context, loop.kv_bytes / 2**30, "on" if loop.graphs_on else "off")
+
+    def _compile_decoder(self, loop: DecodeLoop) -> str:
+        """`compile = "auto"` (the default) compiles the decoder's elementwise parts on a CUDA card, where they are
+        a third of a one-row step; "on" compiles on the CPU too (needs a C++ compiler), "off" runs them eager."""
+        assert loop.decoder is not None
+        mode = str(self.spec.extra.get("compile", os.environ.get("RAGQ_COMPILE", "auto")))
+        if mode not in ("auto", "on", "off"):
+            raise ValueError(f"model {self.name}: compile must be auto, on or off, not {mode!r}")
+        if mode == "off" or (mode == "auto" and not self.is_cuda):
+            return "eager"
+        try:
+            loop.decoder.compile()
+            seconds = loop.decoder.warm(self.device)
+        except Exception as exc:  # noqa: BLE001 - inductor missing a compiler or Triton: the eager parts still work
+            if mode == "on":
+                raise
+            loop.decoder.eager()
+            log.warning("%s: torch.compile of the decoder failed, its parts run eager: %s", self.name,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            return "eager (compile failed)"
+        return f"compiled in {seconds:.1f} s"
 
     def _move_to_stable_range(self, loop: DecodeLoop) -> None:
         """Weights and KV cache into one device range whose addresses outlive a sleep, so the decode graphs need
