@@ -32,6 +32,8 @@ def test_full_config(tmp_path: Path) -> None:
     ("[rerank]\nkind = 'qwen3'", "needs `path`"),
     ("[embed]\npath = '/x'\npooling = 'max'", "kind/pooling 'max'"),
     ("[embed]\npath = '/x'\nestimate = 'lots'", "is not a size"),
+    ("[generate]\npath = '/x'\ncompile = 'yes'", "compile must be one of auto, on, off, not 'yes'"),
+    ("[generate]\npath = '/x'\ndecoder = 'hf'", "decoder must be one of auto, off, not 'hf'"),
 ])
 def test_invalid_config_names_file_and_problem(tmp_path: Path, text: str, problem: str) -> None:
     path = tmp_path / "models.toml"

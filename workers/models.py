@@ -136,6 +136,11 @@ def spec_from_table(role: str, table: dict[str, Any], source: str) -> ModelSpec:
                           "in its own repository")
     if spec.packed not in ("auto", "on", "off"):
         raise ConfigError(f"{source}: [{role}] packed must be \"auto\", \"on\" or \"off\", not {spec.packed!r}")
+    for key, allowed in (("compile", ("auto", "on", "off")), ("decoder", ("auto", "off")),
+                         ("decode", ("auto", "off"))):
+        if key in spec.extra and str(spec.extra[key]) not in allowed:
+            raise ConfigError(f"{source}: [{role}] {key} must be one of {', '.join(allowed)}, not "
+                              f"{spec.extra[key]!r}")
     if spec.batch_size < 1 or spec.max_length < 8 or spec.urgent_batch < 1 or spec.max_batch_tokens < spec.max_length \
             or spec.pass_overhead_tokens < 0:
         raise ConfigError(f"{source}: [{role}] needs batch_size >= 1, urgent_batch >= 1, max_length >= 8, "

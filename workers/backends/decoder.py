@@ -12,7 +12,8 @@ Against running transformers' modules it saves, per layer and step:
   them eager (torch's fused `rms_norm`): its passes are bound by the matrix multiplies.
 
 Decode attention stays torch's SDPA on the key/value heads (workers/backends/fastpaths.py): two batched products
-and a softmax, compiled, measured slower on an H200 (6.18 against 5.04 ms a step for one sequence).
+and a softmax, compiled, and FlexAttention were both measured slower on an H200 (6.18 and 5.93 ms a step for one
+sequence against 5.04 and 5.12; BENCHMARKS.md).
 
 Numbers are the model's: on the CPU in float32 the loop's tokens equal transformers' greedy `generate`
 (tests/test_decode.py); the bf16 arithmetic of the compiled pieces rounds once where eager rounds per operation.
