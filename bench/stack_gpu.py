@@ -34,8 +34,10 @@ from bench.restart_cpu import until_consuming  # noqa: E402
 from bench.urgent_cpu import ask_many, make_corpus, percentile  # noqa: E402
 
 
-def models_toml(paths: dict[str, Path], tiny: bool, max_new_tokens: int = 16, quantize: str = "none") -> str:
-    """The three models; `quantize` (fp8 | int8) applies to the embedder and the generator (the reranker is small)."""
+def models_toml(paths: dict[str, Path], tiny: bool, max_new_tokens: int = 16, quantize: str = "none",
+                generate_extra: str = "") -> str:
+    """The three models; `quantize` (fp8 | int8) applies to the embedder and the generator (the reranker is small);
+    `generate_extra`, more lines of the generator's table."""
     guess = (lambda s: "") if tiny else (lambda s: f'estimate = "{s}"\n')
     q = "" if quantize == "none" else f'quantize = "{quantize}"\n'
     big = "7.5GiB" if quantize == "none" else "4.2GiB"
@@ -46,7 +48,7 @@ def models_toml(paths: dict[str, Path], tiny: bool, max_new_tokens: int = 16, qu
         f'{guess("1.1GiB")}'
         f'[generate]\npath = "{paths["generate"]}"\nname = "qwen3-4b"\nmax_new_tokens = {max_new_tokens}\n'
         f'max_length = 1024\n'
-        f'{guess(big)}{q}'
+        f'{guess(big)}{q}{generate_extra}'
     )
 
 
@@ -174,6 +176,7 @@ VARIANT_ENV = {
     "ragq-switch0.5ms": {"RAGQ_SWITCH_INTERVAL_MS": "0.5"},
     "ragq-nobudget": {"RAGQ_VRAM_BUDGET": "", "RAGQ_VRAM_BUFFER": "0.15"},  # 85% of the card: no swaps, no cap
     # ragq-fp8 / ragq-int8: the same worker with the embedder and the generator quantized (RAGQ_MODELS set in main)
+    # ragq-modules: the decode loop on transformers' modules instead of ragq's decoder (RAGQ_MODELS set in main)
 }
 
 
@@ -248,8 +251,23 @@ def run_variant(name: str, home: Path, device: str, args: argparse.Namespace, se
 
 
 def run_generation(home: Path, device: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Issue [2 of 7]'s rows through the stack: `ask` idle (streamed: total and time to the first token, as the
-    caller sees them), then `--concurrent` questions asked at once (each in its own thread)."""
+    """Issue [2 of 7]'s rows through the stack for each of `--generation-variants` in turn (same run, same card)."""
+    out: dict[str, Any] = {}
+    saved = dict(os.environ)
+    for name in args.generation_variants.split(","):
+        os.environ.update({k: v for k, v in VARIANT_ENV.get(name, {}).items() if v})
+        try:
+            print(f"--- {name}", flush=True)
+            out[name] = run_generation_once(home, device, args, name)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+    return out
+
+
+def run_generation_once(home: Path, device: str, args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """`ask` idle (streamed: total and time to the first token, as the caller sees them), then `--concurrent`
+    questions asked at once (each in its own thread)."""
     import threading
 
     from ragq.client import Client
@@ -259,7 +277,7 @@ def run_generation(home: Path, device: str, args: argparse.Namespace) -> dict[st
 
     client = Client(Settings(home=home))
     app.control.purge()
-    log = home / "worker-generation.log"
+    log = home / f"worker-generation-{name}.log"
     worker = subprocess.Popen([sys.executable, "-m", "ragq.cli", "worker", "--device", device, "--name", "gen"],
                               env=dict(os.environ), stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
     out: dict[str, Any] = {}
@@ -376,6 +394,8 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--generation", action="store_true",
                         help="only the generation rows: idle streamed asks and --concurrent questions at once")
+    parser.add_argument("--generation-variants", default="ragq",
+                        help="with --generation: ragq, ragq-modules (the decode loop on transformers' modules)")
     parser.add_argument("--concurrent", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--restarts", type=int, default=0, help="only the recovery rows: kill the worker N times")
@@ -392,6 +412,9 @@ def main() -> int:
     for quantize in ("fp8", "int8"):   # the variants ragq-fp8 and ragq-int8
         (home / f"models-{quantize}.toml").write_text(models_toml(paths, args.tiny, args.max_new_tokens, quantize))
         VARIANT_ENV[f"ragq-{quantize}"] = {"RAGQ_MODELS": str(home / f"models-{quantize}.toml")}
+    (home / "models-modules.toml").write_text(models_toml(paths, args.tiny, args.max_new_tokens,
+                                                          generate_extra='decoder = "off"\n'))
+    VARIANT_ENV["ragq-modules"] = {"RAGQ_MODELS": str(home / "models-modules.toml")}
     os.environ.update(RAGQ_MODELS=str(models_file), RAGQ_HOME=str(home), RAGQ_VRAM_BUDGET="16GiB",
                       RAGQ_CPU_BUDGET="16GiB", RAGQ_STATS_INTERVAL_S="10")
     from ragq.core.services import EmbeddedServices
@@ -412,7 +435,8 @@ def main() -> int:
             results[key] = runner(home, args.device, args)
         finally:
             services.down()
-            shutil.copy(home / f"worker-{key}.log", args.out / f"worker-{key}.log")
+            for log_file in home.glob(f"worker-{key}*.log"):
+                shutil.copy(log_file, args.out / log_file.name)
         (args.out / "stack.json").write_text(json.dumps(results, indent=2))
         return 0
     results["raw_forward"] = raw_forward(paths, make_corpus(home / "raw", args.docs, 1), args.device, args.tiny)
