@@ -128,8 +128,9 @@ def ingest_documents(self: Any, job_id: str, items: list[dict[str, Any]]) -> dic
     model = rt.specs["embed"].name
     with rt.db.connect() as conn:
         stored = set(conn.execute(select(Chunk.id).where(Chunk.id.in_(all_ids))).scalars()) if all_ids else set()
+        reusable = reusable_vectors(conn, [item for item, _ in prepared], model)
         for item, chunks in prepared:   # a changed document: its unchanged chunks keep their vectors
-            old = reusable_vectors(conn, *item_key(item), model, item["document_id"])
+            old = reusable.get(item["item_id"], {})
             for c in chunks:
                 vector = old.get((c.text, tuple(c.headings))) if c.id not in stored else None
                 if vector is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import delete, exists, func, select, text
+from sqlalchemy import delete, exists, func, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from ragq.core.db import Chunk, DocKey, Document
@@ -28,31 +28,43 @@ def current_version(conn: Any, collection: str, key: str) -> str | None:
                         ).scalar_one_or_none()
 
 
-def reusable_vectors(conn: Any, collection: str, key: str, model: str, document_id: str
-                     ) -> dict[tuple[str, tuple[str, ...]], Any]:
-    """(text, headings) -> vector of the key's current version's chunks by `model`, when that version is not
-    `document_id` (a new version's unchanged chunks take them instead of being embedded again)."""
-    old = current_version(conn, collection, key)
-    if old is None or old == document_id:
+def current_versions(conn: Any, keys: set[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """(collection, key) -> its current version, for every one of `keys` that has one: one query for a batch."""
+    if not keys:
         return {}
-    rows = conn.execute(select(Chunk.text, Chunk.headings, Chunk.embedding)
-                        .where(Chunk.document_id == old, Chunk.embed_model == model)).all()
-    return {(row.text, tuple(row.headings or ())): row.embedding for row in rows}
+    rows = conn.execute(select(DocKey.collection, DocKey.key, DocKey.document_id)
+                        .where(tuple_(DocKey.collection, DocKey.key).in_(sorted(keys)))).all()
+    return {(row.collection, row.key): row.document_id for row in rows}
+
+
+def reusable_vectors(conn: Any, items: list[dict[str, Any]], model: str
+                     ) -> dict[int, dict[tuple[str, tuple[str, ...]], Any]]:
+    """Item id -> (text, headings) -> vector of its key's current version's chunks by `model`, for the items whose
+    key names another version (a new version's unchanged chunks take them instead of being embedded again)."""
+    current = current_versions(conn, {item_key(item) for item in items})
+    old = {item["item_id"]: current[item_key(item)] for item in items
+           if current.get(item_key(item)) not in (None, item["document_id"])}
+    if not old:
+        return {}
+    rows = conn.execute(select(Chunk.document_id, Chunk.text, Chunk.headings, Chunk.embedding)
+                        .where(Chunk.document_id.in_(set(old.values())), Chunk.embed_model == model)).all()
+    by_version: dict[str, dict[tuple[str, tuple[str, ...]], Any]] = {}
+    for row in rows:
+        by_version.setdefault(row.document_id, {})[(row.text, tuple(row.headings or ()))] = row.embedding
+    return {item_id: by_version.get(version, {}) for item_id, version in old.items()}
 
 
 def unchanged(conn: Any, items: list[dict[str, Any]], model: str) -> dict[int, int]:
     """Items whose key names their version already, embedded by `model`: item id -> its stored chunks. Ingesting
     them again changes nothing, so they need no chunking and no embedding."""
-    found: dict[int, int] = {}
-    for item in items:
-        current = current_version(conn, *item_key(item))
-        if current is None or current != item["document_id"]:
-            continue
-        count = conn.execute(select(func.count()).select_from(Chunk).where(
-            Chunk.document_id == current, Chunk.embed_model == model)).scalar()
-        if count:
-            found[item["item_id"]] = int(count)
-    return found
+    current = current_versions(conn, {item_key(item) for item in items})
+    same = {item["item_id"]: item["document_id"] for item in items
+            if current.get(item_key(item)) == item["document_id"]}
+    if not same:
+        return {}
+    counts = dict(conn.execute(select(Chunk.document_id, func.count()).where(
+        Chunk.document_id.in_(set(same.values())), Chunk.embed_model == model).group_by(Chunk.document_id)).all())
+    return {item_id: int(counts[doc]) for item_id, doc in same.items() if counts.get(doc)}
 
 
 def switch_key(conn: Any, collection: str, key: str, document_id: str, job_id: str, item_id: int) -> bool:

@@ -44,6 +44,30 @@ def _chunks_of(client, collection: str, key: str) -> list[str]:  # type: ignore[
             "WHERE k.collection = :c AND k.key = :k ORDER BY c.seq"), {"c": collection, "k": key}).scalars())
 
 
+def test_one_batch_with_an_unchanged_an_edited_and_a_new_document(worker, client, ragq_home: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Versions are looked up for a whole batch at once: each item still gets its own answer."""
+    collection = f"tides-{uuid.uuid4().hex[:6]}"
+    same, edited, new = (tmp_path / f"{name}.md" for name in ("same", "edited", "new"))
+    same.write_text(V2.replace("Eling", "Woodbridge"))   # none of these keeps "1802" (a test below counts it)
+    edited.write_text(V1)
+    first = _ingest(ragq_home, str(same), str(edited), "--collection", collection)
+    assert first["status"] == "completed" and first["chunks_reused"] == 0
+    before = {d["key"]: d["version"] for d in client.documents(collection)}
+    same_chunks = len(_chunks_of(client, collection, str(same.resolve())))
+    edited.write_text(V2)
+    new.write_text(V2.replace("Eling", "Thorrington"))
+    second = _ingest(ragq_home, str(same), str(edited), str(new), "--collection", collection)
+    assert second["status"] == "completed" and second["documents_done"] == 3
+    # the edited one's unchanged chunks came from its own old version; the unchanged one added nothing
+    assert 1 <= second["chunks_reused"] < same_chunks + second["chunks_reused"]
+    assert second["chunks"] == second["chunks_added"] + same_chunks
+    after = {d["key"]: d["version"] for d in client.documents(collection)}
+    assert after[str(same.resolve())] == before[str(same.resolve())]
+    assert after[str(edited.resolve())] != before[str(edited.resolve())] and str(new.resolve()) in after
+    assert "trust in 1975" in " ".join(_chunks_of(client, collection, str(edited.resolve())))
+    assert "Thorrington" in " ".join(_chunks_of(client, collection, str(new.resolve())))
+
+
 def test_a_changed_document_replaces_its_old_version(worker, client, ragq_home: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     collection = f"tides-{uuid.uuid4().hex[:6]}"
     path = tmp_path / "tide-mills.md"
