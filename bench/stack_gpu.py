@@ -180,6 +180,17 @@ VARIANT_ENV = {
 }
 
 
+def variant_env(name: str, base: dict[str, str]) -> dict[str, str]:
+    """`base` with variant `name`'s settings (an empty value: the variable unset)."""
+    env = dict(base)
+    for key, value in VARIANT_ENV.get(name, {}).items():
+        if value:
+            env[key] = value
+        else:
+            env.pop(key, None)
+    return env
+
+
 def run_variant(name: str, home: Path, device: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
     from ragq.client import Client
     from ragq.demo import QUESTIONS, sample_paths, stop_worker, wait_until_consuming
@@ -192,12 +203,7 @@ def run_variant(name: str, home: Path, device: str, args: argparse.Namespace, se
     client = Client(settings)
     app.control.purge()
     log = home / f"worker-{name}.log"
-    env = dict(os.environ, RAGQ_HOME=str(home), RAGQ_CELERY_PROFILE=settings.celery_profile)
-    for key, value in VARIANT_ENV.get(name, {}).items():
-        if value:
-            env[key] = value
-        else:
-            env.pop(key, None)
+    env = variant_env(name, dict(os.environ, RAGQ_HOME=str(home), RAGQ_CELERY_PROFILE=settings.celery_profile))
     worker = subprocess.Popen([sys.executable, "-m", "ragq.cli", "worker", "--device", device, "--name", name],
                               env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
     try:
@@ -253,15 +259,9 @@ def run_variant(name: str, home: Path, device: str, args: argparse.Namespace, se
 def run_generation(home: Path, device: str, args: argparse.Namespace) -> dict[str, Any]:
     """Issue [2 of 7]'s rows through the stack for each of `--generation-variants` in turn (same run, same card)."""
     out: dict[str, Any] = {}
-    saved = dict(os.environ)
     for name in args.generation_variants.split(","):
-        os.environ.update({k: v for k, v in VARIANT_ENV.get(name, {}).items() if v})
-        try:
-            print(f"--- {name}", flush=True)
-            out[name] = run_generation_once(home, device, args, name)
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
+        print(f"--- {name}", flush=True)
+        out[name] = run_generation_once(home, device, args, name)
     return out
 
 
@@ -279,7 +279,8 @@ def run_generation_once(home: Path, device: str, args: argparse.Namespace, name:
     app.control.purge()
     log = home / f"worker-generation-{name}.log"
     worker = subprocess.Popen([sys.executable, "-m", "ragq.cli", "worker", "--device", device, "--name", "gen"],
-                              env=dict(os.environ), stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
+                              env=variant_env(name, dict(os.environ)), stdout=open(log, "wb"),
+                              stderr=subprocess.STDOUT)  # noqa: SIM115
     out: dict[str, Any] = {}
     try:
         wait_until_consuming(worker, log, timeout_s=600)

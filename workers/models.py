@@ -96,6 +96,10 @@ def default_embed_spec() -> ModelSpec:
     )
 
 
+# the generator's keys with a fixed set of values (checked when the models file is read)
+GENERATOR_CHOICES = {"compile": ("auto", "on", "off"), "decoder": ("auto", "off"), "decode": ("auto", "off")}
+
+
 def spec_from_table(role: str, table: dict[str, Any], source: str) -> ModelSpec:
     if role not in ROLES:
         raise ConfigError(f"{source}: unknown role [{role}]; roles are {', '.join(ROLES)}")
@@ -136,8 +140,7 @@ def spec_from_table(role: str, table: dict[str, Any], source: str) -> ModelSpec:
                           "in its own repository")
     if spec.packed not in ("auto", "on", "off"):
         raise ConfigError(f"{source}: [{role}] packed must be \"auto\", \"on\" or \"off\", not {spec.packed!r}")
-    for key, allowed in (("compile", ("auto", "on", "off")), ("decoder", ("auto", "off")),
-                         ("decode", ("auto", "off"))):
+    for key, allowed in GENERATOR_CHOICES.items():
         if key in spec.extra and str(spec.extra[key]) not in allowed:
             raise ConfigError(f"{source}: [{role}] {key} must be one of {', '.join(allowed)}, not "
                               f"{spec.extra[key]!r}")

@@ -197,9 +197,6 @@ class DecodeLoop:
         self._host_kv: tuple[list[tuple[int, int]], list[torch.Tensor]] | None = None
         self._graphs: dict[tuple[int, bool, int], _StepGraph] = {}
         self.width_round = 0   # graphs attend over the whole cache width (0) or the longest row rounded up to this
-        self.compile_step = False      # the step through torch.compile (fused kernels) before its graph is captured
-        self.sdpa_backends: list[Any] | None = None   # SDPA's backends to allow in graphs (None: torch's choice)
-        self._compiled: Any = None
         self.full_width = False        # eager steps attend over the whole width too (as graphs do): profiling
         self.counters = {"steps": 0, "tokens": 0, "prefill_tokens": 0, "graph_captures": 0, "capture_ms": 0.0,
                          "preempted": 0}
@@ -452,13 +449,6 @@ class DecodeLoop:
             self._leave(seq)
         return finished
 
-    def step_function(self) -> Callable[..., torch.Tensor]:
-        if not self.compile_step:
-            return self._step_logits
-        if self._compiled is None:
-            self._compiled = torch.compile(self._step_logits, dynamic=False)
-        return self._compiled
-
     def _graph(self, bucket: int, sampling: bool, width: int) -> _StepGraph:
         key = (bucket, sampling, width)
         graph = self._graphs.get(key)
@@ -548,14 +538,8 @@ class _StepGraph:
         self.top_p = torch.ones(bucket, device=device)
         rows = loop._rows[:bucket]
 
-        step = loop.step_function()
-
         def body() -> torch.Tensor:
-            import contextlib
-
-            backends = loop.sdpa_backends
-            with (torch.nn.attention.sdpa_kernel(backends) if backends else contextlib.nullcontext()):
-                logits = step(self.ids, self.positions, rows, width)
+            logits = loop._step_logits(self.ids, self.positions, rows, width)
             return sample(logits, self.temps, self.top_p) if sampling else logits.argmax(-1)
 
         stream = torch.cuda.Stream(device)

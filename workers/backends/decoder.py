@@ -23,14 +23,11 @@ projections one by one through their modules.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-log = logging.getLogger(__name__)
 
 FAMILIES = ("qwen3", "qwen2", "llama")
 
@@ -60,7 +57,8 @@ def supported(model: Any) -> str | None:
 
 
 def _plain(t: torch.Tensor | None) -> bool:
-    return t is None or type(t) in (torch.Tensor, torch.nn.Parameter)
+    """A tensor of its own (not None, not a quantized wrapper)."""
+    return type(t) in (torch.Tensor, torch.nn.Parameter)
 
 
 def pack_projections(model: Any) -> int:
@@ -75,7 +73,7 @@ def pack_projections(model: Any) -> int:
             for modules in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
                 for name in ("weight", "bias"):
                     params = [getattr(m, name) for m in modules]
-                    if params[0] is None or not all(_plain(p) and p is not None for p in params) \
+                    if not all(_plain(p) for p in params) \
                             or _side_by_side([p.data for p in params]) is not None:
                         continue
                     whole = torch.cat([p.data for p in params], dim=0)
@@ -210,8 +208,7 @@ class Decoder:
             biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
             entry.qkv_bias = None
             if entry.qkv is not None and any(b is not None for b in biases):
-                entry.qkv_bias = _side_by_side([b.data for b in biases]) \
-                    if all(b is not None and _plain(b) for b in biases) else None
+                entry.qkv_bias = _side_by_side([b.data for b in biases]) if all(_plain(b) for b in biases) else None
                 if entry.qkv_bias is None:
                     entry.qkv = None
             entry.gate_up = _side_by_side([t.data for t in gu]) if all(_plain(t) for t in gu) \

@@ -20,6 +20,7 @@ from workers.backends.decode import DecodeLoop, Sequence, cut_at_stop
 from workers.backends.decoder import pack_projections
 from workers.backends.fastpaths import fuse_norms
 from workers.backends.torch_backend import _TorchModel
+from workers.models import GENERATOR_CHOICES
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class TorchGenerator(_TorchModel):
         a third of a one-row step; "on" compiles on the CPU too (needs a C++ compiler), "off" runs them eager."""
         assert loop.decoder is not None
         mode = str(self.spec.extra.get("compile", os.environ.get("RAGQ_COMPILE", "auto")))
-        if mode not in ("auto", "on", "off"):
+        if mode not in GENERATOR_CHOICES["compile"]:
             raise ValueError(f"model {self.name}: compile must be auto, on or off, not {mode!r}")
         if mode == "off" or (mode == "auto" and not self.is_cuda):
             return "eager"
