@@ -193,6 +193,12 @@ VARIANTS: dict[str, dict[str, str]] = {
 }
 
 
+def check_variants(parser: argparse.ArgumentParser, variants: str) -> None:
+    unknown = [v for v in variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", type=Path, default=Path("/tmp/ragq-models"))
@@ -209,6 +215,7 @@ def main() -> int:
                              "eager parts), modules (transformers' modules in the loop, as before)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    check_variants(parser, args.variants)
     args.out.mkdir(parents=True, exist_ok=True)
 
     import torch

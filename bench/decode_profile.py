@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.decode_gpu import VARIANTS, prompts, sync  # noqa: E402
+from bench.decode_gpu import VARIANTS, check_variants, prompts, sync  # noqa: E402
 from bench.models import build_all  # noqa: E402
 
 
@@ -30,6 +30,7 @@ def main() -> int:
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    check_variants(parser, args.variants)
     args.out.mkdir(parents=True, exist_ok=True)
     import torch
     from torch.profiler import ProfilerActivity, profile

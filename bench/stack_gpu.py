@@ -401,6 +401,10 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--restarts", type=int, default=0, help="only the recovery rows: kill the worker N times")
     args = parser.parse_args()
+    known = ("ragq", "ragq-modules", "ragq-fp8", "ragq-int8", *VARIANT_ENV)   # the last three set in main
+    unknown = [v for v in args.generation_variants.split(",") if v not in known]
+    if unknown:
+        parser.error(f"--generation-variants: unknown {', '.join(unknown)}; known: {', '.join(known)}")
     args.out.mkdir(parents=True, exist_ok=True)
     import torch
     import transformers

@@ -69,7 +69,7 @@ class TorchGenerator(_TorchModel):
         """`compile = "auto"` (the default) compiles the decoder's elementwise parts on a CUDA card, where they are
         a third of a one-row step; "on" compiles on the CPU too (needs a C++ compiler), "off" runs them eager."""
         assert loop.decoder is not None
-        mode = str(self.spec.extra.get("compile", os.environ.get("RAGQ_COMPILE", "auto")))
+        mode = str(self.spec.extra.get("compile", "auto"))
         if mode not in GENERATOR_CHOICES["compile"]:
             raise ValueError(f"model {self.name}: compile must be auto, on or off, not {mode!r}")
         if mode == "off" or (mode == "auto" and not self.is_cuda):
