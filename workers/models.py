@@ -97,7 +97,8 @@ def default_embed_spec() -> ModelSpec:
 
 
 # the generator's keys with a fixed set of values (checked when the models file is read)
-GENERATOR_CHOICES = {"compile": ("auto", "on", "off"), "decoder": ("auto", "off"), "decode": ("auto", "off")}
+GENERATOR_CHOICES = {"compile": ("auto", "on", "off"), "decoder": ("auto", "off"), "decode": ("auto", "off"),
+                     "attention": ("auto", "split", "sdpa")}
 
 
 def spec_from_table(role: str, table: dict[str, Any], source: str) -> ModelSpec:

@@ -62,6 +62,11 @@ class SlotCache:
     def for_decode(self, rows: torch.Tensor, positions: torch.Tensor, width: int) -> None:
         self._mode = ("decode", rows, positions, width)
 
+    def decode_target(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode step's rows and the positions its new tokens go to (the split kernels write them)."""
+        assert self._mode[0] == "decode"
+        return self._mode[1], self._mode[2]
+
     def for_prefill(self, rows: torch.Tensor, positions: torch.Tensor, width: int) -> None:
         """Tokens of several sequences at once: row i's tokens at `positions[i]` (padding at the scratch column),
         attending to the first `width` positions of their own rows."""
@@ -392,7 +397,7 @@ class DecodeLoop:
             if seq.cached >= len(seq.context) - 1:
                 self._join(seq)
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if self.decoder is not None:
             return self.decoder.forward(ids, positions, mask, self.cache)
         kwargs: dict[str, Any] = {
@@ -406,7 +411,9 @@ class DecodeLoop:
     def _step_logits(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, width: int
                      ) -> torch.Tensor:
         assert self.cache is not None
-        mask = (self._columns[None, :width] <= positions[:, None])[:, None, None, :]   # [b, 1, 1, width]
+        mask = None
+        if self.decoder is None or self.decoder.split is None:   # the split kernels read the positions themselves
+            mask = (self._columns[None, :width] <= positions[:, None])[:, None, None, :]   # [b, 1, 1, width]
         self.cache.for_decode(rows, positions, width)
         hidden = self._forward(ids[:, None], positions[:, None], mask)
         return self.head(hidden[:, -1]).float()

@@ -11,9 +11,11 @@ Against running transformers' modules it saves, per layer and step:
   any other count, `compile` in the models file; ~670 kernels a step for Qwen3-4B against ~1,390). Prefill runs
   them eager (torch's fused `rms_norm`): its passes are bound by the matrix multiplies.
 
-Decode attention stays torch's SDPA on the key/value heads (workers/backends/fastpaths.py): two batched products
-and a softmax, compiled, and FlexAttention were both measured slower on an H200 (6.18 and 5.93 ms a step for one
-sequence against 5.04 and 5.12; BENCHMARKS.md).
+Decode attention runs split along the keys where Triton can run it (workers/backends/split_attention.py: every SM
+reads its share of a row's cache, the new key and value stored by the same launch), else torch's SDPA on the
+key/value heads (workers/backends/fastpaths.py). Two batched products and a softmax, compiled, and FlexAttention
+were both measured slower than SDPA on an H200 (6.18 and 5.93 ms a step for one sequence against 5.04 and 5.12;
+BENCHMARKS.md).
 
 Numbers are the model's: on the CPU in float32 the loop's tokens equal transformers' greedy `generate`
 (tests/test_decode.py); the bf16 arithmetic of the compiled pieces rounds once where eager rounds per operation.
@@ -179,6 +181,7 @@ class Decoder:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = float(config.rms_norm_eps)
         self.attention = attention
+        self.split: dict[int, Any] | None = None   # rows -> SplitAttention, when decode steps run the split kernels
         self._fused = [_Fused() for _ in self.base.layers]
         self.prefill_parts = _Parts()
         self.eager()
@@ -194,6 +197,20 @@ class Decoder:
         the matrix multiplies, and its shapes vary more."""
         self.step_parts = _Parts(torch.compile)
         self.compiled = True
+
+    def use_split_attention(self, on: bool = True) -> None:
+        """Decode steps' attention (and their cache writes) through the split kernels, or SDPA (`on=False`)."""
+        self.split = {} if on else None
+
+    def _split_for(self, rows: int, cache: Any, device: torch.device) -> Any:
+        from workers.backends.split_attention import SplitAttention
+
+        assert self.split is not None
+        kernel = self.split.get(rows)
+        if kernel is None:   # first met outside a graph's capture: the warm-up step runs before it
+            kernel = SplitAttention(rows, self.heads, self.kv_heads, self.head_dim, cache.context, device)
+            self.split[rows] = kernel
+        return kernel
 
     def fused(self, index: int) -> _Fused:
         layer = self.base.layers[index]
@@ -215,9 +232,15 @@ class Decoder:
                 and mlp.gate_proj.bias is None and mlp.up_proj.bias is None else None
         return entry
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: Any
+                ) -> torch.Tensor:
+        """`mask` may be None for a decode step when the split kernels run it (they read each row's position)."""
         base = self.base
-        parts = self.step_parts if ids.shape[1] == 1 else self.prefill_parts
+        decode = ids.shape[1] == 1
+        parts = self.step_parts if decode else self.prefill_parts
+        split = self._split_for(ids.shape[0], cache, ids.device) if decode and self.split is not None else None
+        if split is not None:
+            rows, step_positions = cache.decode_target()
         hidden = base.embed_tokens(ids)
         cos, sin = base.rotary_emb(hidden, positions)
         cos, sin = cos[:, None], sin[:, None]
@@ -238,9 +261,13 @@ class Decoder:
             q, k, v = parts.heads(qkv, None if q_norm is None else q_norm.weight,
                                     None if k_norm is None else k_norm.weight, self.eps, cos, sin,
                                     self.heads, self.kv_heads, self.head_dim)
-            keys, values = cache.update(k, v, i)
-            out, _ = self.attention(attn, q, keys, values, mask, scaling=attn.scaling)
-            hidden = attn.o_proj(out.reshape(*out.shape[:2], -1))
+            if split is not None:
+                out = split(q, k, v, cache.keys[i], cache.values[i], step_positions, rows, attn.scaling)
+            else:
+                keys, values = cache.update(k, v, i)
+                out, _ = self.attention(attn, q, keys, values, mask, scaling=attn.scaling)
+                out = out.reshape(*out.shape[:2], -1)
+            hidden = attn.o_proj(out)
             residual, x = parts.add_norm(residual, hidden, layer.post_attention_layernorm.weight, self.eps)
             if fused.gate_up is not None:
                 hidden = mlp.down_proj(parts.silu_mul(F.linear(x, fused.gate_up)))

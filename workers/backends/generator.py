@@ -52,8 +52,9 @@ class TorchGenerator(_TorchModel):
         if loop.decoder is not None:
             packed = pack_projections(self.model)   # before the move to the fixed-address range, which keeps the order
             compiled = self._compile_decoder(loop)
-            log.info("%s runs ragq's decoder: %d projection groups side by side, elementwise parts %s", spec.name,
-                     packed, compiled)
+            attention = self._decode_attention(loop)
+            log.info("%s runs ragq's decoder: %d projection groups side by side, elementwise parts %s, decode "
+                     "attention %s", spec.name, packed, compiled, attention)
         else:
             log.info("%s runs transformers' modules in the decode loop: %s", spec.name, loop.why_not_decoder)
         self.stable: Any = None
@@ -85,6 +86,24 @@ class TorchGenerator(_TorchModel):
                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             return "eager (compile failed)"
         return f"compiled in {seconds:.1f} s"
+
+    def _decode_attention(self, loop: DecodeLoop) -> str:
+        """`attention = "auto"` (the default) runs decode steps' attention through the split kernels where Triton
+        runs them (a CUDA card), else SDPA; "split" requires the kernels (on the CPU: under TRITON_INTERPRET=1,
+        as the tests run them), "sdpa" keeps torch's SDPA."""
+        from workers.backends.split_attention import why_not_available
+
+        assert loop.decoder is not None
+        mode = str(self.spec.extra.get("attention", "auto"))
+        if mode not in GENERATOR_CHOICES["attention"]:
+            raise ValueError(f"model {self.name}: attention must be auto, split or sdpa, not {mode!r}")
+        why_not = why_not_available(self.device) if mode != "sdpa" else "sdpa chosen"
+        if why_not is None:
+            loop.decoder.use_split_attention()
+            return "split along the keys (Triton)"
+        if mode == "split":
+            raise ValueError(f"model {self.name}: attention = \"split\" cannot run here: {why_not}")
+        return f"SDPA ({why_not})"
 
     def _move_to_stable_range(self, loop: DecodeLoop) -> None:
         """Weights and KV cache into one device range whose addresses outlive a sleep, so the decode graphs need
