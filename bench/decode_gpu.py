@@ -194,68 +194,76 @@ VARIANTS: dict[str, dict[str, str]] = {
 }
 
 
-def split_attention_check(device: str, context: int) -> dict[str, Any]:
-    """The split kernels against SDPA (float64 reference) on Qwen3-4B's shapes, and one layer's attention timed
-    both ways (the kernels with their cache write; SDPA on the key/value heads over the whole width with a mask,
-    as the loop ran it, plus the two cache writes), in CUDA graphs, median of 200 replays."""
+def graph_us(fn: Any, calls: int = 10, replays: int = 200) -> float:
+    """Microseconds a call of `fn`, `calls` of them captured in one CUDA graph, median of `replays` replays."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0 / calls)
+    return statistics.median(times)
+
+
+def split_attention_rows(device: str, context: int, rows: int) -> dict[str, Any]:
+    """One row count of `split_attention_check`."""
     import torch
     import torch.nn.functional as F
 
     from workers.backends.split_attention import SplitAttention
 
     heads, kv_heads, dim = 32, 8, 128
+    slots = max(rows, 16)
+    keys = torch.randn(slots, kv_heads, context + 1, dim, device=device, dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    q = torch.randn(rows, heads, 1, dim, device=device, dtype=torch.bfloat16)
+    k_new = torch.randn(rows, kv_heads, 1, dim, device=device, dtype=torch.bfloat16)
+    v_new = torch.randn_like(k_new)
+    positions = torch.randint(context // 2, context, (rows,), device=device)
+    positions[0] = context - 1
+    row_ids = torch.arange(rows, device=device)
+    kernel = SplitAttention(rows, heads, kv_heads, dim, context, torch.device(device))
+    got = kernel(q, k_new, v_new, keys, values, positions, row_ids, dim ** -0.5).double()
+    errors = []
+    for i in range(rows):
+        p = int(positions[i])
+        ref = F.scaled_dot_product_attention(q[i].reshape(kv_heads, heads // kv_heads, dim).double(),
+                                             keys[i, :, :p + 1].double(), values[i, :, :p + 1].double(),
+                                             scale=dim ** -0.5).reshape(-1)
+        errors.append(float((got[i, 0] - ref).norm() / ref.norm()))
+    columns = torch.arange(context + 1, device=device)
+
+    def sdpa() -> None:   # as the loop ran it: the two cache writes, a mask, SDPA on the key/value heads
+        keys[row_ids, :, positions] = k_new[:, :, 0]
+        values[row_ids, :, positions] = v_new[:, :, 0]
+        mask = (columns[None, :] <= positions[:, None])[:, None, None, :]
+        F.scaled_dot_product_attention(q.reshape(rows, kv_heads, heads // kv_heads, dim), keys[:rows],
+                                       values[:rows], attn_mask=mask, scale=dim ** -0.5)
+
+    timings = {"sdpa_us": graph_us(sdpa),
+               "split_us": graph_us(lambda: kernel(q, k_new, v_new, keys, values, positions, row_ids, dim ** -0.5))}
+    kv_bytes = float(sum(int(p) + 1 for p in positions) * kv_heads * dim * 2 * 2)
+    return {"splits": kernel.splits, "max_relative_error": max(errors), **timings,
+            "split_kv_read_tb_s": kv_bytes / (timings["split_us"] * 1e-6) / 1e12}
+
+
+def split_attention_check(device: str, context: int) -> dict[str, Any]:
+    """The split kernels against SDPA (float64 reference) on Qwen3-4B's shapes, and one layer's attention timed
+    both ways (the kernels with their cache write; SDPA on the key/value heads over the whole width with a mask,
+    as the loop ran it, plus the two cache writes), in CUDA graphs."""
     out: dict[str, Any] = {}
     for rows in (1, 4, 16):
-        slots = max(rows, 16)
-        keys = torch.randn(slots, kv_heads, context + 1, dim, device=device, dtype=torch.bfloat16)
-        values = torch.randn_like(keys)
-        q = torch.randn(rows, heads, 1, dim, device=device, dtype=torch.bfloat16)
-        k_new = torch.randn(rows, kv_heads, 1, dim, device=device, dtype=torch.bfloat16)
-        v_new = torch.randn_like(k_new)
-        positions = torch.randint(context // 2, context, (rows,), device=device)
-        positions[0] = context - 1
-        row_ids = torch.arange(rows, device=device)
-        kernel = SplitAttention(rows, heads, kv_heads, dim, context, torch.device(device))
-        got = kernel(q, k_new, v_new, keys, values, positions, row_ids, dim ** -0.5).double()
-        errors = []
-        for i in range(rows):
-            p = int(positions[i])
-            ref = F.scaled_dot_product_attention(q[i].reshape(kv_heads, heads // kv_heads, dim).double(),
-                                                 keys[i, :, :p + 1].double(), values[i, :, :p + 1].double(),
-                                                 scale=dim ** -0.5).reshape(-1)
-            errors.append(float((got[i, 0] - ref).norm() / ref.norm()))
-        columns = torch.arange(context + 1, device=device)
-
-        def sdpa() -> None:
-            keys[row_ids, :, positions] = k_new[:, :, 0]
-            values[row_ids, :, positions] = v_new[:, :, 0]
-            mask = (columns[None, :] <= positions[:, None])[:, None, None, :]
-            F.scaled_dot_product_attention(q.reshape(rows, kv_heads, heads // kv_heads, dim), keys[:rows],
-                                           values[:rows], attn_mask=mask, scale=dim ** -0.5)
-
-        def split() -> None:
-            kernel(q, k_new, v_new, keys, values, positions, row_ids, dim ** -0.5)
-
-        timings = {}
-        for name, fn in (("sdpa_us", sdpa), ("split_us", split)):
-            fn()
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(10):
-                    fn()
-            times = []
-            for _ in range(200):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                graph.replay()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) * 100.0)   # ms for 10 calls -> us a call
-            timings[name] = statistics.median(times)
-        kv_bytes = float(sum(int(p) + 1 for p in positions) * kv_heads * dim * 2 * 2)
-        out[f"rows={rows}"] = {"splits": kernel.splits, "max_relative_error": max(errors), **timings,
-                               "split_kv_read_tb_s": kv_bytes / (timings["split_us"] * 1e-6) / 1e12}
+        out[f"rows={rows}"] = split_attention_rows(device, context, rows)
         print(f"split attention, {rows} rows: {out[f'rows={rows}']}", flush=True)
     return out
 

@@ -175,6 +175,7 @@ VARIANT_ENV = {
     # variants of ragq's worker, for finding what slows the device loop inside the worker (same run, same card)
     "ragq-switch0.5ms": {"RAGQ_SWITCH_INTERVAL_MS": "0.5"},
     "ragq-nobudget": {"RAGQ_VRAM_BUDGET": "", "RAGQ_VRAM_BUFFER": "0.15"},  # 85% of the card: no swaps, no cap
+    "ragq-late-prewarm": {"RAGQ_PREWARM_GENERATOR": "false"},   # the generator woken after the rerank, as before
     # ragq-fp8 / ragq-int8: the same worker with the embedder and the generator quantized (RAGQ_MODELS set in main)
     # ragq-modules: the decode loop on transformers' modules instead of ragq's decoder (RAGQ_MODELS set in main)
     # ragq-sdpa: ragq's decoder with torch's SDPA for decode attention instead of the split kernels (likewise)

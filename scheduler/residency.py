@@ -211,14 +211,16 @@ def admit(
 
 
 def prewarm(
-    models: Mapping[str, ModelView], incoming: str, policy: ResidencyPolicy, now: float,
+    models: Mapping[str, ModelView], incoming: str, policy: ResidencyPolicy, now: float, *, urgent: bool = False,
 ) -> list[Move]:
-    """Moves that bring the next stage's model in early — only when they evict nothing that is busy or cooling."""
+    """Moves that bring the next stage's model in early — only when they evict nothing that is busy or cooling.
+    `urgent`: an urgent question's own next stage, which would evict those models moments later anyway, so a
+    model's cooldown does not hold it (pending work still does)."""
     target = models.get(incoming)
     if target is None or target.tier == VRAM:
         return []
     try:
-        plan = admit(models, incoming, policy, now)
+        plan = admit(models, incoming, policy, now, urgent=urgent)
     except BudgetExceeded:
         return []
     if isinstance(plan, Deferred):
@@ -226,7 +228,7 @@ def prewarm(
     for move in plan:
         victim = models.get(move.model)
         if move.action in (SLEEP, UNLOAD) and victim is not None and (
-            victim.pending > 0 or in_cooldown(victim, policy, now)
+            victim.pending > 0 or (not urgent and in_cooldown(victim, policy, now))
         ):
             return []
     return [Move(m.model, m.action, "prewarm: " + m.reason) if m.model == incoming else m for m in plan]

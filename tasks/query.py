@@ -68,6 +68,10 @@ def embed_query(self: Any, state: dict[str, Any]) -> dict[str, Any]:
     _keep_timing(state, "embed", clock, self.request.hostname)
     if rt.engine.has_role("rerank"):
         rt.engine.prewarm("rerank")  # wake the reranker while Postgres searches
+    if rt.engine.has_role("generate") and getattr(getattr(rt, "settings", None), "prewarm_generator", True):
+        # and the generator, while the search and the rerank run: where the budget holds the embedder or the
+        # generator but not both, the question's generate stage would evict the idle embedder moments later anyway
+        rt.engine.prewarm("generate", urgent=True)
     state["vector"] = result.outputs[0]
     state["embed_model"] = result.model
     state["worker"] = self.request.hostname   # where its later stages run (a client watches that it lives)

@@ -211,6 +211,23 @@ def test_prewarm_overlaps_the_wake_with_other_work() -> None:
     assert result.load_ms < 150  # the wake had finished, or nearly, when rerank was needed
 
 
+def test_an_urgent_questions_generator_wakes_while_its_search_and_rerank_run() -> None:
+    h = Harness(budget_mib=10, sizes={"embed": 6, "rerank": 1, "generate": 6}, wake_s=0.3)
+    h.engine.start()
+    h.engine.run("generate", ["g"])
+    h.engine.run("rerank", ["r"])
+    h.engine.run("embed", ["q"], priority=URGENT)           # the generator goes to sleep for it
+    assert h.engine.tiers()["generate"] == "host"
+    h.engine.prewarm("generate", urgent=True)                # the question's own next stage: the idle embedder goes
+    time.sleep(0.1)                                          # its search
+    rerank = h.engine.run("rerank", ["r"], priority=URGENT)
+    generate = h.engine.run("generate", ["q"], priority=URGENT)
+    h.engine.stop()
+    assert h.engine.tiers()["embed"] != "vram"
+    assert rerank.load_ms < 100              # the rerank did not wait for the wake
+    assert generate.load_ms < 300            # the wake was under way before the generate stage asked
+
+
 def test_cooldown_lets_the_resident_model_finish_before_a_swap() -> None:
     clock = FakeClock()
     h = Harness(budget_mib=10, sizes={"embed": 6, "generate": 6}, cooldown_s=1.0, clock=clock, real_time=False,

@@ -122,6 +122,10 @@ def test_prewarm_only_when_it_costs_nothing_busy() -> None:
                      view("generate", DISK, 7.5))
     assert prewarm(cooling, "generate", POLICY, now=10) == []
     assert prewarm(idle, "embed", POLICY, now=10) == []
+    # an urgent question's own next stage: the idle embedder's cooldown does not hold it, pending work still does
+    assert actions(prewarm(cooling, "generate", POLICY, now=10, urgent=True)) == [("embed", SLEEP), ("generate", LOAD)]
+    assert prewarm(cooling, "generate", POLICY, now=10, urgent=True)[-1].reason.startswith("prewarm: ")
+    assert prewarm(busy, "generate", POLICY, now=10, urgent=True) == []
 
 
 def test_trim_to_budget_evicts_idle_then_least_recently_used() -> None:

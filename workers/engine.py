@@ -92,7 +92,7 @@ class Engine:
             for spec in specs.values()}
         # the engine thread's own state
         self._pending: dict[int, Request] = {}
-        self._hints: list[str] = []
+        self._hints: list[tuple[str, bool]] = []
         self._last_urgent: float | None = None
         self._expected_until: dict[str, float] = {}  # model -> until when a question in flight expects it
         self._unload_seen: float | None = None
@@ -208,11 +208,12 @@ class Engine:
     def run(self, role: str, items: list[Any], **kwargs: Any) -> EngineResult:
         return self.submit(role, items, **kwargs).result()
 
-    def prewarm(self, role: str) -> None:
+    def prewarm(self, role: str, urgent: bool = False) -> None:
         """A hint that `role` comes next (a query's rerank after its search): wake its model early if that evicts
-        nothing busy, overlapping the copy with whatever runs meanwhile."""
+        nothing busy, overlapping the copy with whatever runs meanwhile; `urgent` (an urgent question's next
+        stage) also evicts models inside their cooldown."""
         if role in self.specs:
-            self._inbox.put(Prewarm(self.specs[role].name))
+            self._inbox.put(Prewarm(self.specs[role].name, urgent))
 
     def push_knobs(self, values: dict[str, float]) -> None:
         """The tuner's knob values, applied by the engine thread at its next step."""
@@ -280,8 +281,8 @@ class Engine:
             return None
         self._expire(self.clock())
         hints, self._hints = self._hints, []
-        for name in hints:
-            self._do_prewarm(name)
+        for name, urgent in hints:
+            self._do_prewarm(name, urgent)
         if not self._pending:
             return False
         decision = plan(self._snapshot())
@@ -329,7 +330,7 @@ class Engine:
                         if later in self.specs:
                             self._expected_until[self.specs[later].name] = request.enqueued + EXPECT_S
         elif isinstance(message, Prewarm):
-            self._hints.append(message.model)
+            self._hints.append((message.model, message.urgent))
         elif isinstance(message, SetKnobs):
             self.apply_knobs(message.values)
         elif isinstance(message, Query):
@@ -355,9 +356,9 @@ class Engine:
             self._finish(request)
             request.future.set_exception(exc)
 
-    def _do_prewarm(self, name: str) -> None:
+    def _do_prewarm(self, name: str, urgent: bool = False) -> None:
         try:
-            self.residency.apply(prewarm(self.residency.views(), name, self.policy, self.clock()))
+            self.residency.apply(prewarm(self.residency.views(), name, self.policy, self.clock(), urgent=urgent))
         except Exception:
             log.exception("prewarm of %s failed", name)
 

@@ -53,6 +53,7 @@ class SubmitCall:
 @dataclass(frozen=True)
 class PrewarmCall:
     role: str
+    urgent: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def _serve_connection(conn: Any, engine: Engine, owner: bool) -> None:
                     continue
                 future.add_done_callback(lambda f, rid=message.rid: reply(rid, f))
             elif isinstance(message, PrewarmCall):
-                engine.prewarm(message.role)
+                engine.prewarm(message.role, message.urgent)
             elif isinstance(message, ReadCall):
                 try:
                     outbox.put(Answer(message.rid, reads[message.what]()))
@@ -404,11 +405,11 @@ class EngineClient:
     def run(self, role: str, items: list[Any], **kwargs: Any) -> EngineResult:
         return self.submit(role, items, **kwargs).result()
 
-    def prewarm(self, role: str) -> None:
+    def prewarm(self, role: str, urgent: bool = False) -> None:
         if role in self.specs:
             conn = self._ensure_running()
             with self._send_lock:
-                conn.send(PrewarmCall(role))
+                conn.send(PrewarmCall(role, urgent))
 
     def _call(self, what: Literal["resident_models", "tiers", "pending_count", "stats_snapshot"],
               timeout_s: float = 30.0) -> Any:

@@ -98,6 +98,7 @@ class Submit:
 @dataclass(frozen=True)
 class Prewarm:
     model: str
+    urgent: bool = False   # an urgent question's own next stage (cooldowns do not hold it back)
 
 
 @dataclass(frozen=True)

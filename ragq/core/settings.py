@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     urgent_yield_s: float = Field(
         10.0, ge=0, description="for this long after an urgent request, background micro-batches run shorter "
         "(see RAGQ_URGENT_YIELD_MS), so questions wait behind shorter batches (0 = never)")
+    prewarm_generator: bool = Field(
+        True, description="wake the generator as soon as an urgent question is embedded, while its search and "
+        "rerank run (where the budget holds the embedder or the generator, not both, that wake would come moments "
+        "later anyway); false: when its rerank is done")
     urgent_yield_ms: float = Field(
         150.0, ge=0, description="while urgent work is recent, background micro-batches are sized from their "
         "measured rate to take about this long, at most half their tuned size (0 = half their tuned size)")

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any
-
 import torch
 
 BLOCK_N = 32            # keys per inner iteration
@@ -143,6 +141,10 @@ if triton is not None:
         tl.store(out_ptr + b * s_ob + h * s_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def split_count(rows: int, kv_heads: int, width: int, sms: int) -> int:
     """Splits per (row, key/value head): enough programs for PROGRAMS_PER_SM per SM, no split under BLOCK_N keys."""
     wanted = -(-PROGRAMS_PER_SM * sms // max(1, rows * kv_heads))
@@ -169,7 +171,7 @@ class SplitAttention:
         self.groups = heads // kv_heads
         self.heads, self.kv_heads, self.head_dim, self.context = heads, kv_heads, head_dim, context
         self.splits = split_count(rows, kv_heads, context, _sm_count(device))
-        self.split_len = -(-(-(-context // self.splits)) // BLOCK_N) * BLOCK_N
+        self.split_len = _ceil_div(_ceil_div(context, self.splits), BLOCK_N) * BLOCK_N
         self.acc = torch.empty((rows * heads * self.splits, head_dim), dtype=torch.float32, device=device)
         self.stat = torch.empty((rows * heads * self.splits, 2), dtype=torch.float32, device=device)
 
