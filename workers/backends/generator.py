@@ -91,7 +91,7 @@ class TorchGenerator(_TorchModel):
         """`attention = "auto"` (the default) runs decode steps' attention through the split kernels where Triton
         runs them (a CUDA card), else SDPA; "split" requires the kernels (on the CPU: under TRITON_INTERPRET=1,
         as the tests run them), "sdpa" keeps torch's SDPA."""
-        from workers.backends.split_attention import why_not_available
+        from workers.backends.split_attention import warm, why_not_available
 
         assert loop.decoder is not None
         mode = str(self.spec.extra.get("attention", "auto"))
@@ -100,7 +100,9 @@ class TorchGenerator(_TorchModel):
         why_not = why_not_available(self.device) if mode != "sdpa" else "sdpa chosen"
         if why_not is None:
             loop.decoder.use_split_attention()
-            return "split along the keys (Triton)"
+            decoder = loop.decoder
+            seconds = warm(decoder.heads, decoder.kv_heads, decoder.head_dim, loop.context, loop.dtype, self.device)
+            return f"split along the keys (Triton, ready in {seconds:.1f} s)"
         if mode == "split":
             raise ValueError(f"model {self.name}: attention = \"split\" cannot run here: {why_not}")
         return f"SDPA ({why_not})"

@@ -28,7 +28,8 @@ import torch
 
 BLOCK_N = 32            # keys per inner iteration
 PROGRAMS_PER_SM = 2     # partial programs aimed at per SM when choosing the split count
-MAX_SPLITS = 64
+MAX_SPLITS = 64         # a power of two: the combine kernel reads this many slots (masked), so one compiled
+                        # variant of each kernel serves every batch size (a compile is ~1 s at first use)
 
 
 def why_not_available(device: torch.device) -> str | None:
@@ -70,12 +71,12 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
         return m_new, total, acc
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["split_len", "splits"])   # one compiled variant for every batch size
     def _partials(q_ptr, k_new_ptr, v_new_ptr, k_cache, v_cache, pos_ptr, rows_ptr, acc_ptr, stat_ptr,
-                 scale_log2, split_len, scratch,
+                 scale_log2, split_len, scratch, splits,
                  s_qb, s_qh, s_kb, s_kh, s_vb, s_vh, s_cr, s_ch, s_ct,
                  GROUPS: tl.constexpr, GROUPS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-                 SPLITS: tl.constexpr, INTERPRETED: tl.constexpr):
+                 INTERPRETED: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.program_id(2)
@@ -117,21 +118,21 @@ if triton is not None:
             tl.store(k_cache + at, k_new)
             tl.store(v_cache + at, v_new)
         heads = tl.num_programs(1) * GROUPS
-        slot = (b * heads + h * GROUPS + g) * SPLITS + s
+        slot = (b * heads + h * GROUPS + g) * splits + s
         tl.store(acc_ptr + slot[:, None] * HEAD_DIM + d[None, :], acc, mask=g_ok[:, None])
         tl.store(stat_ptr + slot * 2, m, mask=g_ok)
         tl.store(stat_ptr + slot * 2 + 1, total, mask=g_ok)
 
-    @triton.jit
-    def _combine(acc_ptr, stat_ptr, out_ptr, s_ob, s_oh,
-                HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    @triton.jit(do_not_specialize=["splits"])
+    def _combine(acc_ptr, stat_ptr, out_ptr, s_ob, s_oh, splits,
+                HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr):
         b = tl.program_id(0)
         h = tl.program_id(1)
         heads = tl.num_programs(1)
         sp = tl.arange(0, SPLITS_PAD)
-        sp_ok = sp < SPLITS
+        sp_ok = sp < splits
         d = tl.arange(0, HEAD_DIM)
-        slot = (b * heads + h) * SPLITS + sp
+        slot = (b * heads + h) * splits + sp
         m = tl.load(stat_ptr + slot * 2, mask=sp_ok, other=float("-inf"))
         total = tl.load(stat_ptr + slot * 2 + 1, mask=sp_ok, other=0.0)
         top = tl.max(m, 0)                                  # finite: split 0 always holds the new token
@@ -191,12 +192,30 @@ class SplitAttention:
         groups_pad = max(16, 1 << (self.groups - 1).bit_length())
         _partials[(b, self.kv_heads, self.splits)](
             q, k_new, v_new, keys, values, positions, rows, self.acc, self.stat,
-            float(scale) * 1.4426950408889634, self.split_len, self.context,
+            float(scale) * 1.4426950408889634, self.split_len, self.context, self.splits,
             q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
             keys.stride(0), keys.stride(1), keys.stride(2),
-            GROUPS=self.groups, GROUPS_PAD=groups_pad, HEAD_DIM=self.head_dim, BLOCK=BLOCK_N, SPLITS=self.splits,
+            GROUPS=self.groups, GROUPS_PAD=groups_pad, HEAD_DIM=self.head_dim, BLOCK=BLOCK_N,
             INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1")
         _combine[(b, self.heads)](
-            self.acc, self.stat, out, out.stride(0), self.head_dim,
-            HEAD_DIM=self.head_dim, SPLITS=self.splits, SPLITS_PAD=max(2, 1 << (self.splits - 1).bit_length()))
+            self.acc, self.stat, out, out.stride(0), self.head_dim, self.splits,
+            HEAD_DIM=self.head_dim, SPLITS_PAD=MAX_SPLITS)
         return out
+
+
+def warm(heads: int, kv_heads: int, head_dim: int, context: int, dtype: torch.dtype, device: torch.device) -> float:
+    """Compile the kernels for these shapes now (at load) rather than in a question's first decode step; returns
+    the seconds it took (~0 once Triton's cache holds them)."""
+    import time
+
+    t0 = time.perf_counter()
+    kernel = SplitAttention(1, heads, kv_heads, head_dim, context, device)
+    keys = torch.zeros((1, kv_heads, context + 1, head_dim), dtype=dtype, device=device)
+    qkv = torch.zeros((1, 1, (heads + 2 * kv_heads) * head_dim), dtype=dtype, device=device)
+    q, k, v = qkv.split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=-1)
+    one = torch.zeros(1, dtype=torch.long, device=device)
+    kernel(q.reshape(1, 1, heads, head_dim).transpose(1, 2), k.reshape(1, 1, kv_heads, head_dim).transpose(1, 2),
+           v.reshape(1, 1, kv_heads, head_dim).transpose(1, 2), keys, keys.clone(), one, one, head_dim ** -0.5)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
