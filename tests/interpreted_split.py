@@ -17,10 +17,6 @@ import torch.nn.functional as F  # noqa: E402
 
 from workers.backends.split_attention import SplitAttention  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-
 def reference(q, k_new, v_new, keys, values, positions, rows, scale, context):  # type: ignore[no-untyped-def]
     """Per row, in float64: the new key and value written at its position, SDPA over positions 0..position (a
     padded row, at the scratch column, over its new token alone)."""

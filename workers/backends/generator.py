@@ -19,7 +19,7 @@ from ragq.core.errors import DeviceOutOfMemory
 from workers.backends.decode import DecodeLoop, Sequence, cut_at_stop
 from workers.backends.decoder import pack_projections
 from workers.backends.fastpaths import fuse_norms
-from workers.backends.torch_backend import _CudaReady, _TorchModel
+from workers.backends.torch_backend import _TorchModel
 from workers.models import GENERATOR_CHOICES
 
 log = logging.getLogger(__name__)
@@ -211,24 +211,12 @@ class TorchGenerator(_TorchModel):
         if getattr(self, "stable", None) is not None:
             self.stable.remap()
             assert self._host is not None and self.loop is not None
-            current = torch.cuda.current_stream(self.device)
-            if asynchronous:   # a prewarm: the copies on a side stream while the device runs other work
-                if self._side_stream is None:
-                    self._side_stream = torch.cuda.Stream(self.device)
-                stream = self._side_stream
-                stream.wait_stream(current)
-            else:
-                stream = current
+            stream = self._wake_stream(asynchronous)   # a prewarm: beside the device's other work
             with torch.cuda.stream(stream):
                 for leaf, host in zip(self._leaves(), self._host):   # the same addresses: the graphs still hold
                     leaf.get().copy_(host, non_blocking=True)
                 self.loop.restore()
-            if asynchronous:
-                event = torch.cuda.Event()
-                event.record(stream)
-                return _CudaReady(event, self.device)
-            current.synchronize()
-            return None
+            return self._wake_done(stream, asynchronous)
         ready = super().wake(asynchronous)
         if self.loop is not None:
             self.loop.restore()

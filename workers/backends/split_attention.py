@@ -24,7 +24,14 @@ from __future__ import annotations
 
 import functools
 import os
+
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:   # the SDPA path runs without it
+    triton = None
 
 BLOCK_N = 32            # keys per inner iteration
 PROGRAMS_PER_SM = 2     # partial programs aimed at per SM when choosing the split count
@@ -41,12 +48,6 @@ def why_not_available(device: torch.device) -> str | None:
         return "Triton is not installed"
     return None
 
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:   # the SDPA path runs without it
-    triton = None
 
 if triton is not None:
 
@@ -170,6 +171,7 @@ class SplitAttention:
         if head_dim & (head_dim - 1) or head_dim < 16:
             raise ValueError(f"head_dim {head_dim} (the kernels take a power of two >= 16)")
         self.groups = heads // kv_heads
+        self.groups_pad = max(16, 1 << (self.groups - 1).bit_length())   # tl.dot takes at least 16 rows
         self.heads, self.kv_heads, self.head_dim, self.context = heads, kv_heads, head_dim, context
         self.splits = split_count(rows, kv_heads, context, _sm_count(device))
         self.split_len = _ceil_div(_ceil_div(context, self.splits), BLOCK_N) * BLOCK_N
@@ -189,13 +191,12 @@ class SplitAttention:
             raise ValueError("the head dimension must be contiguous")
         if keys.stride() != values.stride():
             raise ValueError("keys and values must be laid out alike")
-        groups_pad = max(16, 1 << (self.groups - 1).bit_length())
         _partials[(b, self.kv_heads, self.splits)](
             q, k_new, v_new, keys, values, positions, rows, self.acc, self.stat,
             float(scale) * 1.4426950408889634, self.split_len, self.context, self.splits,
             q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
             keys.stride(0), keys.stride(1), keys.stride(2),
-            GROUPS=self.groups, GROUPS_PAD=groups_pad, HEAD_DIM=self.head_dim, BLOCK=BLOCK_N,
+            GROUPS=self.groups, GROUPS_PAD=self.groups_pad, HEAD_DIM=self.head_dim, BLOCK=BLOCK_N,
             INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1")
         _combine[(b, self.heads)](
             self.acc, self.stat, out, out.stride(0), self.head_dim, self.splits,

@@ -283,22 +283,33 @@ class _TorchModel(ModelBase):
         if not self.is_cuda or self._host is None:
             return None
         leaves = list(zip(self._leaves(), self._host))
+        stream = self._wake_stream(asynchronous)
+        with torch.cuda.stream(stream):
+            for leaf, host in leaves:
+                leaf.set(host.to(self.device, non_blocking=True))
         if asynchronous:
-            if self._side_stream is None:
-                self._side_stream = torch.cuda.Stream(self.device)
-            stream = self._side_stream
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for leaf, host in leaves:
-                    leaf.set(host.to(self.device, non_blocking=True))
             for leaf, _ in leaves:  # the default stream uses them: don't recycle their memory before it is done
                 leaf.get().record_stream(torch.cuda.current_stream(self.device))
+        return self._wake_done(stream, asynchronous)
+
+    def _wake_stream(self, asynchronous: bool) -> torch.cuda.Stream:
+        """Where a wake's copies go: a side stream (after the device's current work) when asynchronous, so other
+        work runs beside them; else the current stream."""
+        current = torch.cuda.current_stream(self.device)
+        if not asynchronous:
+            return current
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        self._side_stream.wait_stream(current)
+        return self._side_stream
+
+    def _wake_done(self, stream: torch.cuda.Stream, asynchronous: bool) -> _CudaReady | None:
+        """The asynchronous wake's handle (its users' stream waits on it), or, synchronous, the copies finished."""
+        if asynchronous:
             event = torch.cuda.Event()
             event.record(stream)
             return _CudaReady(event, self.device)
-        for leaf, host in leaves:
-            leaf.set(host.to(self.device, non_blocking=True))
-        torch.cuda.current_stream(self.device).synchronize()
+        stream.synchronize()
         return None
 
     @property
