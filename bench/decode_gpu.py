@@ -86,7 +86,7 @@ def run_loop(gen: Any, batch: list[list[int]], new: int) -> dict[str, float]:
         if together and not all_running:
             all_running = time.perf_counter() - t0
         t_step = time.perf_counter()
-        loop.step()          # ends with the new tokens on the host: a step is synchronous
+        loop.step()          # launches a step and reads one (the one before it, with overlap): a step's time
         if together and all(s.done is None for s in sequences):
             full_steps += 1
             full_s += time.perf_counter() - t_step
@@ -191,6 +191,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "sdpa": {"attention": "sdpa"},                   # the same with torch's SDPA for decode attention
     "decoder": {"compile": "off"},
     "modules": {"decoder": "off"},
+    "serial": {"overlap": "off"},                    # the default, each step read before the next is launched
 }
 
 
@@ -287,7 +288,8 @@ def main() -> int:
     parser.add_argument("--variants", default="compiled",
                         help="comma-separated loop variants, each loaded in turn and timed in this run: compiled "
                              "(the default: ragq's decoder, elementwise parts compiled, split attention), sdpa (the "
-                             "same with SDPA's attention), decoder (ragq's decoder, "
+                             "same with SDPA's attention), serial (the default without overlap: each step read before the "
+                             "next is launched), decoder (ragq's decoder, "
                              "eager parts), modules (transformers' modules in the loop, as before)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()

@@ -179,6 +179,7 @@ VARIANT_ENV = {
     # ragq-fp8 / ragq-int8: the same worker with the embedder and the generator quantized (RAGQ_MODELS set in main)
     # ragq-modules: the decode loop on transformers' modules instead of ragq's decoder (RAGQ_MODELS set in main)
     # ragq-sdpa: ragq's decoder with torch's SDPA for decode attention instead of the split kernels (likewise)
+    # ragq-serial: each decode step read before the next is launched (overlap = "off"; likewise)
 }
 
 
@@ -399,12 +400,13 @@ def main() -> int:
                         help="only the generation rows: idle streamed asks and --concurrent questions at once")
     parser.add_argument("--generation-variants", default="ragq",
                         help="with --generation: ragq, ragq-modules (the decode loop on transformers' modules), "
-                             "ragq-sdpa (decode attention through SDPA), ragq-int8, ragq-fp8")
+                             "ragq-sdpa (decode attention through SDPA), ragq-serial (no overlapped decode steps), "
+                             "ragq-late-prewarm, ragq-int8, ragq-fp8")
     parser.add_argument("--concurrent", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--restarts", type=int, default=0, help="only the recovery rows: kill the worker N times")
     args = parser.parse_args()
-    known = ("ragq", "ragq-modules", "ragq-sdpa", "ragq-fp8", "ragq-int8", *VARIANT_ENV)   # the last four set in main
+    known = ("ragq", "ragq-modules", "ragq-sdpa", "ragq-serial", "ragq-fp8", "ragq-int8", *VARIANT_ENV)   # set in main
     unknown = [v for v in args.generation_variants.split(",") if v not in known]
     if unknown:
         parser.error(f"--generation-variants: unknown {', '.join(unknown)}; known: {', '.join(known)}")
@@ -426,6 +428,9 @@ def main() -> int:
     (home / "models-sdpa.toml").write_text(models_toml(paths, args.tiny, args.max_new_tokens,
                                                        generate_extra='attention = "sdpa"\n'))
     VARIANT_ENV["ragq-sdpa"] = {"RAGQ_MODELS": str(home / "models-sdpa.toml")}
+    (home / "models-serial.toml").write_text(models_toml(paths, args.tiny, args.max_new_tokens,
+                                                         generate_extra='overlap = "off"\n'))
+    VARIANT_ENV["ragq-serial"] = {"RAGQ_MODELS": str(home / "models-serial.toml")}
     os.environ.update(RAGQ_MODELS=str(models_file), RAGQ_HOME=str(home), RAGQ_VRAM_BUDGET="16GiB",
                       RAGQ_CPU_BUDGET="16GiB", RAGQ_STATS_INTERVAL_S="10")
     from ragq.core.services import EmbeddedServices

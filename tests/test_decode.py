@@ -1,6 +1,7 @@
 """The generator's decode loop on the CPU with a tiny Qwen3 (no graphs): token for token what transformers' greedy
 `generate` gives, for sequences alone, together, joining mid-decode, cancelled, stopped, waiting for a slot,
-preempted, and carried across a sleep and a wake."""
+preempted, and carried across a sleep and a wake — each with steps launched one at a time and with the next step
+launched before the last one's tokens are read (`overlap`, the default where graphs run)."""
 
 from __future__ import annotations
 
@@ -21,15 +22,24 @@ PROMPTS = [
 NEW = 16
 
 
-def load(tiny_models, **extra):  # type: ignore[no-untyped-def]
+def load(tiny_models, overlap: str = "off", **extra):  # type: ignore[no-untyped-def]
     spec = ModelSpec(role="generate", path=tiny_models["lm"], name="tiny-gen", max_length=96, max_new_tokens=NEW,
-                     extra={"prefill_chunk": 16, **extra})
+                     extra={"prefill_chunk": 16, "overlap": overlap, **extra})
     return load_torch_model(spec, "cpu")
 
 
+@pytest.fixture(scope="module", params=["off", "on"])
+def overlap(request) -> str:  # type: ignore[no-untyped-def]
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def generator(tiny_models):  # type: ignore[no-untyped-def]
-    return load(tiny_models)
+def generator(tiny_models, overlap):  # type: ignore[no-untyped-def]
+    return load(tiny_models, overlap)
+
+
+def chained(generator) -> int:  # type: ignore[no-untyped-def]
+    return int(generator.loop.counters["chained"])
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +65,18 @@ def run_all(generator, sequences: list[Sequence], max_steps: int = 10_000) -> in
     return steps
 
 
-def test_loop_equals_greedy_generate_alone_and_together(generator, reference) -> None:  # type: ignore[no-untyped-def]
+def test_loop_equals_greedy_generate_alone_and_together(generator, reference, overlap) -> None:  # type: ignore[no-untyped-def]
     assert generator.continuous
+    before = chained(generator)
     assert generator.loop.packed_gqa   # decode steps attend on the key/value heads (the tiny model has 2 groups)
     assert all(len(r) > 0 for r in reference)
     assert [generator.loop_ids([p], NEW)[0] for p in PROMPTS] == reference
     assert generator.loop_ids(PROMPTS[:4], NEW) == reference[:4]   # four slots: all in flight together
     # the long prompts are prefilled in chunks of 16 tokens
     assert max(len(generator.tokenizer(p)["input_ids"]) for p in PROMPTS) > 16
+    # with overlap, most steps were launched on the one before (all but those after a change of rows)
+    assert (chained(generator) - before > 5 * NEW // 2) if overlap == "on" else chained(generator) == before
+    assert generator.loop._ahead is None   # nothing left in flight once every sequence finished
 
 
 def test_sequences_join_mid_decode_and_leave_when_done(generator, reference) -> None:  # type: ignore[no-untyped-def]
@@ -84,10 +98,10 @@ def test_sequences_join_mid_decode_and_leave_when_done(generator, reference) -> 
     assert generator.loop.active == 0
 
 
-def test_prompts_that_arrive_together_are_prefilled_together(tiny_models, reference) -> None:  # type: ignore[no-untyped-def]
+def test_prompts_that_arrive_together_are_prefilled_together(tiny_models, reference, overlap) -> None:  # type: ignore[no-untyped-def]
     # a long prompt first (row 0, three chunks), short ones after it (rows 1.., one chunk): the short ones are
     # prefilled in the same forward passes and join the running rows first, swapping rows with the long one
-    generator = load(tiny_models, prefill_tokens=48)
+    generator = load(tiny_models, overlap, prefill_tokens=48)
     loop = generator.loop
     order = [3, 0, 2, 1]
     sequences = [seq(generator, i) for i in order]
@@ -145,8 +159,8 @@ def test_stop_strings_cut_the_answer_and_the_stream_adds_up(generator) -> None: 
     assert len(cut.generated) < len(whole.generated)
 
 
-def test_a_full_cache_makes_new_sequences_wait(tiny_models, reference) -> None:  # type: ignore[no-untyped-def]
-    generator = load(tiny_models, decode_slots=2)
+def test_a_full_cache_makes_new_sequences_wait(tiny_models, reference, overlap) -> None:  # type: ignore[no-untyped-def]
+    generator = load(tiny_models, overlap, decode_slots=2)
     sequences = [seq(generator, i) for i in range(len(PROMPTS))]
     for s in sequences:
         generator.loop.add(s)
@@ -158,8 +172,8 @@ def test_a_full_cache_makes_new_sequences_wait(tiny_models, reference) -> None: 
     assert [s.generated for s in sequences] == reference
 
 
-def test_urgent_preempts_background_which_resumes_exactly(tiny_models, reference) -> None:  # type: ignore[no-untyped-def]
-    generator = load(tiny_models, decode_slots=1)
+def test_urgent_preempts_background_which_resumes_exactly(tiny_models, reference, overlap) -> None:  # type: ignore[no-untyped-def]
+    generator = load(tiny_models, overlap, decode_slots=1)
     background = seq(generator, 3)
     generator.loop.add(background)
     for _ in range(5):
@@ -176,16 +190,17 @@ def test_urgent_preempts_background_which_resumes_exactly(tiny_models, reference
     assert "".join(background.pieces) == background.answer
 
 
-def test_sleep_and_wake_with_sequences_in_flight_continue_exactly(tiny_models, reference) -> None:  # type: ignore[no-untyped-def]
-    generator = load(tiny_models)
+def test_sleep_and_wake_with_sequences_in_flight_continue_exactly(tiny_models, reference, overlap) -> None:  # type: ignore[no-untyped-def]
+    generator = load(tiny_models, overlap)
     sequences = [seq(generator, i) for i in (0, 1, 3)]
     for s in sequences:
         generator.loop.add(s)
     for _ in range(9):
         generator.decode_step()
     assert not generator.loop.prefilling and len(generator.loop.running) >= 2
+    assert (generator.loop._ahead is not None) == (overlap == "on")   # a step in flight as it goes to sleep
     generator.sleep()
-    assert generator.loop.cache is None   # the KV rows in use went to the host tier
+    assert generator.loop.cache is None and generator.loop._ahead is None   # read, then the rows to the host
     generator.wake()
     run_all(generator, sequences)
     assert [s.generated for s in sequences] == [reference[0], reference[1], reference[3]]

@@ -28,10 +28,10 @@ def generate_spec(tiny_models, **extra) -> ModelSpec:  # type: ignore[no-untyped
                      batch_size=8, urgent_batch=8, extra=extra)
 
 
-def make_engine(specs, budget: int = 2**30, clock=None) -> Engine:  # type: ignore[no-untyped-def]
+def make_engine(specs, budget: int = 2**30, clock=None, slice_s: float = 0.0) -> Engine:  # type: ignore[no-untyped-def]
     """Driven by `step()`, each of which runs one decode step (a slice of 0 s)."""
     return Engine("cpu", specs, load_model, budget, host_budget_bytes=2**30, token_counter=count_tokens,
-                  config=EngineConfig(decode_slice_s=0.0),
+                  config=EngineConfig(decode_slice_s=slice_s),
                   **({"clock": clock, "waiter": lambda s: None} if clock else {}))
 
 
@@ -103,19 +103,23 @@ def test_a_deadline_drops_the_sequence_mid_decode(tiny_models, alone) -> None:  
     engine.stop()
 
 
-def test_answers_stream_in_pieces_that_add_up(tiny_models, alone) -> None:  # type: ignore[no-untyped-def]
-    engine = make_engine({"generate": generate_spec(tiny_models)})
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_answers_stream_in_pieces_that_add_up(tiny_models, alone, overlap) -> None:  # type: ignore[no-untyped-def]
+    # slices of many steps: with overlap a step is in flight at each slice's end, read before the engine moves on
+    engine = make_engine({"generate": generate_spec(tiny_models, overlap=overlap)}, slice_s=0.05)
     pieces: dict[str, list[str]] = {}
     engine.streamer = lambda key, piece: pieces.setdefault(key, []).append(piece)
     futures = [engine.submit("generate", [p], priority=URGENT, params={"templated": True, "stream": f"s{i}"})
                for i, p in enumerate(PROMPTS)]
     engine.start()
     results = [f.result(60) for f in futures]
+    loop = engine._slots["tiny-gen"].model.loop
     engine.stop()
     assert [r.outputs[0] for r in results] == alone
     for i, result in enumerate(results):
         assert "".join(pieces.get(f"s{i}", [])) == result.outputs[0]
     assert sum(len(p) for p in pieces.values()) > len(PROMPTS)   # streamed piece by piece, not in one go
+    assert (loop.counters["chained"] > 0) == (overlap == "on") and loop._ahead is None
 
 
 def test_the_generator_sleeps_for_an_urgent_embed_and_continues_exactly(tiny_models, alone) -> None:  # type: ignore[no-untyped-def]

@@ -73,6 +73,7 @@ class Decoding:
                 finished += model.decode_step()
                 if time.perf_counter() - started >= engine.config.decode_slice_s or not engine._inbox.empty():
                     break
+            finished += model.settle_decode()   # no step left in flight while other work has the device
         except Exception as exc:   # a failed step fails the sequences in flight, never the loop
             log.error("decode step on %s failed: %s", engine.device, exc)
             for request in list(self.requests.values()):

@@ -12,6 +12,12 @@ A sequence joins the running batch at the next step and leaves when it finishes,
              position, attending to its own slot (a per-row mask); the step samples on the device (greedy, or
              temperature / top-p by an exponential race) and one small copy brings the new tokens to the host
 
+With `overlap` on (the default where graphs run), while the rows stay the same the loop launches the next step from
+the tokens still on the device before it reads this step's tokens, so the host's work on them (text, stop strings,
+the stream) runs while the card computes the next step instead of between steps. When the rows are to change (a
+sequence finished, was cancelled, a new one is admitted or prefilled) it reads the step in flight first; a step
+launched for a sequence that turned out finished is thrown away.
+
 Rows of the cache are kept compact (running sequence i is row i), so a step over n sequences is a step over the
 first n rows, and a CUDA graph captured for the smallest batch bucket >= n replays it; padded rows write to a
 scratch column no sequence reads. Llama-shaped decoders (Qwen3, Qwen2, Llama) run the loop's own forward pass
@@ -203,8 +209,13 @@ class DecodeLoop:
         self._graphs: dict[tuple[int, bool, int], _StepGraph] = {}
         self.width_round = 0   # graphs attend over the whole cache width (0) or the longest row rounded up to this
         self.full_width = False        # eager steps attend over the whole width too (as graphs do): profiling
+        self.overlap = self.graphs_on  # launch the next step before reading this one's tokens (module docstring)
+        self._ahead: _Launched | None = None   # the step launched and not read yet
+        self._later: list[Sequence] = []       # finished while the loop was put to sleep: step() returns them
+        self._host_tokens: list[torch.Tensor] = []
+        self._flip = 0
         self.counters = {"steps": 0, "tokens": 0, "prefill_tokens": 0, "graph_captures": 0, "capture_ms": 0.0,
-                         "preempted": 0}
+                         "preempted": 0, "chained": 0}
 
     # -- the cache ----------------------------------------------------------------------------------------------
     def kv_shapes(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
@@ -228,6 +239,7 @@ class DecodeLoop:
         `keep` (its memory is released by the caller at the same addresses), kept with the graphs."""
         if self.cache is None:
             return
+        self._later += self.settle()
         rows = [(s.row, s.cached) for s in self._in_cache()]
         pin = self.device.type == "cuda"
         self._host_kv = (rows, self.cache.rows_to(rows, torch.device("cpu"), pin)) if rows else None
@@ -278,16 +290,71 @@ class DecodeLoop:
     # -- one step -----------------------------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
         """Admit, prefill the next chunks, run one decode step; returns the sequences that finished (or were
-        dropped)."""
+        dropped). With `overlap`, a step whose rows stay the same is launched before the previous one is read."""
         if self.cache is None:
             self.restore()
-        finished = self._reap()
+        finished, self._later = self._later, []
+        ahead = self._ahead
+        if ahead is not None:
+            if self._steady(ahead):
+                self._ahead = self._launch(ahead)
+                done = self._collect(ahead)
+                if done:   # the rows change: the step launched with them is read first
+                    done += self.settle()
+                    self._leave_all(done)
+                return finished + done
+            finished += self.settle()
+        finished += self._reap()
         self._admit()
         if self.prefilling:
             self._prefill()
         if self.running:
-            finished += self._decode()
+            launched = self._launch(None)
+            if self.overlap and self._steady(launched):
+                self._ahead = launched
+            else:
+                done = self._collect(launched)
+                self._leave_all(done)
+                finished += done
         return finished
+
+    def settle(self) -> list[Sequence]:
+        """Read the step launched ahead, if any; the sequences it finished leave their rows and are returned."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return []
+        done = self._collect(ahead)
+        self._leave_all(done)
+        return done
+
+    def _steady(self, launched: _Launched) -> bool:
+        """Whether the next step runs over the same rows as `launched`: nothing to admit or prefill, no sequence
+        finished or dropped (a caller gone or its deadline passed marks it cancelled here), the same graph."""
+        if self.prefilling or self._admissible() or len(self.running) != len(launched.seqs):
+            return False
+        for seq in [*self.running, *self.waiting]:
+            if seq.done is None and seq.alive is not None and not seq.alive():
+                seq.done = "cancelled"
+            if seq.done is not None:
+                return False
+        if launched.graph is not None:
+            sampling = any(s.temperature > 0 for s in self.running)
+            if self._graph_key(len(self.running), [p + 1 for p in launched.positions], sampling) != launched.key:
+                return False
+        return True
+
+    def _admissible(self) -> bool:
+        """A waiting sequence would get a row now (a free one, or an urgent one preempting a background one)."""
+        if not self.waiting:
+            return False
+        if len(self.running) + len(self.prefilling) < self.slots:
+            return True
+        return any(s.urgent for s in self.waiting) and any(not s.urgent for s in self.running)
+
+    def _leave_all(self, done: list[Sequence]) -> None:
+        for seq in done:
+            if seq in self.running:
+                self._leave(seq)
 
     def _reap(self) -> list[Sequence]:
         gone = []
@@ -418,42 +485,82 @@ class DecodeLoop:
         hidden = self._forward(ids[:, None], positions[:, None], mask)
         return self.head(hidden[:, -1]).float()
 
-    def _decode(self) -> list[Sequence]:
-        n = len(self.running)
-        tokens = [s.context[-1] for s in self.running]
-        positions = [len(s.context) - 1 for s in self.running]
-        temps = [s.temperature for s in self.running]
+    def _graph_key(self, n: int, positions: list[int], sampling: bool) -> tuple[int, bool, int]:
+        bucket = next((b for b in GRAPH_BUCKETS if b >= n and b <= self.slots), self.slots)
+        width = self.context + 1
+        if self.width_round:
+            width = min(width, -(-(max(positions) + 1) // self.width_round) * self.width_round)
+        return bucket, sampling, width
+
+    def _launch(self, previous: _Launched | None) -> _Launched:
+        """Launch a decode step over the running rows: from the host's tokens, or chained on `previous` (the same
+        rows; its tokens, still on the device, are the inputs); the new tokens start their copy to the host."""
+        seqs = list(self.running)
+        n = len(seqs)
+        if previous is None:
+            positions = [len(s.context) - 1 for s in seqs]
+        else:
+            positions = [p + 1 for p in previous.positions]
+        temps = [s.temperature for s in seqs]
         sampling = any(t > 0 for t in temps)
+        graph, key, pos = None, None, None
         with torch.inference_mode():
             if self.graphs_on:
-                bucket = next((b for b in GRAPH_BUCKETS if b >= n and b <= self.slots), self.slots)
-                width = self.context + 1
-                if self.width_round:
-                    width = min(width, -(-(max(positions) + 1) // self.width_round) * self.width_round)
-                graph = self._graph(bucket, sampling, width)
-                pad = bucket - n
-                graph.run(tokens + [0] * pad, positions + [self.context] * pad, temps + [0.0] * pad,
-                          [s.top_p for s in self.running] + [1.0] * pad)
-                new = graph.out[:n].tolist()
+                key = self._graph_key(n, positions, sampling)
+                graph = self._graph(*key)
+                if previous is not None:
+                    graph.advance(n)
+                else:
+                    pad = key[0] - n
+                    graph.run([s.context[-1] for s in seqs] + [0] * pad, positions + [self.context] * pad,
+                              temps + [0.0] * pad, [s.top_p for s in seqs] + [1.0] * pad)
+                out = graph.out
             else:
-                ids = torch.tensor(tokens, device=self.device)
-                pos = torch.tensor(positions, device=self.device)
+                if previous is not None:
+                    ids, pos = previous.out[:n], previous.pos + 1
+                else:
+                    ids = torch.tensor([s.context[-1] for s in seqs], device=self.device)
+                    pos = torch.tensor(positions, device=self.device)
                 width = self.context + 1 if self.full_width else max(positions) + 1
                 logits = self._step_logits(ids, pos, self._rows[:n], width)
                 t = torch.tensor(temps, device=self.device)
-                p = torch.tensor([s.top_p for s in self.running], device=self.device)
-                new = (sample(logits, t, p) if sampling else logits.argmax(-1)).tolist()
+                p = torch.tensor([s.top_p for s in seqs], device=self.device)
+                out = sample(logits, t, p) if sampling else logits.argmax(-1)
+            host, ready = self._to_host(out[:n])
         self.counters["steps"] += 1
-        self.counters["tokens"] += n
+        self.counters["chained"] += previous is not None
+        return _Launched(seqs, positions, out, pos, graph, key, host, ready)
+
+    def _to_host(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Start the tokens' copy to the host: into one of two pinned buffers (one step may be in flight while the
+        previous one is read), with an event to wait on; on the CPU a copy."""
+        if self.device.type != "cuda":
+            return tokens.clone(), None
+        if not self._host_tokens:
+            self._host_tokens = [torch.empty(self.slots, dtype=torch.long, pin_memory=True) for _ in range(2)]
+        self._flip ^= 1
+        host = self._host_tokens[self._flip][:tokens.shape[0]]
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.device))
+        return host, ready
+
+    def _collect(self, launched: _Launched) -> list[Sequence]:
+        """Read a launched step's tokens and take them into their sequences (not into one that finished or was
+        dropped since the launch); returns the sequences that finished now."""
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        new = launched.host.tolist()
         now = self.clock()
         finished = []
-        for seq, token in zip(list(self.running), new):
+        for seq, token in zip(launched.seqs, new):
+            if seq.done is not None:
+                continue
+            self.counters["tokens"] += 1
             seq.cached = len(seq.context)
             self._accept(seq, int(token), now)
             if seq.done is not None:
                 finished.append(seq)
-        for seq in finished:
-            self._leave(seq)
         return finished
 
     def _graph(self, bucket: int, sampling: bool, width: int) -> _StepGraph:
@@ -534,6 +641,21 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor)
     return torch.where(temperature > 0, drawn, greedy)
 
 
+@dataclass
+class _Launched:
+    """A decode step on its way: the rows it ran, their positions, its tokens on the device and on their way to
+    the host (`ready` is set when they are there; None on the CPU)."""
+
+    seqs: list[Sequence]
+    positions: list[int]
+    out: torch.Tensor
+    pos: torch.Tensor | None          # the positions on the device (eager steps: a chained step adds one)
+    graph: _StepGraph | None
+    key: tuple[int, bool, int] | None
+    host: torch.Tensor
+    ready: Any
+
+
 class _StepGraph:
     """One decode step over `bucket` rows captured as a CUDA graph; `run` fills its inputs and replays it."""
 
@@ -559,6 +681,13 @@ class _StepGraph:
         # thread_local: the engine's loader and copy threads go on using the device while this thread captures
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.out = body()
+
+    def advance(self, n: int) -> None:
+        """Replay with the last replay's tokens as the inputs of its first `n` rows, one position on (on the
+        device: no copy from the host)."""
+        self.ids.copy_(self.out)
+        self.positions[:n].add_(1)
+        self.graph.replay()
 
     def run(self, ids: list[int], positions: list[int], temps: list[float], top_p: list[float]) -> None:
         self.ids.copy_(torch.tensor(ids), non_blocking=False)

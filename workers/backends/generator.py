@@ -19,7 +19,7 @@ from ragq.core.errors import DeviceOutOfMemory
 from workers.backends.decode import DecodeLoop, Sequence, cut_at_stop
 from workers.backends.decoder import pack_projections
 from workers.backends.fastpaths import fuse_norms
-from workers.backends.torch_backend import _TorchModel
+from workers.backends.torch_backend import _TorchModel, wake_piece_bytes
 from workers.models import GENERATOR_CHOICES
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,9 @@ class TorchGenerator(_TorchModel):
         except ValueError as exc:
             log.info("%s answers with transformers' generate: %s", spec.name, exc)
             return
+        overlap = str(spec.extra.get("overlap", "auto"))   # auto: where graphs run (the host's work hides there)
+        if overlap != "auto":
+            loop.overlap = overlap == "on"
         if str(spec.extra.get("fused_norms", "on")) != "off":
             fuse_norms(self.model)
         if loop.decoder is not None:
@@ -186,6 +189,11 @@ class TorchGenerator(_TorchModel):
         except torch.cuda.OutOfMemoryError as exc:
             raise DeviceOutOfMemory(f"{self.name}: decode step: {str(exc).splitlines()[0]}") from None
 
+    def settle_decode(self) -> list[Sequence]:
+        """Read the decode step still in flight (the engine does before it gives the device to other work)."""
+        assert self.loop is not None
+        return self.loop.settle()
+
     def _run(self, items: list[str], params: dict[str, Any]) -> list[str]:
         if self.loop is None:
             return self._generate(items, params)
@@ -212,11 +220,14 @@ class TorchGenerator(_TorchModel):
             self.stable.remap()
             assert self._host is not None and self.loop is not None
             stream = self._wake_stream(asynchronous)   # a prewarm: beside the device's other work
-            with torch.cuda.stream(stream):
-                for leaf, host in zip(self._leaves(), self._host):   # the same addresses: the graphs still hold
-                    leaf.get().copy_(host, non_blocking=True)
+            pairs = [(leaf.get(), host) for leaf, host in zip(self._leaves(), self._host)]   # the same addresses:
+            with torch.cuda.stream(stream):                                                 # the graphs hold
                 self.loop.restore()
-            return self._wake_done(stream, asynchronous)
+                if not (asynchronous and wake_piece_bytes()):
+                    for device_tensor, host in pairs:
+                        device_tensor.copy_(host, non_blocking=True)
+                    pairs = []
+            return self._wake_done(stream, asynchronous, pairs)
         ready = super().wake(asynchronous)
         if self.loop is not None:
             self.loop.restore()
