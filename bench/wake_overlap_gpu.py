@@ -1,12 +1,10 @@
-"""A rerank beside the generator's asynchronous wake (issue [2 of 7]): how much the wake's copy slows the rerank
-that runs meanwhile, with the wake submitted one copy per tensor (as before) and in pieces fed by a thread
-(`RAGQ_WAKE_PIECE_MB`), in one run on one card. The question path does exactly this: an urgent question's
+"""A rerank beside the generator's asynchronous wake (issue [2 of 7]), outside the stack: how much the wake's copy
+slows the rerank that runs meanwhile, in one run on one card. The question path does this: an urgent question's
 generator is woken at its embed (RAGQ_PREWARM_GENERATOR) while its search and rerank run.
 
-Reports per mode: the rerank's time beside the wake (from the wake's submission to the scores on the host), the
-wake's own time (submission to copies done) alone and beside the rerank, and the rerank alone; checks that the
-woken weights equal the host copy, and that the reranker woken in pieces (the ordinary wake's path) scores as
-before.
+Reports: the rerank alone; the rerank beside the wake (from the wake's submission to the scores on the host); the
+wake's own time (submission to copies done) alone and beside the rerank; checks that the woken weights equal the
+host copy and that the scores beside the wake equal those alone.
 
     python3 bench/wake_overlap_gpu.py --models /tmp/m --out $OUT
 """
@@ -15,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -39,7 +36,6 @@ def main() -> int:
     parser.add_argument("--models", type=Path, default=Path("/tmp/ragq-models"))
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--pieces", default="0,64,16", help="RAGQ_WAKE_PIECE_MB values to compare (0: whole tensors)")
     parser.add_argument("--candidates", type=int, default=17)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -82,52 +78,38 @@ def main() -> int:
     results["rerank_alone_ms"] = [timed_rerank() for _ in range(args.reps)]
     print(f"rerank alone: {statistics.median(results['rerank_alone_ms']):.1f} ms "
           f"({results['rerank_tokens']} tokens)", flush=True)
-    modes: dict[str, Any] = {}
-    for piece in [p for p in args.pieces.split(",") if p]:
-        os.environ["RAGQ_WAKE_PIECE_MB"] = piece
-        row: dict[str, list[float]] = {"wake_alone_ms": [], "rerank_beside_ms": [], "wake_beside_ms": [],
-                                       "submit_ms": []}
-        for rep in range(args.reps):
-            sync()
-            t0 = time.perf_counter()
-            ready = gen.wake(asynchronous=True)
-            ready.wait()
-            sync()
-            row["wake_alone_ms"].append((time.perf_counter() - t0) * 1000.0)
-            if rep == 0:
-                leaves = gen._leaves()
-                row["weights_equal"] = all(torch.equal(leaves[i].get().cpu(), before[i]) for i in probe)  # type: ignore[assignment]
-            gen.sleep()
-            sync()
-            t0 = time.perf_counter()
-            ready = gen.wake(asynchronous=True)
-            t1 = time.perf_counter()
-            scores = rerank.run(items, {})
-            t2 = time.perf_counter()
-            ready.wait()
-            sync()
-            t3 = time.perf_counter()
-            row["submit_ms"].append((t1 - t0) * 1000.0)
-            row["rerank_beside_ms"].append((t2 - t1) * 1000.0)
-            row["wake_beside_ms"].append((t3 - t0) * 1000.0)
-            if rep == 0:
-                row["scores_max_diff"] = max(abs(a - b) for a, b in zip(scores, reference))   # type: ignore[assignment]
-            gen.sleep()
-            sync()
-        summary = {k: statistics.median(v) for k, v in row.items() if isinstance(v, list)}
-        print(f"pieces {piece} MiB: {summary}, weights equal {row['weights_equal']}", flush=True)
-        modes[piece] = {**row, "median": summary}
-    results["modes"] = modes
-    # the ordinary wake (a fresh allocation per tensor) in pieces: the reranker itself
-    os.environ["RAGQ_WAKE_PIECE_MB"] = "64"
-    rerank.sleep()
-    ready = rerank.wake(asynchronous=True)
-    if ready is not None:
+    row: dict[str, Any] = {"wake_alone_ms": [], "rerank_beside_ms": [], "wake_beside_ms": [], "submit_ms": []}
+    for rep in range(args.reps):
+        sync()
+        t0 = time.perf_counter()
+        ready = gen.wake(asynchronous=True)
         ready.wait()
-    results["ordinary_wake_in_pieces_scores_max_diff"] = max(abs(a - b) for a, b in zip(rerank.run(items, {}),
-                                                                                       reference))
-    print("reranker woken in pieces, largest score difference:",
-          results["ordinary_wake_in_pieces_scores_max_diff"], flush=True)
+        sync()
+        row["wake_alone_ms"].append((time.perf_counter() - t0) * 1000.0)
+        if rep == 0:
+            leaves = gen._leaves()
+            row["weights_equal"] = all(torch.equal(leaves[i].get().cpu(), before[i]) for i in probe)
+        gen.sleep()
+        sync()
+        t0 = time.perf_counter()
+        ready = gen.wake(asynchronous=True)
+        t1 = time.perf_counter()
+        scores = rerank.run(items, {})
+        t2 = time.perf_counter()
+        ready.wait()
+        sync()
+        t3 = time.perf_counter()
+        row["submit_ms"].append((t1 - t0) * 1000.0)
+        row["rerank_beside_ms"].append((t2 - t1) * 1000.0)
+        row["wake_beside_ms"].append((t3 - t0) * 1000.0)
+        if rep == 0:
+            row["scores_max_diff"] = max(abs(a - b) for a, b in zip(scores, reference))
+        gen.sleep()
+        sync()
+    row["median"] = {k: statistics.median(v) for k, v in row.items() if isinstance(v, list)}
+    print(f"beside the wake: {row['median']}, weights equal {row['weights_equal']}, "
+          f"scores differ by {row['scores_max_diff']}", flush=True)
+    results["beside_wake"] = row
     (args.out / "wake-overlap.json").write_text(json.dumps(results, indent=2))
     return 0
 

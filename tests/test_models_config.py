@@ -53,23 +53,6 @@ def test_invalid_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("RAGQ_MODELS", "/nonexistent/models.toml")
     with pytest.raises(ConfigError, match="RAGQ_MODELS"):
         load_settings()
-    monkeypatch.delenv("RAGQ_MODELS")
-    monkeypatch.setenv("RAGQ_WAKE_PIECE_MB", "-1")
-    with pytest.raises(ConfigError, match="RAGQ_WAKE_PIECE_MB"):
-        load_settings()
-
-
-def test_the_wake_piece_size_is_read_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
-    from workers.backends.torch_backend import wake_piece_bytes
-
-    monkeypatch.delenv("RAGQ_WAKE_PIECE_MB", raising=False)
-    assert wake_piece_bytes() == 64 * 2**20
-    monkeypatch.setenv("RAGQ_WAKE_PIECE_MB", "0")
-    assert wake_piece_bytes() == 0   # one copy per tensor, as before
-    for bad in ("big", "-3"):
-        monkeypatch.setenv("RAGQ_WAKE_PIECE_MB", bad)
-        with pytest.raises(ValueError, match="RAGQ_WAKE_PIECE_MB"):
-            wake_piece_bytes()
 
 
 def test_a_worker_with_a_missing_or_broken_model_directory_exits_2_naming_it(tmp_path: Path, tiny_models) -> None:  # type: ignore[no-untyped-def]

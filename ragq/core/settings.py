@@ -74,10 +74,6 @@ class Settings(BaseSettings):
         True, description="wake the generator as soon as an urgent question is embedded, while its search and "
         "rerank run (where the budget holds the embedder or the generator, not both, that wake would come moments "
         "later anyway); false: when its rerank is done")
-    wake_piece_mb: float = Field(
-        64.0, ge=0, description="a model woken beside other work (the generator's prewarm) is copied to the card in "
-        "pieces of this many MiB, a few queued at a time, so other batches' inputs are not held behind the whole "
-        "model's copy (0 = one copy per tensor)")
     urgent_yield_ms: float = Field(
         150.0, ge=0, description="while urgent work is recent, background micro-batches are sized from their "
         "measured rate to take about this long, at most half their tuned size (0 = half their tuned size)")

@@ -19,7 +19,7 @@ from ragq.core.errors import DeviceOutOfMemory
 from workers.backends.decode import DecodeLoop, Sequence, cut_at_stop
 from workers.backends.decoder import pack_projections
 from workers.backends.fastpaths import fuse_norms
-from workers.backends.torch_backend import _TorchModel, wake_piece_bytes
+from workers.backends.torch_backend import _TorchModel
 from workers.models import GENERATOR_CHOICES
 
 log = logging.getLogger(__name__)
@@ -220,14 +220,11 @@ class TorchGenerator(_TorchModel):
             self.stable.remap()
             assert self._host is not None and self.loop is not None
             stream = self._wake_stream(asynchronous)   # a prewarm: beside the device's other work
-            pairs = [(leaf.get(), host) for leaf, host in zip(self._leaves(), self._host)]   # the same addresses:
-            with torch.cuda.stream(stream):                                                 # the graphs hold
+            with torch.cuda.stream(stream):
+                for leaf, host in zip(self._leaves(), self._host):   # the same addresses: the graphs still hold
+                    leaf.get().copy_(host, non_blocking=True)
                 self.loop.restore()
-                if not (asynchronous and wake_piece_bytes()):
-                    for device_tensor, host in pairs:
-                        device_tensor.copy_(host, non_blocking=True)
-                    pairs = []
-            return self._wake_done(stream, asynchronous, pairs)
+            return self._wake_done(stream, asynchronous)
         ready = super().wake(asynchronous)
         if self.loop is not None:
             self.loop.restore()

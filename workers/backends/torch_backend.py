@@ -93,77 +93,15 @@ def _pinned_buffer(nbytes: int) -> tuple[torch.Tensor, bool]:
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), False
 
 
-def wake_piece_bytes() -> int:
-    """How an asynchronous wake's copies are cut (`RAGQ_WAKE_PIECE_MB`, default 64; 0: one copy per tensor)."""
-    raw = os.environ.get("RAGQ_WAKE_PIECE_MB", "64")
-    try:
-        mb = float(raw)
-    except ValueError:
-        raise ValueError(f"RAGQ_WAKE_PIECE_MB must be a number of MiB (0: whole tensors), not {raw!r}") from None
-    if mb < 0:
-        raise ValueError(f"RAGQ_WAKE_PIECE_MB must be >= 0, not {raw!r}")
-    return int(mb * 2**20)
-
-
 class _CudaReady:
-    """An asynchronous wake in flight: `wait` makes the device's current stream wait for it (no CPU stall, beyond
-    the last pieces' submission when a thread feeds them)."""
+    """An asynchronous wake in flight: `wait` makes the device's current stream wait for it (no CPU stall)."""
 
-    def __init__(self, event: torch.cuda.Event | None, device: torch.device,
-                 feeder: _PieceFeeder | None = None) -> None:
+    def __init__(self, event: torch.cuda.Event, device: torch.device) -> None:
         self.event = event
         self.device = device
-        self.feeder = feeder
 
     def wait(self) -> None:
-        event = self.event
-        if self.feeder is not None:
-            event = self.feeder.finish()
-        torch.cuda.current_stream(self.device).wait_event(event)
-
-
-class _PieceFeeder:
-    """Copies to the device submitted by a thread in pieces of at most `piece_bytes`, at most `ahead` of them
-    queued at a time. Copies to the device on any stream queue up behind each other (measured: a rerank's inputs
-    waited for a whole 7.5 GiB wake beside it), so a wake submitted whole holds every other batch's inputs back
-    until it ends; in pieces, another copy waits for at most `ahead` of them (a few ms)."""
-
-    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], stream: torch.cuda.Stream,
-                 device: torch.device, piece_bytes: int, ahead: int = 2) -> None:
-        self.pairs, self.stream, self.device = pairs, stream, device
-        self.piece_bytes, self.ahead = piece_bytes, ahead
-        self.event: torch.cuda.Event | None = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="ragq-wake", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        from collections import deque
-
-        try:
-            queued: deque[torch.cuda.Event] = deque()
-            with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
-                for dst, src in self.pairs:
-                    flat_dst, flat_src = dst.view(-1), src.view(-1)
-                    step = max(1, self.piece_bytes // max(1, dst.element_size()))
-                    for start in range(0, flat_dst.numel(), step):
-                        flat_dst[start:start + step].copy_(flat_src[start:start + step], non_blocking=True)
-                        event = torch.cuda.Event()
-                        event.record(self.stream)
-                        queued.append(event)
-                        if len(queued) > self.ahead:
-                            queued.popleft().synchronize()   # releases the GIL while the card copies
-                self.event = torch.cuda.Event()
-                self.event.record(self.stream)
-        except BaseException as exc:  # noqa: BLE001 - raised where the wake is waited for
-            self.error = exc
-
-    def finish(self) -> torch.cuda.Event:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        assert self.event is not None
-        return self.event
+        torch.cuda.current_stream(self.device).wait_event(self.event)
 
 
 class _TorchModel(ModelBase):
@@ -346,19 +284,13 @@ class _TorchModel(ModelBase):
             return None
         leaves = list(zip(self._leaves(), self._host))
         stream = self._wake_stream(asynchronous)
-        piece = wake_piece_bytes() if asynchronous else 0
-        pairs = []
         with torch.cuda.stream(stream):
             for leaf, host in leaves:
-                if piece:
-                    leaf.set(torch.empty_like(host, device=self.device))
-                    pairs.append((leaf.get(), host))
-                else:
-                    leaf.set(host.to(self.device, non_blocking=True))
+                leaf.set(host.to(self.device, non_blocking=True))
         if asynchronous:
             for leaf, _ in leaves:  # the default stream uses them: don't recycle their memory before it is done
                 leaf.get().record_stream(torch.cuda.current_stream(self.device))
-        return self._wake_done(stream, asynchronous, pairs)
+        return self._wake_done(stream, asynchronous)
 
     def _wake_stream(self, asynchronous: bool) -> torch.cuda.Stream:
         """Where a wake's copies go: a side stream (after the device's current work) when asynchronous, so other
@@ -371,13 +303,9 @@ class _TorchModel(ModelBase):
         self._side_stream.wait_stream(current)
         return self._side_stream
 
-    def _wake_done(self, stream: torch.cuda.Stream, asynchronous: bool,
-                   pairs: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> _CudaReady | None:
-        """The asynchronous wake's handle (its users' stream waits on it), or, synchronous, the copies finished.
-        `pairs` (device, host) are still to copy: a thread feeds them to `stream` in pieces."""
+    def _wake_done(self, stream: torch.cuda.Stream, asynchronous: bool) -> _CudaReady | None:
+        """The asynchronous wake's handle (its users' stream waits on it), or, synchronous, the copies finished."""
         if asynchronous:
-            if pairs:
-                return _CudaReady(None, self.device, _PieceFeeder(pairs, stream, self.device, wake_piece_bytes()))
             event = torch.cuda.Event()
             event.record(stream)
             return _CudaReady(event, self.device)
