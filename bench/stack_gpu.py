@@ -265,6 +265,7 @@ def run_generation(home: Path, device: str, args: argparse.Namespace) -> dict[st
     for name in args.generation_variants.split(","):
         print(f"--- {name}", flush=True)
         out[name] = run_generation_once(home, device, args, name)
+        (args.out / "generation-partial.json").write_text(json.dumps(out, indent=2))   # a run cut short keeps these
     return out
 
 
