@@ -35,17 +35,17 @@ from bench.urgent_cpu import ask_many, make_corpus, percentile  # noqa: E402
 
 
 def models_toml(paths: dict[str, Path], tiny: bool, max_new_tokens: int = 16, quantize: str = "none",
-                generate_extra: str = "") -> str:
+                generate_extra: str = "", passes_extra: str = "") -> str:
     """The three models; `quantize` (fp8 | int8) applies to the embedder and the generator (the reranker is small);
-    `generate_extra`, more lines of the generator's table."""
+    `generate_extra`, more lines of the generator's table; `passes_extra`, of the embedder's and the reranker's."""
     guess = (lambda s: "") if tiny else (lambda s: f'estimate = "{s}"\n')
     q = "" if quantize == "none" else f'quantize = "{quantize}"\n'
     big = "7.5GiB" if quantize == "none" else "4.2GiB"
     return (
         f'[embed]\npath = "{paths["embed"]}"\nname = "qwen3-embedding-4b"\npooling = "last"\ndim = {48 if tiny else 1024}\n'
-        f'chunk_tokens = 256\nmax_length = 512\nbatch_size = 256\n{guess(big)}{q}'
+        f'chunk_tokens = 256\nmax_length = 512\nbatch_size = 256\n{guess(big)}{q}{passes_extra}'
         f'[rerank]\npath = "{paths["rerank"]}"\nname = "qwen3-reranker-0.6b"\nkind = "qwen3"\nmax_length = 512\n'
-        f'{guess("1.1GiB")}'
+        f'{guess("1.1GiB")}{passes_extra}'
         f'[generate]\npath = "{paths["generate"]}"\nname = "qwen3-4b"\nmax_new_tokens = {max_new_tokens}\n'
         f'max_length = 1024\n'
         f'{guess(big)}{q}{generate_extra}'
@@ -180,6 +180,7 @@ VARIANT_ENV = {
     # ragq-modules: the decode loop on transformers' modules instead of ragq's decoder (RAGQ_MODELS set in main)
     # ragq-sdpa: ragq's decoder with torch's SDPA for decode attention instead of the split kernels (likewise)
     # ragq-serial: each decode step read before the next is launched (overlap = "off"; likewise)
+    # ragq-unfused: the embedder's and reranker's RMSNorms as transformers' own modules (fused_norms = "off")
 }
 
 
@@ -401,13 +402,15 @@ def main() -> int:
                         help="only the generation rows: idle streamed asks and --concurrent questions at once")
     parser.add_argument("--generation-variants", default="ragq",
                         help="with --generation: ragq, ragq-modules (the decode loop on transformers' modules), "
-                             "ragq-sdpa (decode attention through SDPA), ragq-serial (no overlapped decode steps), "
+                             "ragq-sdpa (decode attention through SDPA), ragq-serial (no overlapped decode steps), ragq-unfused "
+                             "(transformers' RMSNorm in embed and rerank), "
                              "ragq-late-prewarm, ragq-int8, ragq-fp8")
     parser.add_argument("--concurrent", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--restarts", type=int, default=0, help="only the recovery rows: kill the worker N times")
     args = parser.parse_args()
-    known = ("ragq", "ragq-modules", "ragq-sdpa", "ragq-serial", "ragq-fp8", "ragq-int8", *VARIANT_ENV)   # set in main
+    known = ("ragq", "ragq-modules", "ragq-sdpa", "ragq-serial", "ragq-unfused", "ragq-fp8", "ragq-int8",
+             *VARIANT_ENV)   # set in main
     unknown = [v for v in args.generation_variants.split(",") if v not in known]
     if unknown:
         parser.error(f"--generation-variants: unknown {', '.join(unknown)}; known: {', '.join(known)}")
@@ -432,6 +435,9 @@ def main() -> int:
     (home / "models-serial.toml").write_text(models_toml(paths, args.tiny, args.max_new_tokens,
                                                          generate_extra='overlap = "off"\n'))
     VARIANT_ENV["ragq-serial"] = {"RAGQ_MODELS": str(home / "models-serial.toml")}
+    (home / "models-unfused.toml").write_text(models_toml(paths, args.tiny, args.max_new_tokens,
+                                                          passes_extra='fused_norms = "off"\n'))
+    VARIANT_ENV["ragq-unfused"] = {"RAGQ_MODELS": str(home / "models-unfused.toml")}
     os.environ.update(RAGQ_MODELS=str(models_file), RAGQ_HOME=str(home), RAGQ_VRAM_BUDGET="16GiB",
                       RAGQ_CPU_BUDGET="16GiB", RAGQ_STATS_INTERVAL_S="10")
     from ragq.core.services import EmbeddedServices

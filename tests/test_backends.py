@@ -84,6 +84,24 @@ def test_qwen3_last_token_embedding(tiny_models) -> None:  # type: ignore[no-unt
         assert b == pytest.approx(s, abs=1e-5)
 
 
+def test_embed_and_rerank_run_fused_norms_with_the_same_outputs(tiny_models, reranker) -> None:  # type: ignore[no-untyped-def]
+    """RMSNorm as torch's one fused kernel (a short query's pass on a card is launch-bound: seven kernels a norm
+    became one); `fused_norms = "off"` keeps transformers' own."""
+    texts = ["hello there", "a much longer text about redis and postgres and the GPU worker"]
+    specs = {name: ModelSpec(role="embed", path=tiny_models["embed"], name="tiny-embed", kind="last",
+                             extra={"fused_norms": name}) for name in ("on", "off")}
+    fused, plain = (load_torch_model(specs[name], "cpu") for name in ("on", "off"))
+    norms = [m for m in fused.model.modules() if type(m).__name__.endswith("RMSNorm")]
+    assert norms and all("forward" in m.__dict__ for m in norms)   # switched
+    assert not any("forward" in m.__dict__ for m in plain.model.modules() if type(m).__name__.endswith("RMSNorm"))
+    for a, b in zip(fused.run(texts, {}), plain.run(texts, {})):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert any("forward" in m.__dict__ for m in reranker.model.modules() if type(m).__name__.endswith("RMSNorm"))
+    plain_reranker = load_torch_model(ModelSpec(role="rerank", path=tiny_models["lm"], name="tiny-rerank",
+                                                extra={"fused_norms": "off"}), "cpu")
+    assert reranker.run(PAIRS, {}) == pytest.approx(plain_reranker.run(PAIRS, {}), abs=1e-5)
+
+
 MIXED = ["yes", "a short one", "Redis is the broker; " * 3, "The GPU worker loads the embedder. " * 6, "no",
          "Celery routes urgent questions ahead of background ingestion.", "Postgres " * 20, "x y z"]
 

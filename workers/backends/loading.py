@@ -67,6 +67,10 @@ def load_torch_model(spec: ModelSpec, device: str) -> _TorchModel:
             torch.cuda.empty_cache()
             raise DeviceOutOfMemory(f"quantizing {spec.name}: {str(exc).splitlines()[0]}") from None
         log.info("%s: %d linear layers in %s", spec.name, layers, spec.quantize)
+    if spec.role in ("embed", "rerank") and str(spec.extra.get("fused_norms", "on")) != "off":
+        from workers.backends.fastpaths import fuse_norms
+
+        fuse_norms(model)   # one kernel per RMSNorm instead of seven: a short query's pass is launch-bound
     loaded = cls(spec, device, model, tokenizer)
     if spec.role == "generate":
         loaded.setup_decode()   # type: ignore[attr-defined]
