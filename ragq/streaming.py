@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from ragq.core.streams import new_stream_key, read_pieces
+from ragq.core.streams import new_stream_key, read_pieces, wake_reader
 
 
 def ask_stream(client: Any, question: str, *, timeout_s: float | None = None, top_k: int | None = None,
@@ -20,6 +20,7 @@ def ask_stream(client: Any, question: str, *, timeout_s: float | None = None, to
     none) comes as one piece."""
     key = new_stream_key()
     box: dict[str, Any] = {}
+    done = threading.Event()
 
     def wait() -> None:
         try:
@@ -27,6 +28,12 @@ def ask_stream(client: Any, question: str, *, timeout_s: float | None = None, to
                                       stream=key, collection=collection)
         except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
             box["error"] = exc
+        finally:
+            done.set()
+            try:
+                wake_reader(client._redis, key)   # the reader below is blocked on the stream: the reply is in
+            except Exception:  # noqa: BLE001 - it then wakes at its block's end
+                pass
 
     started = time.time()
     waiter = threading.Thread(target=wait, name="ragq-ask", daemon=True)
@@ -34,7 +41,7 @@ def ask_stream(client: Any, question: str, *, timeout_s: float | None = None, to
     last, sent, first_at, grace_until = "0-0", "", None, None
     try:
         while True:
-            if not waiter.is_alive():
+            if done.is_set():
                 reply = box.get("reply")
                 # an answer that was not generated (extractive, none) was never streamed: nothing to wait for
                 answer = reply["answer"] if reply is not None and reply.get("mode") == "generated" else None

@@ -60,6 +60,14 @@ class StreamWriter:
                 log.warning("could not stream %d pieces: %s", len(batch), exc)
 
 
+def wake_reader(client: Any, key: str) -> None:
+    """Append an entry with no piece: a reader blocked on the stream returns now. (Redis ends a blocked read's
+    timeout only at its next cron tick — every 100 ms at the default `hz` — so a reader waiting out a short block
+    on a quiet stream waits up to 100 ms, whatever the block asked for.)"""
+    client.xadd(key, {"wake": "1"}, maxlen=MAX_ENTRIES, approximate=True)
+    client.expire(key, TTL_S)
+
+
 def read_pieces(client: Any, key: str, last_id: str, block_ms: int) -> tuple[str, list[str]]:
     """The pieces after `last_id` (waiting up to `block_ms` for the first), and the id to read on from."""
     reply = client.xread({key: last_id}, block=block_ms)
@@ -67,7 +75,8 @@ def read_pieces(client: Any, key: str, last_id: str, block_ms: int) -> tuple[str
     for _, entries in reply or ():
         for entry_id, fields in entries:
             last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-            value = fields.get(b"p", fields.get("p", b""))
-            pieces.append(value.decode() if isinstance(value, bytes) else str(value))
+            value = fields.get(b"p", fields.get("p"))
+            if value is not None:   # not a wake_reader entry
+                pieces.append(value.decode() if isinstance(value, bytes) else str(value))
     return last_id, pieces
 

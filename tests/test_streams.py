@@ -1,0 +1,45 @@
+"""The answer stream through the broker's Redis (a real one): pieces in order, and a reader blocked on a quiet
+stream woken at once when the reply is in (Redis itself ends a blocked read only at its next cron tick, up to
+100 ms late: streamed asks ended on a 100 ms grid)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from ragq.core.streams import StreamWriter, new_stream_key, read_pieces, wake_reader
+
+
+def test_pieces_come_in_order_and_a_wake_entry_is_no_piece(client) -> None:  # type: ignore[no-untyped-def]
+    key = new_stream_key()
+    writer = StreamWriter(client.endpoints.broker_url)
+    for piece in ("The ", "lanterns ", "burn."):
+        writer(key, piece)
+    wake_reader(client._redis, key)
+    got, last = [], "0-0"
+    deadline = time.monotonic() + 10
+    while len(got) < 3 and time.monotonic() < deadline:
+        last, pieces = read_pieces(client._redis, key, last, 50)
+        got += pieces
+    assert got == ["The ", "lanterns ", "burn."]
+    client._redis.delete(key)
+
+
+def test_a_blocked_reader_returns_when_woken(client) -> None:  # type: ignore[no-untyped-def]
+    key = new_stream_key()
+    client._redis.xadd(key, {"p": "x"})
+    last, _ = read_pieces(client._redis, key, "0-0", 10)
+    returned: list[float] = []
+
+    def read() -> None:
+        read_pieces(client._redis, key, last, 30_000)   # would block for 30 s
+        returned.append(time.monotonic())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    time.sleep(0.2)
+    assert reader.is_alive()
+    wake_reader(client._redis, key)
+    reader.join(timeout=20)
+    assert returned, "the reader was not woken"
+    client._redis.delete(key)
