@@ -181,6 +181,7 @@ VARIANT_ENV = {
     # ragq-sdpa: ragq's decoder with torch's SDPA for decode attention instead of the split kernels (likewise)
     # ragq-serial: each decode step read before the next is launched (overlap = "off"; likewise)
     # ragq-unfused: the embedder's and reranker's RMSNorms as transformers' own modules (fused_norms = "off")
+    # ragq-unfused-serial: both (as at the start of round 2 session 7)
 }
 
 
@@ -409,7 +410,8 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--restarts", type=int, default=0, help="only the recovery rows: kill the worker N times")
     args = parser.parse_args()
-    known = ("ragq", "ragq-modules", "ragq-sdpa", "ragq-serial", "ragq-unfused", "ragq-fp8", "ragq-int8",
+    known = ("ragq", "ragq-modules", "ragq-sdpa", "ragq-serial", "ragq-unfused", "ragq-unfused-serial", "ragq-fp8",
+             "ragq-int8",
              *VARIANT_ENV)   # set in main
     unknown = [v for v in args.generation_variants.split(",") if v not in known]
     if unknown:
@@ -438,6 +440,10 @@ def main() -> int:
     (home / "models-unfused.toml").write_text(models_toml(paths, args.tiny, args.max_new_tokens,
                                                           passes_extra='fused_norms = "off"\n'))
     VARIANT_ENV["ragq-unfused"] = {"RAGQ_MODELS": str(home / "models-unfused.toml")}
+    (home / "models-start.toml").write_text(models_toml(paths, args.tiny, args.max_new_tokens,
+                                                        generate_extra='overlap = "off"\n',
+                                                        passes_extra='fused_norms = "off"\n'))
+    VARIANT_ENV["ragq-unfused-serial"] = {"RAGQ_MODELS": str(home / "models-start.toml")}
     os.environ.update(RAGQ_MODELS=str(models_file), RAGQ_HOME=str(home), RAGQ_VRAM_BUDGET="16GiB",
                       RAGQ_CPU_BUDGET="16GiB", RAGQ_STATS_INTERVAL_S="10")
     from ragq.core.services import EmbeddedServices

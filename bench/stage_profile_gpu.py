@@ -49,6 +49,8 @@ def main() -> int:
         "embed 1 query": ("embed", [QUESTIONS[0]], {"kind": "query"}),
         "embed 8 queries": ("embed", [QUESTIONS[i % len(QUESTIONS)] for i in range(8)], {"kind": "query"}),
         "rerank 17": ("rerank", [[QUESTIONS[0], DOC * 3] for _ in range(17)], {}),
+        # an ingestion micro-batch: 128 chunks of ~250 tokens (what the tuner settles near on this card)
+        "embed 128 chunks": ("embed", [f"chunk {i}: " + DOC * 4 for i in range(128)], {}),
     }
     import dataclasses
 

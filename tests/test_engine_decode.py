@@ -114,7 +114,9 @@ def test_answers_stream_in_pieces_that_add_up(tiny_models, alone, overlap) -> No
     engine.start()
     results = [f.result(60) for f in futures]
     loop = engine._slots["tiny-gen"].model.loop
+    summary = engine.stats.summary()   # the engine's periodic log line: the decode slices' steps and tokens
     engine.stop()
+    assert f"tokens {loop.counters['tokens']}," in summary and f"({loop.counters['chained']} chained)" in summary
     assert [r.outputs[0] for r in results] == alone
     for i, result in enumerate(results):
         assert "".join(pieces.get(f"s{i}", [])) == result.outputs[0]

@@ -21,6 +21,7 @@ from typing import Any
 from ragq.core.errors import RequestExpired
 from scheduler.batching import URGENT
 from workers.backends import BatchOutput
+from workers.engine_state import thread_schedstat
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +66,18 @@ class Decoding:
             self.requests[request.key] = request
             request.todo = []
         started = time.perf_counter()
-        steps0 = model.loop.counters["steps"]
-        tokens0 = model.loop.counters["tokens"]
+        sched0 = thread_schedstat()
+        counters = model.loop.counters
+        before = {key: counters[key] for key in ("steps", "tokens", "prefill_tokens", "chained")}
         finished: list[Any] = []
+        cut = False
         try:
             while model.loop.active:
                 finished += model.decode_step()
-                if time.perf_counter() - started >= engine.config.decode_slice_s or not engine._inbox.empty():
+                if not engine._inbox.empty():
+                    cut = True   # a message came (a new request, a read of the engine's state): it goes first
+                    break
+                if time.perf_counter() - started >= engine.config.decode_slice_s:
                     break
             finished += model.settle_decode()   # no step left in flight while other work has the device
         except Exception as exc:   # a failed step fails the sequences in flight, never the loop
@@ -84,14 +90,14 @@ class Decoding:
             self.requests.clear()
             return
         slice_ms = (time.perf_counter() - started) * 1000.0
+        sched1 = thread_schedstat()
         slot.last_used = engine.clock()
         self._complete(finished, slice_ms)
-        steps = model.loop.counters["steps"] - steps0
-        tokens = model.loop.counters["tokens"] - tokens0
+        phases = {f"decode_{key}": float(counters[key] - value) for key, value in before.items()}
+        phases["decode_slices_cut"] = float(cut)
         done = [s for s in finished if s.done != "cancelled"]
-        engine._count(role, model.name, BatchOutput(
-            [None] * len(done), phases={"decode_steps": float(steps), "decode_tokens": float(tokens)}),
-            [len(s.generated) for s in done], slice_ms, 0.0, 0.0)
+        engine._count(role, model.name, BatchOutput([None] * len(done), phases=phases),
+                      [len(s.generated) for s in done], slice_ms, sched1[0] - sched0[0], sched1[1] - sched0[1])
 
     def _complete(self, finished: list[Any], slice_ms: float) -> None:
         engine = self.engine

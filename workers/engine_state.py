@@ -173,7 +173,7 @@ class EngineStats:
                    if now.alloc_retries > before.alloc_retries else "")
                 + (f" on-cpu {(now.cpu_ms - before.cpu_ms) / 1000:.1f}s cpu-wait {(now.runq_ms - before.runq_ms) / 1000:.1f}s"
                    if now.cpu_ms > before.cpu_ms else "")
-                + _phases_text(now.phases, before.phases)
+                + _phases_text(now.phases, before.phases) + _decode_text(now.phases, before.phases, wall)
             )
         idle = self.idle_ms - (since.idle_ms if since else 0.0)
         load = self.load_ms - (since.load_ms if since else 0.0)
@@ -189,6 +189,18 @@ def _phases_text(now: dict[str, float], before: dict[str, float]) -> str:
         text += f" passes {delta['passes_gpu'] / 1000:.2f}s"
     return text + (f" tail {delta.get('tail', 0) / 1000:.2f}s passes/batch {delta.get('batches_seen', 0) and delta.get('passes', 0) / delta['batches_seen']:.1f}"
                    f" real/padded {delta['real_tokens'] / delta['padded_tokens']:.2f}]")
+
+
+def _decode_text(now: dict[str, float], before: dict[str, float], wall_ms: float) -> str:
+    """A decode loop's slices: steps (launched on the one before), ms a step, tokens, prompt tokens prefilled, and
+    how many slices a message cut short."""
+    delta = {k: v - before.get(k, 0.0) for k, v in now.items() if k.startswith("decode_")}
+    steps = delta.get("decode_steps", 0.0)
+    if not steps:
+        return ""
+    return (f" [steps {steps:.0f} ({delta.get('decode_chained', 0):.0f} chained) {wall_ms / steps:.2f} ms a step, "
+            f"tokens {delta.get('decode_tokens', 0):.0f}, prefilled {delta.get('decode_prefill_tokens', 0):.0f}, "
+            f"slices cut by a message {delta.get('decode_slices_cut', 0):.0f}]")
 
 
 def thread_schedstat() -> tuple[float, float]:
