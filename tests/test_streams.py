@@ -10,19 +10,32 @@ import time
 from ragq.core.streams import StreamWriter, new_stream_key, read_pieces, wake_reader
 
 
-def test_pieces_come_in_order_and_a_wake_entry_is_no_piece(client) -> None:  # type: ignore[no-untyped-def]
-    key = new_stream_key()
+def test_pieces_come_in_order_joined_per_stream_and_a_wake_entry_is_no_piece(client) -> None:  # type: ignore[no-untyped-def]
+    keys = [new_stream_key(), new_stream_key()]
     writer = StreamWriter(client.endpoints.broker_url)
-    for piece in ("The ", "lanterns ", "burn."):
-        writer(key, piece)
-    wake_reader(client._redis, key)
-    got, last = [], "0-0"
-    deadline = time.monotonic() + 10
-    while len(got) < 3 and time.monotonic() < deadline:
-        last, pieces = read_pieces(client._redis, key, last, 50)
-        got += pieces
-    assert got == ["The ", "lanterns ", "burn."]
-    client._redis.delete(key)
+    words = [f"w{i} " for i in range(200)]
+    for word in words:   # two answers growing together, as two sequences of one decode step do
+        for key in keys:
+            writer(key, word)
+    for key in keys:
+        wake_reader(client._redis, key)
+    for key in keys:
+        got, last = "", "0-0"
+        deadline = time.monotonic() + 10
+        while got != "".join(words) and time.monotonic() < deadline:
+            last, pieces = read_pieces(client._redis, key, last, 50)
+            got += "".join(pieces)
+        assert got == "".join(words)
+        assert 0 < client._redis.ttl(key) <= 600       # it expires on its own
+        client._redis.delete(key)
+
+
+def test_pieces_queued_together_go_as_one_entry_per_stream() -> None:
+    writer = StreamWriter("redis://unused")
+    for piece in ("a", "b", "c"):
+        writer._queue.put(("k1", piece))   # queued while its thread was writing the last batch
+        writer._queue.put(("k2", piece.upper()))
+    assert writer._take() == {"k1": "abc", "k2": "ABC"}
 
 
 def test_a_blocked_reader_returns_when_woken(client) -> None:  # type: ignore[no-untyped-def]
