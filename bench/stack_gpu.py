@@ -177,11 +177,21 @@ VARIANT_ENV = {
     "ragq-nobudget": {"RAGQ_VRAM_BUDGET": "", "RAGQ_VRAM_BUFFER": "0.15"},  # 85% of the card: no swaps, no cap
     "ragq-late-prewarm": {"RAGQ_PREWARM_GENERATOR": "false"},   # the generator woken after the rerank, as before
     # ragq-fp8 / ragq-int8: the same worker with the embedder and the generator quantized (RAGQ_MODELS set in main)
-    # ragq-modules: the decode loop on transformers' modules instead of ragq's decoder (RAGQ_MODELS set in main)
+    # ragq-modules: the decode loop on transformers' modules instead of ragq's decoder (MODELS_VARIANTS)
     # ragq-sdpa: ragq's decoder with torch's SDPA for decode attention instead of the split kernels (likewise)
     # ragq-serial: each decode step read before the next is launched (overlap = "off"; likewise)
     # ragq-unfused: the embedder's and reranker's RMSNorms as transformers' own modules (fused_norms = "off")
     # ragq-unfused-serial: both (as at the start of round 2 session 7)
+}
+
+
+# variants of the worker that differ in the models file: models_toml's extra lines for them
+MODELS_VARIANTS = {
+    "ragq-modules": {"generate_extra": 'decoder = "off"\n'},
+    "ragq-sdpa": {"generate_extra": 'attention = "sdpa"\n'},
+    "ragq-serial": {"generate_extra": 'overlap = "off"\n'},
+    "ragq-unfused": {"passes_extra": 'fused_norms = "off"\n'},
+    "ragq-unfused-serial": {"generate_extra": 'overlap = "off"\n', "passes_extra": 'fused_norms = "off"\n'},
 }
 
 
@@ -410,9 +420,7 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--restarts", type=int, default=0, help="only the recovery rows: kill the worker N times")
     args = parser.parse_args()
-    known = ("ragq", "ragq-modules", "ragq-sdpa", "ragq-serial", "ragq-unfused", "ragq-unfused-serial", "ragq-fp8",
-             "ragq-int8",
-             *VARIANT_ENV)   # set in main
+    known = ("ragq", "ragq-fp8", "ragq-int8", *MODELS_VARIANTS, *VARIANT_ENV)
     unknown = [v for v in args.generation_variants.split(",") if v not in known]
     if unknown:
         parser.error(f"--generation-variants: unknown {', '.join(unknown)}; known: {', '.join(known)}")
@@ -428,22 +436,10 @@ def main() -> int:
     for quantize in ("fp8", "int8"):   # the variants ragq-fp8 and ragq-int8
         (home / f"models-{quantize}.toml").write_text(models_toml(paths, args.tiny, args.max_new_tokens, quantize))
         VARIANT_ENV[f"ragq-{quantize}"] = {"RAGQ_MODELS": str(home / f"models-{quantize}.toml")}
-    (home / "models-modules.toml").write_text(models_toml(paths, args.tiny, args.max_new_tokens,
-                                                          generate_extra='decoder = "off"\n'))
-    VARIANT_ENV["ragq-modules"] = {"RAGQ_MODELS": str(home / "models-modules.toml")}
-    (home / "models-sdpa.toml").write_text(models_toml(paths, args.tiny, args.max_new_tokens,
-                                                       generate_extra='attention = "sdpa"\n'))
-    VARIANT_ENV["ragq-sdpa"] = {"RAGQ_MODELS": str(home / "models-sdpa.toml")}
-    (home / "models-serial.toml").write_text(models_toml(paths, args.tiny, args.max_new_tokens,
-                                                         generate_extra='overlap = "off"\n'))
-    VARIANT_ENV["ragq-serial"] = {"RAGQ_MODELS": str(home / "models-serial.toml")}
-    (home / "models-unfused.toml").write_text(models_toml(paths, args.tiny, args.max_new_tokens,
-                                                          passes_extra='fused_norms = "off"\n'))
-    VARIANT_ENV["ragq-unfused"] = {"RAGQ_MODELS": str(home / "models-unfused.toml")}
-    (home / "models-start.toml").write_text(models_toml(paths, args.tiny, args.max_new_tokens,
-                                                        generate_extra='overlap = "off"\n',
-                                                        passes_extra='fused_norms = "off"\n'))
-    VARIANT_ENV["ragq-unfused-serial"] = {"RAGQ_MODELS": str(home / "models-start.toml")}
+    for name, extra in MODELS_VARIANTS.items():   # variants that differ in the models file
+        path = home / f"models-{name}.toml"
+        path.write_text(models_toml(paths, args.tiny, args.max_new_tokens, **extra))
+        VARIANT_ENV[name] = {"RAGQ_MODELS": str(path)}
     os.environ.update(RAGQ_MODELS=str(models_file), RAGQ_HOME=str(home), RAGQ_VRAM_BUDGET="16GiB",
                       RAGQ_CPU_BUDGET="16GiB", RAGQ_STATS_INTERVAL_S="10")
     from ragq.core.services import EmbeddedServices
