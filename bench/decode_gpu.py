@@ -76,6 +76,7 @@ def run_loop(gen: Any, batch: list[list[int]], new: int) -> dict[str, float]:
     loop = gen.loop
     sequences = [Sequence(key=i, prompt=list(p), max_new=new) for i, p in enumerate(batch)]
     sync(str(gen.device))
+    waited0, steps0 = loop.counters["wait_ms"], loop.counters["steps"]
     t0 = time.perf_counter()
     for s in sequences:
         loop.add(s)
@@ -94,7 +95,9 @@ def run_loop(gen: Any, batch: list[list[int]], new: int) -> dict[str, float]:
     tokens = sum(len(s.generated) for s in sequences)
     return {"tokens": tokens, "seconds": total, "tokens_per_s": tokens / total, "all_running_s": all_running,
             "decode_tokens_per_s": (full_steps * len(batch) / full_s) if full_s else 0.0,
-            "step_ms": (full_s / full_steps * 1000.0) if full_steps else 0.0}
+            "step_ms": (full_s / full_steps * 1000.0) if full_steps else 0.0,
+            # of a step, the host waiting for the card's tokens (the rest: launches, text)
+            "wait_ms_per_step": (loop.counters["wait_ms"] - waited0) / max(1, loop.counters["steps"] - steps0)}
 
 
 def run_hf(gen: Any, batch: list[list[int]], new: int, static: bool) -> dict[str, float]:

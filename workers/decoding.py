@@ -68,7 +68,7 @@ class Decoding:
         started = time.perf_counter()
         sched0 = thread_schedstat()
         counters = model.loop.counters
-        before = {key: counters[key] for key in ("steps", "tokens", "prefill_tokens", "chained")}
+        before = {key: counters[key] for key in ("steps", "tokens", "prefill_tokens", "chained", "wait_ms")}
         finished: list[Any] = []
         cut = False
         try:

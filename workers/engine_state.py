@@ -192,13 +192,15 @@ def _phases_text(now: dict[str, float], before: dict[str, float]) -> str:
 
 
 def _decode_text(now: dict[str, float], before: dict[str, float], wall_ms: float) -> str:
-    """A decode loop's slices: steps (launched on the one before), ms a step, tokens, prompt tokens prefilled, and
-    how many slices a message cut short."""
+    """A decode loop's slices: steps (launched on the one before), ms a step and how much of it the host waited for
+    the card's tokens (the rest is the host's own work: launches, text, streaming), tokens, prompt tokens
+    prefilled, and how many slices a message cut short."""
     delta = {k: v - before.get(k, 0.0) for k, v in now.items() if k.startswith("decode_")}
     steps = delta.get("decode_steps", 0.0)
     if not steps:
         return ""
-    return (f" [steps {steps:.0f} ({delta.get('decode_chained', 0):.0f} chained) {wall_ms / steps:.2f} ms a step, "
+    return (f" [steps {steps:.0f} ({delta.get('decode_chained', 0):.0f} chained) {wall_ms / steps:.2f} ms a step "
+            f"({delta.get('decode_wait_ms', 0) / steps:.2f} waiting for the card), "
             f"tokens {delta.get('decode_tokens', 0):.0f}, prefilled {delta.get('decode_prefill_tokens', 0):.0f}, "
             f"slices cut by a message {delta.get('decode_slices_cut', 0):.0f}]")
 

@@ -215,7 +215,7 @@ class DecodeLoop:
         self._host_tokens: list[torch.Tensor] = []
         self._flip = 0
         self.counters = {"steps": 0, "tokens": 0, "prefill_tokens": 0, "graph_captures": 0, "capture_ms": 0.0,
-                         "preempted": 0, "chained": 0}
+                         "preempted": 0, "chained": 0, "wait_ms": 0.0}
 
     # -- the cache ----------------------------------------------------------------------------------------------
     def kv_shapes(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
@@ -548,9 +548,11 @@ class DecodeLoop:
     def _collect(self, launched: _Launched) -> list[Sequence]:
         """Read a launched step's tokens and take them into their sequences (not into one that finished or was
         dropped since the launch); returns the sequences that finished now."""
+        waited = time.perf_counter()
         if launched.ready is not None:
             launched.ready.synchronize()
         new = launched.host.tolist()
+        self.counters["wait_ms"] += (time.perf_counter() - waited) * 1000.0   # the host waiting for the card
         now = self.clock()
         finished = []
         for seq, token in zip(launched.seqs, new):
