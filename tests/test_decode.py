@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.backends.decode import Sequence, sample
+from workers.backends.decode import Sequence
+from workers.backends.decode_steps import sample
 from workers.backends.loading import load_torch_model
 from workers.models import ModelSpec
 

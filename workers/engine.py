@@ -246,19 +246,23 @@ class Engine:
     # -- the engine thread -------------------------------------------------------------------------------------------
     def _loop(self) -> None:
         last = copy.deepcopy(self.stats)
-        next_report = time.monotonic() + self.config.report_interval_s
+        since = time.monotonic()
         while self.step(block=True) is not None:
             self._publish_state(sample_only=True)  # samples go on while idle: a stale sample is no sample
-            if self.config.report_interval_s and time.monotonic() >= next_report:
-                ran = sum(r.batches for r in self.stats.roles.values()) - sum(r.batches for r in last.roles.values())
-                if ran:
-                    log.info("engine %s, last %.0fs: %s", self.device, self.config.report_interval_s,
-                             self.stats.summary(since=last))
-                last = copy.deepcopy(self.stats)
-                next_report = time.monotonic() + self.config.report_interval_s
+            if self.config.report_interval_s and time.monotonic() >= since + self.config.report_interval_s:
+                self._report(last, since)
+                last, since = copy.deepcopy(self.stats), time.monotonic()
+        if self.config.report_interval_s:
+            self._report(last, since)   # the window the stop cut short
         self._drain()   # answer queries that came in while stopping; a submission that raced the stop fails
         for request in list(self._pending.values()):
             self._fail(request, BackendUnavailable(f"engine on {self.device} stopped before running it"))
+
+    def _report(self, last: EngineStats, since: float) -> None:
+        """The engine's periodic line: what ran since `last` (nothing when nothing ran)."""
+        ran = sum(r.batches for r in self.stats.roles.values()) - sum(r.batches for r in last.roles.values())
+        if ran:
+            log.info("engine %s, last %.0fs: %s", self.device, time.monotonic() - since, self.stats.summary(since=last))
 
     def _read_knobs(self) -> None:
         """Off the engine thread: read the tuner's knobs (SQL) every knob interval and push them in."""

@@ -39,82 +39,12 @@ from typing import Any
 import torch
 
 from ragq.core.errors import DeviceOutOfMemory
+from workers.backends.decode_steps import GRAPH_BUCKETS, Launched, StepGraph, sample
 from workers.backends.decoder import Decoder, supported
 from workers.backends.fastpaths import decode_attention, use_decode_attention
+from workers.backends.slot_cache import SlotCache
 
 log = logging.getLogger(__name__)
-
-GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-class SlotCache:
-    """Keys and values of `slots` sequences x `context` positions (+1 scratch column) for every layer.
-
-    Before each forward pass the loop says where its tokens go (`for_decode` / `for_prefill`); the decoder layers'
-    `update(key, value, layer)` calls write them there and get back the keys and values to attend to."""
-
-    def __init__(self, layers: int, slots: int, context: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, alloc: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None
-                 ) -> None:
-        shape = (slots, kv_heads, context + 1, head_dim)
-        make = alloc or (lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=device))
-        self.keys = [make(shape, dtype) for _ in range(layers)]
-        self.values = [make(shape, dtype) for _ in range(layers)]
-        self.context = context
-        self._mode: tuple[Any, ...] = ()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
-    def for_decode(self, rows: torch.Tensor, positions: torch.Tensor, width: int) -> None:
-        self._mode = ("decode", rows, positions, width)
-
-    def decode_target(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decode step's rows and the positions its new tokens go to (the split kernels write them)."""
-        assert self._mode[0] == "decode"
-        return self._mode[1], self._mode[2]
-
-    def for_prefill(self, rows: torch.Tensor, positions: torch.Tensor, width: int) -> None:
-        """Tokens of several sequences at once: row i's tokens at `positions[i]` (padding at the scratch column),
-        attending to the first `width` positions of their own rows."""
-        self._mode = ("prefill", rows, positions, width)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        if self._mode[0] == "decode":
-            _, rows, positions, width = self._mode
-            keys[rows, :, positions] = key_states[:, :, 0]
-            values[rows, :, positions] = value_states[:, :, 0]
-            return keys[:rows.shape[0], :, :width], values[:rows.shape[0], :, :width]
-        _, rows, positions, width = self._mode
-        keys[rows[:, None], :, positions] = key_states.transpose(1, 2)
-        values[rows[:, None], :, positions] = value_states.transpose(1, 2)
-        return keys.index_select(0, rows)[:, :, :width], values.index_select(0, rows)[:, :, :width]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
-
-    def move_row(self, src: int, dst: int, length: int) -> None:
-        for tensor in self.keys + self.values:
-            tensor[dst, :, :length] = tensor[src, :, :length]
-
-    def swap_rows(self, a: int, b: int, length_a: int, length_b: int) -> None:
-        for tensor in self.keys + self.values:
-            held = tensor[b, :, :length_b].clone()
-            tensor[b, :, :length_a] = tensor[a, :, :length_a]
-            tensor[a, :, :length_b] = held
-
-    def rows_to(self, rows: list[tuple[int, int]], device: torch.device, pin: bool) -> list[torch.Tensor]:
-        """The first `length` positions of each (row, length), stacked per layer, on `device` (the host tier)."""
-        out = []
-        for tensor in self.keys + self.values:
-            parts = [tensor[row, :, :length] for row, length in rows]
-            host = [torch.empty(p.shape, dtype=p.dtype, device=device, pin_memory=pin) for p in parts]
-            for h, p in zip(host, parts):
-                h.copy_(p, non_blocking=pin)
-            out.extend(host)
-        return out
-
 
 @dataclass
 class Sequence:
@@ -206,11 +136,11 @@ class DecodeLoop:
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
         self._host_kv: tuple[list[tuple[int, int]], list[torch.Tensor]] | None = None
-        self._graphs: dict[tuple[int, bool, int], _StepGraph] = {}
+        self._graphs: dict[tuple[int, bool, int], StepGraph] = {}
         self.width_round = 0   # graphs attend over the whole cache width (0) or the longest row rounded up to this
         self.full_width = False        # eager steps attend over the whole width too (as graphs do): profiling
         self.overlap = self.graphs_on  # launch the next step before reading this one's tokens (module docstring)
-        self._ahead: _Launched | None = None   # the step launched and not read yet
+        self._ahead: Launched | None = None   # the step launched and not read yet
         self._later: list[Sequence] = []       # finished while the loop was put to sleep: step() returns them
         self._host_tokens: list[torch.Tensor] = []
         self._flip = 0
@@ -327,7 +257,7 @@ class DecodeLoop:
         self._leave_all(done)
         return done
 
-    def _steady(self, launched: _Launched) -> bool:
+    def _steady(self, launched: Launched) -> bool:
         """Whether the next step runs over the same rows as `launched`: nothing to admit or prefill, no sequence
         finished or dropped (a caller gone or its deadline passed marks it cancelled here), the same graph."""
         if self.prefilling or self._admissible() or len(self.running) != len(launched.seqs):
@@ -492,7 +422,7 @@ class DecodeLoop:
             width = min(width, -(-(max(positions) + 1) // self.width_round) * self.width_round)
         return bucket, sampling, width
 
-    def _launch(self, previous: _Launched | None) -> _Launched:
+    def _launch(self, previous: Launched | None) -> Launched:
         """Launch a decode step over the running rows: from the host's tokens, or chained on `previous` (the same
         rows; its tokens, still on the device, are the inputs); the new tokens start their copy to the host."""
         seqs = list(self.running)
@@ -529,7 +459,7 @@ class DecodeLoop:
             host, ready = self._to_host(out[:n])
         self.counters["steps"] += 1
         self.counters["chained"] += previous is not None
-        return _Launched(seqs, positions, out, pos, graph, key, host, ready)
+        return Launched(seqs, positions, out, pos, graph, key, host, ready)
 
     def _to_host(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """Start the tokens' copy to the host: into one of two pinned buffers (one step may be in flight while the
@@ -545,7 +475,7 @@ class DecodeLoop:
         ready.record(torch.cuda.current_stream(self.device))
         return host, ready
 
-    def _collect(self, launched: _Launched) -> list[Sequence]:
+    def _collect(self, launched: Launched) -> list[Sequence]:
         """Read a launched step's tokens and take them into their sequences (not into one that finished or was
         dropped since the launch); returns the sequences that finished now."""
         waited = time.perf_counter()
@@ -565,12 +495,12 @@ class DecodeLoop:
                 finished.append(seq)
         return finished
 
-    def _graph(self, bucket: int, sampling: bool, width: int) -> _StepGraph:
+    def _graph(self, bucket: int, sampling: bool, width: int) -> StepGraph:
         key = (bucket, sampling, width)
         graph = self._graphs.get(key)
         if graph is None:
             t0 = time.perf_counter()
-            graph = _StepGraph(self, bucket, sampling, width)
+            graph = StepGraph(self, bucket, sampling, width)
             self._graphs[key] = graph
             self.counters["graph_captures"] += 1
             self.counters["capture_ms"] += (time.perf_counter() - t0) * 1000.0
@@ -628,72 +558,3 @@ class DecodeLoop:
                     seq.on_piece(piece)
                 except Exception:   # a stream that cannot be written must not stop the decode
                     log.exception("streaming a piece of %s failed", seq.key)
-
-
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Per row: greedy where temperature is 0, else a draw from the temperature-scaled distribution cut to its
-    top-p mass, by an exponential race (no host synchronisation: it runs inside a CUDA graph)."""
-    greedy = logits.argmax(-1)
-    probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
-    ordered, index = probs.sort(dim=-1, descending=True)
-    keep = (ordered.cumsum(-1) - ordered) < top_p[:, None]
-    ordered = ordered * keep
-    race = ordered / torch.empty_like(ordered).exponential_(1.0)
-    drawn = index.gather(-1, race.argmax(-1, keepdim=True)).squeeze(-1)
-    return torch.where(temperature > 0, drawn, greedy)
-
-
-@dataclass
-class _Launched:
-    """A decode step on its way: the rows it ran, their positions, its tokens on the device and on their way to
-    the host (`ready` is set when they are there; None on the CPU)."""
-
-    seqs: list[Sequence]
-    positions: list[int]
-    out: torch.Tensor
-    pos: torch.Tensor | None          # the positions on the device (eager steps: a chained step adds one)
-    graph: _StepGraph | None
-    key: tuple[int, bool, int] | None
-    host: torch.Tensor
-    ready: Any
-
-
-class _StepGraph:
-    """One decode step over `bucket` rows captured as a CUDA graph; `run` fills its inputs and replays it."""
-
-    def __init__(self, loop: DecodeLoop, bucket: int, sampling: bool, width: int) -> None:
-        device = loop.device
-        self.ids = torch.zeros(bucket, dtype=torch.long, device=device)
-        self.positions = torch.full((bucket,), loop.context, dtype=torch.long, device=device)
-        self.temps = torch.zeros(bucket, device=device)
-        self.top_p = torch.ones(bucket, device=device)
-        rows = loop._rows[:bucket]
-
-        def body() -> torch.Tensor:
-            logits = loop._step_logits(self.ids, self.positions, rows, width)
-            return sample(logits, self.temps, self.top_p) if sampling else logits.argmax(-1)
-
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(1):   # warm-up outside the graph (allocator, library handles)
-                body()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: the engine's loader and copy threads go on using the device while this thread captures
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.out = body()
-
-    def advance(self, n: int) -> None:
-        """Replay with the last replay's tokens as the inputs of its first `n` rows, one position on (on the
-        device: no copy from the host)."""
-        self.ids.copy_(self.out)
-        self.positions[:n].add_(1)
-        self.graph.replay()
-
-    def run(self, ids: list[int], positions: list[int], temps: list[float], top_p: list[float]) -> None:
-        self.ids.copy_(torch.tensor(ids), non_blocking=False)
-        self.positions.copy_(torch.tensor(positions), non_blocking=False)
-        self.temps.copy_(torch.tensor(temps, dtype=torch.float32))
-        self.top_p.copy_(torch.tensor(top_p, dtype=torch.float32))
-        self.graph.replay()
