@@ -255,6 +255,10 @@ class BatchTuner:
         below = [s for s in self._throughput if s <= size]
         return self._throughput[max(below)] if below else None
 
+    def measured(self, size: int) -> float | None:
+        """Measured items/s at exactly `size`, or None."""
+        return self._throughput.get(size)
+
     def p95_ms(self) -> float:
         if not self._times:
             return 0.0

@@ -97,7 +97,7 @@ def plan(snapshot: EngineSnapshot) -> Plan:
     models = snapshot.models
     cap = memory_cap(snapshot, role, mine, models)
     room: list[Move] = []
-    if cap < tuner.size and not any(p.priority == URGENT for p in mine):
+    if cap < tuner.size and not any(p.priority == URGENT for p in mine) and not costs_little(tuner, cap):
         room = room_moves(snapshot, config.model)
         if room:
             models = after(models, room)
@@ -168,6 +168,17 @@ def memory_cap(snapshot: EngineSnapshot, role: str, mine: Sequence[Pending], mod
     while cap > 1 and (profile.activation_for(cap, longest) or 0) > free:
         cap //= 2
     return cap
+
+
+ROOM_RATE_FRACTION = 0.9   # the resident models stay while the capped batch keeps this much of the tuned rate
+
+
+def costs_little(tuner: BatchTuner, cap: int) -> bool:
+    """Whether batches capped at `cap` items were measured at >= ROOM_RATE_FRACTION of the throughput measured at
+    the tuned size: then the resident models stay (a question would pay their wake to save a few per cent of
+    ingestion). Until both are measured, room is made, so the tuned size gets measured."""
+    full, capped = tuner.measured(tuner.size), tuner.rate(cap)
+    return full is not None and capped is not None and capped >= ROOM_RATE_FRACTION * full
 
 
 def room_moves(snapshot: EngineSnapshot, keep: str) -> list[Move]:

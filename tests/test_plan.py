@@ -94,6 +94,31 @@ def test_idle_models_go_to_make_room_for_the_tuned_background_batch() -> None:
     assert decision.max_items == 8 and len(decision.take[0][1]) == 8
 
 
+def measured_tuner(rate_at_4: float, rate_at_8: float) -> BatchTuner:
+    """A tuner at size 8 (its maximum) that measured full batches of 4 and of 8 at these rates (items/s)."""
+    tuner = BatchTuner(size=4, maximum=8, latency_target_ms=1000.0)
+    for _ in range(2):
+        tuner.observe(4, 4000.0 / rate_at_4)
+    assert tuner.size == 8   # far under its latency target: it doubled
+    for _ in range(2):
+        tuner.observe(8, 8000.0 / rate_at_8)
+    assert tuner.size == 8 and tuner.measured(8) is not None
+    return tuner
+
+
+def test_residents_stay_when_the_capped_batch_costs_little_throughput() -> None:
+    """The reranker leaves room for 4 items of 8: batches of 4 were measured at 95 % of batches of 8's rate, so it
+    stays (a question would pay its wake) and the batch runs at 4; at 60 % it goes to sleep as before."""
+    models = {"embed": model("embed", VRAM, 10, waiting=1), "rerank": model("rerank", VRAM, 60, last_used=1.0)}
+    work = [pending(1, "embed", 8)]
+    for rate_at_4, slept in ((95.0, False), (60.0, True)):
+        base = snapshot(work, models, footprints={"embed": footprint("embed", 5)}, cooldown_s=5.0, budget_mib=95)
+        decision = plan(replace(base, tuners={**base.tuners, "embed": measured_tuner(rate_at_4, 100.0)}))
+        assert isinstance(decision, RunBatch)
+        assert [(m.model, m.action) for m in decision.room] == ([("rerank", SLEEP)] if slept else [])
+        assert decision.max_items == (8 if slept else 4)
+
+
 def test_no_room_is_made_while_urgent_work_of_the_role_waits() -> None:
     models = {"embed": model("embed", VRAM, 10, waiting=1), "rerank": model("rerank", VRAM, 60, last_used=1.0)}
     work = [pending(1, "embed", 8, priority=URGENT)]
