@@ -182,6 +182,7 @@ VARIANT_ENV = {
     # ragq-serial: each decode step read before the next is launched (overlap = "off"; likewise)
     # ragq-unfused: the embedder's and reranker's RMSNorms as transformers' own modules (fused_norms = "off")
     # ragq-unfused-serial: both (as at the start of round 2 session 7)
+    # ragq-lazy-graphs: the decode graphs captured on first use of each batch size, not at load
 }
 
 
@@ -192,6 +193,7 @@ MODELS_VARIANTS = {
     "ragq-serial": {"generate_extra": 'overlap = "off"\n'},
     "ragq-unfused": {"passes_extra": 'fused_norms = "off"\n'},
     "ragq-unfused-serial": {"generate_extra": 'overlap = "off"\n', "passes_extra": 'fused_norms = "off"\n'},
+    "ragq-lazy-graphs": {"generate_extra": 'capture_at_load = "off"\n'},
 }
 
 

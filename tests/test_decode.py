@@ -285,3 +285,33 @@ def test_the_compiled_decoder_equals_generate(tiny_models, reference) -> None:  
     assert counters["stats"]["unique_graphs"] == graphs   # no shape in prefill or decode compiled again
     with pytest.raises(ValueError, match="compile must be auto, on or off"):
         load(tiny_models, compile="sometimes")
+
+
+def test_graphs_for_every_batch_size_are_captured_at_load_where_graphs_run(tiny_models) -> None:  # type: ignore[no-untyped-def]
+    """On a card the generator captures the greedy step for each batch bucket when it loads (the first questions
+    asked together no longer stop the card for a capture per bucket as they join); a failed capture leaves them to
+    first use. Here (no CUDA) graphs are off and nothing is captured; the buckets and the fallback are checked with
+    the capture itself stood in for."""
+    generator = load(tiny_models, decode_slots=12)
+    loop = generator.loop
+    assert loop.capture_graphs() == 0 and not loop._graphs   # no graphs on the CPU
+    made: list[tuple[int, bool, int]] = []
+
+    def capture(bucket: int, sampling: bool, width: int) -> object:
+        made.append((bucket, sampling, width))
+        loop._graphs[(bucket, sampling, width)] = object()
+        return loop._graphs[(bucket, sampling, width)]
+
+    loop.graphs_on, loop._graph = True, capture
+    assert loop.capture_graphs() == 5
+    assert [m[0] for m in made] == [1, 2, 4, 8, 12] and not any(m[1] for m in made)   # greedy, every bucket
+    assert {m[2] for m in made} == {loop.context + 1}
+
+    def broken(bucket: int, sampling: bool, width: int) -> object:
+        if bucket == 4:
+            raise RuntimeError("capture failed")
+        return capture(bucket, sampling, width)
+
+    loop._graphs.clear()
+    loop._graph = broken
+    assert loop.capture_graphs() == 0 and not loop._graphs   # left to first use

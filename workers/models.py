@@ -99,7 +99,7 @@ def default_embed_spec() -> ModelSpec:
 # keys of the models file's `extra` with a fixed set of values (checked when the models file is read)
 GENERATOR_CHOICES = {"compile": ("auto", "on", "off"), "decoder": ("auto", "off"), "decode": ("auto", "off"),
                      "attention": ("auto", "split", "sdpa"), "overlap": ("auto", "on", "off"),
-                     "fused_norms": ("on", "off")}
+                     "fused_norms": ("on", "off"), "capture_at_load": ("on", "off")}
 
 
 def spec_from_table(role: str, table: dict[str, Any], source: str) -> ModelSpec:

@@ -66,8 +66,10 @@ class TorchGenerator(_TorchModel):
         loop.allocate(self._carve if self.stable is not None else None)
         self.loop = loop
         self.nbytes += loop.kv_bytes
-        log.info("%s decodes continuously on %s: %d slots x %d tokens, KV cache %.2f GiB, graphs %s", spec.name,
-                 self.device, slots, loop.context, loop.kv_bytes / 2**30, "on" if loop.graphs_on else "off")
+        captured = loop.capture_graphs() if str(spec.extra.get("capture_at_load", "on")) != "off" else 0
+        log.info("%s decodes continuously on %s: %d slots x %d tokens, KV cache %.2f GiB, graphs %s%s", spec.name,
+                 self.device, slots, loop.context, loop.kv_bytes / 2**30, "on" if loop.graphs_on else "off",
+                 f" ({captured} batch sizes captured in {loop.counters['capture_ms']:.0f} ms)" if captured else "")
 
     def _compile_decoder(self, loop: DecodeLoop) -> str:
         """`compile = "auto"` (the default) compiles the decoder's elementwise parts on a CUDA card, where they are
