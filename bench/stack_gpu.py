@@ -52,12 +52,14 @@ def models_toml(paths: dict[str, Path], tiny: bool, max_new_tokens: int = 16, qu
     )
 
 
-def ask_streamed(client: Any, count: int) -> tuple[list[float], list[float]]:
-    """Sequential streamed questions: the caller's total and time to the first token (ms) of each."""
+def ask_streamed(client: Any, count: int, gap_s: float = 0.0) -> tuple[list[float], list[float]]:
+    """Sequential streamed questions, `gap_s` apart: the caller's total and time to the first token (ms) of each."""
     from ragq.demo import QUESTIONS
 
     totals, firsts = [], []
     for i in range(count):
+        if i and gap_s:
+            time.sleep(gap_s)
         t0 = time.perf_counter()
         reply = [p for p in client.ask_stream(QUESTIONS[i % len(QUESTIONS)], timeout_s=120, top_k=3)][-1]
         totals.append((time.perf_counter() - t0) * 1000.0)
@@ -176,6 +178,7 @@ VARIANT_ENV = {
     "ragq-switch0.5ms": {"RAGQ_SWITCH_INTERVAL_MS": "0.5"},
     "ragq-nobudget": {"RAGQ_VRAM_BUDGET": "", "RAGQ_VRAM_BUFFER": "0.15"},  # 85% of the card: no swaps, no cap
     "ragq-late-prewarm": {"RAGQ_PREWARM_GENERATOR": "false"},   # the generator woken after the rerank, as before
+    "ragq-no-restore": {"RAGQ_IDLE_RESTORE_S": "0"},   # an idle worker leaves the embedder asleep, as before
     # ragq-fp8 / ragq-int8: the same worker with the embedder and the generator quantized (RAGQ_MODELS set in main)
     # ragq-modules: the decode loop on transformers' modules instead of ragq's decoder (MODELS_VARIANTS)
     # ragq-sdpa: ragq's decoder with torch's SDPA for decode attention instead of the split kernels (likewise)
@@ -309,6 +312,11 @@ def run_generation_once(home: Path, device: str, args: argparse.Namespace, name:
         out["idle_ms"], out["idle_first_token_ms"] = totals, firsts
         print(f"idle ask: p50 {statistics.median(totals):.0f} ms, first token p50 {statistics.median(firsts):.0f} ms",
               flush=True)
+        if args.ask_gap:   # questions seconds apart, as people ask them: the worker has been idle in between
+            totals, firsts = ask_streamed(client, args.questions, args.ask_gap)
+            out["spaced_ms"], out["spaced_first_token_ms"] = totals, firsts
+            print(f"ask {args.ask_gap:g} s apart: p50 {statistics.median(totals):.0f} ms, first token p50 "
+                  f"{statistics.median(firsts):.0f} ms", flush=True)
         for n in sorted({1, args.concurrent}):
             latencies: list[float] = []
             errors: list[str] = []
@@ -406,6 +414,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--docs", type=int, default=400)
     parser.add_argument("--questions", type=int, default=20)
+    parser.add_argument("--ask-gap", type=float, default=0.0,
+                        help="with --generation: also ask --questions questions this many seconds apart")
     parser.add_argument("--settle", type=float, default=2.0)
     parser.add_argument("--drain-s", type=float, default=60.0)
     parser.add_argument("--variants", default="ragq,naive",

@@ -13,7 +13,7 @@ from scheduler.batching import BACKGROUND, URGENT
 from scheduler.residency import VRAM
 from tests.fakes import MiB, FakeClock, FakeDevice, FakeModel, spec
 from workers.backends import BatchOutput
-from workers.engine import Engine
+from workers.engine import Engine, EngineConfig
 from workers.observer import EventLog
 from workers.models import ModelSpec
 from workers.profiles import MemoryProfileStore
@@ -22,7 +22,7 @@ from workers.profiles import MemoryProfileStore
 class Harness:
     def __init__(self, budget_mib: float = 100, batch: int = 8, sizes: dict[str, float] | None = None,
                  host_mib: float = 1000, cooldown_s: float = 0.0, clock: Any = None, real_time: bool = True,
-                 capacity_mib: float | None = None, **model_kwargs: Any) -> None:
+                 capacity_mib: float | None = None, config: EngineConfig | None = None, **model_kwargs: Any) -> None:
         sizes = sizes or {}
         self.specs = {role: spec(role, sizes.get(role, 1), batch) for role in ("embed", "rerank", "generate")}
         self.device = FakeDevice(int((capacity_mib or budget_mib) * MiB))
@@ -43,6 +43,7 @@ class Harness:
             "fake", self.specs, loader, int(budget_mib * MiB), host_budget_bytes=int(host_mib * MiB),
             cooldown_s=cooldown_s, observer=EventLog(self.events), profiles=self.profiles,
             clock=self.clock, waiter=self.clock.advance if isinstance(self.clock, FakeClock) else None,
+            **({"config": config} if config is not None else {}),
         )
 
     def kinds(self) -> list[tuple[str, str]]:
@@ -226,6 +227,33 @@ def test_an_urgent_questions_generator_wakes_while_its_search_and_rerank_run() -
     assert h.engine.tiers()["embed"] != "vram"
     assert rerank.load_ms < 100              # the rerank did not wait for the wake
     assert generate.load_ms < 300            # the wake was under way before the generate stage asked
+
+
+@pytest.mark.parametrize("restore_s", [1.0, 0.0])
+def test_an_idle_engine_brings_back_the_embedder_the_generator_put_to_sleep(restore_s: float) -> None:
+    """The budget holds the embedder or the generator: a question's answer leaves the generator resident. Idle
+    for `idle_restore_s`, the engine wakes the embedder (the generator goes), so the next question's embed does not
+    wait for a wake; 0 leaves them as they are."""
+    clock = FakeClock()
+    h = Harness(budget_mib=10, sizes={"embed": 6, "generate": 6}, clock=clock, real_time=False,
+                config=EngineConfig(idle_restore_s=restore_s))
+    for role in ("embed", "generate"):   # one question: its embed, then its answer
+        done = h.engine.submit(role, ["q"], priority=URGENT)
+        while not done.done():
+            h.engine.step()
+    assert h.engine.tiers()["embed"] == "host" and h.engine.tiers()["generate"] == VRAM
+    clock.advance(0.5)
+    h.engine.step()
+    assert h.engine.tiers()["embed"] == "host"   # not idle for long enough yet
+    clock.advance(1.0)
+    h.engine.step()
+    back = restore_s > 0
+    assert (h.engine.tiers()["embed"] == VRAM) == back and (h.engine.tiers()["generate"] == VRAM) != back
+    loads_before = h.kinds().count(("wake", "embed"))
+    embed = h.engine.submit("embed", ["the next question"], priority=URGENT)
+    while not embed.done():
+        h.engine.step()
+    assert h.kinds().count(("wake", "embed")) == loads_before + (0 if back else 1)   # no wake of its own
 
 
 def test_cooldown_lets_the_resident_model_finish_before_a_swap() -> None:

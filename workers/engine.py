@@ -31,7 +31,7 @@ from typing import Any
 from ragq.core.errors import BackendUnavailable, DeviceOutOfMemory, RagqError, RequestExpired
 from scheduler.batching import BACKGROUND, URGENT, BatchTuner, Pending, Priority, expired
 from scheduler.plan import EngineSnapshot, FailRole, RoleConfig, RunBatch, Wait, plan
-from scheduler.residency import VRAM, ResidencyPolicy, prewarm
+from scheduler.residency import HOST, VRAM, ResidencyPolicy, prewarm
 from workers.backends import BatchOutput, LoadedModel
 from workers.decoding import Decoding, Streamer
 from workers.knobs import apply_knobs
@@ -94,6 +94,7 @@ class Engine:
         self._pending: dict[int, Request] = {}
         self._hints: list[tuple[str, bool]] = []
         self._last_urgent: float | None = None
+        self._busy_until = float("-inf")   # when work was last pending (the idle restore counts from there)
         self._expected_until: dict[str, float] = {}  # model -> until when a question in flight expects it
         self._unload_seen: float | None = None
         self._last_sample = float("-inf")
@@ -288,7 +289,9 @@ class Engine:
         for name, urgent in hints:
             self._do_prewarm(name, urgent)
         if not self._pending:
+            self._restore_when_idle()
             return False
+        self._busy_until = self.clock()
         decision = plan(self._snapshot())
         if isinstance(decision, Wait):
             self._wait(max(0.0, decision.until - self.clock()))
@@ -359,6 +362,19 @@ class Engine:
         if request.key in self._pending:
             self._finish(request)
             request.future.set_exception(exc)
+
+    def _restore_when_idle(self) -> None:
+        """Nothing pending for `idle_restore_s`: the model a question starts with (the embedder), asleep to make
+        way for the generator, comes back — as a prewarm: it evicts nothing busy or cooling, and copies beside
+        whatever comes next. A question's later stages are woken while the stages before them run (the generator
+        at its embed, the reranker at its search); the embedder's wake is the one a question waited for whole."""
+        delay = self.config.idle_restore_s
+        spec = self.specs.get("embed")
+        if delay <= 0 or spec is None or self.clock() - self._busy_until < delay:
+            return
+        slot = self._slots[spec.name]
+        if slot.tier == HOST and slot.loading is None:
+            self._do_prewarm(spec.name)
 
     def _do_prewarm(self, name: str, urgent: bool = False) -> None:
         try:

@@ -40,6 +40,7 @@ class EngineConfig:
     sample_interval_s: float = 5.0      # device samples at most this often
     knob_interval_s: float = 10.0       # the tuner's knobs are read this often (off the engine thread)
     decode_slice_s: float = 0.05        # decode steps run this long before the engine looks at its inbox (0: one)
+    idle_restore_s: float = 0.0         # nothing pending this long: the embedder, if asleep, comes back (0: never)
 
 
 @dataclass

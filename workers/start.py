@@ -116,7 +116,7 @@ def build_engine(settings: Settings, device: str, database_url: str, worker: str
         profiles=PostgresProfileStore(database_url), device_kind=device_kind(device), memory_used=memory_used,
         knob_source=lambda: tuning.live_values(get_engine(database_url)),
         config=EngineConfig(report_interval_s=settings.stats_interval_s, urgent_yield_s=settings.urgent_yield_s,
-                            urgent_yield_ms=settings.urgent_yield_ms),
+                            urgent_yield_ms=settings.urgent_yield_ms, idle_restore_s=settings.idle_restore_s),
     )
     preload = settings.preload if settings.preload != "auto" else ("" if device == "cpu" else "embed")
     for role in (r.strip() for r in preload.split(",")):

@@ -74,6 +74,10 @@ class Settings(BaseSettings):
         True, description="wake the generator as soon as an urgent question is embedded, while its search and "
         "rerank run (where the budget holds the embedder or the generator, not both, that wake would come moments "
         "later anyway); false: when its rerank is done")
+    idle_restore_s: float = Field(
+        1.0, ge=0, description="a worker with nothing to do for this long brings the embedder back if it went "
+        "to sleep for the generator (where the budget holds one of them), so the next question's first stage does "
+        "not wait for its wake (0 = never)")
     urgent_yield_ms: float = Field(
         150.0, ge=0, description="while urgent work is recent, background micro-batches are sized from their "
         "measured rate to take about this long, at most half their tuned size (0 = half their tuned size)")
