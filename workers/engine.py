@@ -364,10 +364,9 @@ class Engine:
             request.future.set_exception(exc)
 
     def _restore_when_idle(self) -> None:
-        """Nothing pending for `idle_restore_s`: the model a question starts with (the embedder), asleep to make
-        way for the generator, comes back — as a prewarm: it evicts nothing busy or cooling, and copies beside
-        whatever comes next. A question's later stages are woken while the stages before them run (the generator
-        at its embed, the reranker at its search); the embedder's wake is the one a question waited for whole."""
+        """Nothing pending for `idle_restore_s`: the embedder, asleep to make way for the generator, comes back as a
+        prewarm (evicting nothing busy or cooling). A question's later stages are woken while the stages before
+        them run; the embedder's wake is the one a question waited for whole."""
         delay = self.config.idle_restore_s
         spec = self.specs.get("embed")
         if delay <= 0 or spec is None or self.clock() - self._busy_until < delay:
