@@ -180,22 +180,23 @@ VARIANT_ENV = {
     "ragq-late-prewarm": {"RAGQ_PREWARM_GENERATOR": "false"},   # the generator woken after the rerank, as before
     "ragq-no-restore": {"RAGQ_IDLE_RESTORE_S": "0"},   # an idle worker leaves the embedder asleep, as before
     # ragq-fp8 / ragq-int8: the same worker with the embedder and the generator quantized (RAGQ_MODELS set in main)
-    # ragq-modules: the decode loop on transformers' modules instead of ragq's decoder (MODELS_VARIANTS)
-    # ragq-sdpa: ragq's decoder with torch's SDPA for decode attention instead of the split kernels (likewise)
-    # ragq-serial: each decode step read before the next is launched (overlap = "off"; likewise)
-    # ragq-unfused: the embedder's and reranker's RMSNorms as transformers' own modules (fused_norms = "off")
-    # ragq-unfused-serial: both (as at the start of round 2 session 7)
-    # ragq-lazy-graphs: the decode graphs captured on first use of each batch size, not at load
+    # and MODELS_VARIANTS below, set in main
 }
 
 
 # variants of the worker that differ in the models file: models_toml's extra lines for them
 MODELS_VARIANTS = {
+    # the decode loop on transformers' modules instead of ragq's decoder
     "ragq-modules": {"generate_extra": 'decoder = "off"\n'},
+    # ragq's decoder with torch's SDPA for decode attention instead of the split kernels
     "ragq-sdpa": {"generate_extra": 'attention = "sdpa"\n'},
+    # each decode step read before the next is launched
     "ragq-serial": {"generate_extra": 'overlap = "off"\n'},
+    # the embedder's and reranker's RMSNorms as transformers' own modules
     "ragq-unfused": {"passes_extra": 'fused_norms = "off"\n'},
+    # both (as at the start of round 2 session 7)
     "ragq-unfused-serial": {"generate_extra": 'overlap = "off"\n', "passes_extra": 'fused_norms = "off"\n'},
+    # the decode graphs captured on first use of each batch size, not at load
     "ragq-lazy-graphs": {"generate_extra": 'capture_at_load = "off"\n'},
 }
 
@@ -432,6 +433,8 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--restarts", type=int, default=0, help="only the recovery rows: kill the worker N times")
     args = parser.parse_args()
+    if args.ask_gap < 0:
+        parser.error(f"--ask-gap must be >= 0 seconds, not {args.ask_gap:g}")
     known = ("ragq", "ragq-fp8", "ragq-int8", *MODELS_VARIANTS, *VARIANT_ENV)
     unknown = [v for v in args.generation_variants.split(",") if v not in known]
     if unknown:

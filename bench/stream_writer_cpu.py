@@ -80,6 +80,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if min(args.streams, args.steps, args.repeats) < 1 or args.step_ms < 0:
+        parser.error("--streams, --steps and --repeats must be at least 1, --step-ms at least 0")
     import redis
 
     from ragq.core.settings import Settings

@@ -39,6 +39,8 @@ def main() -> int:
     parser.add_argument("--candidates", type=int, default=17)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.reps < 1 or args.candidates < 1:
+        parser.error("--reps and --candidates must be at least 1")
     args.out.mkdir(parents=True, exist_ok=True)
     import torch
 

@@ -34,6 +34,9 @@ def test_full_config(tmp_path: Path) -> None:
     ("[embed]\npath = '/x'\nestimate = 'lots'", "is not a size"),
     ("[generate]\npath = '/x'\ncompile = 'yes'", "compile must be one of auto, on, off, not 'yes'"),
     ("[generate]\npath = '/x'\ndecoder = 'hf'", "decoder must be one of auto, off, not 'hf'"),
+    ("[generate]\npath = '/x'\noverlap = 'yes'", "overlap must be one of auto, on, off, not 'yes'"),
+    ("[generate]\npath = '/x'\ncapture_at_load = 1", "capture_at_load must be one of on, off, not 1"),
+    ("[embed]\npath = '/x'\nfused_norms = 'fast'", "[embed] fused_norms must be one of on, off, not 'fast'"),
 ])
 def test_invalid_config_names_file_and_problem(tmp_path: Path, text: str, problem: str) -> None:
     path = tmp_path / "models.toml"
@@ -52,6 +55,10 @@ def test_invalid_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("RAGQ_VRAM_BUDGET", "16GiB")
     monkeypatch.setenv("RAGQ_MODELS", "/nonexistent/models.toml")
     with pytest.raises(ConfigError, match="RAGQ_MODELS"):
+        load_settings()
+    monkeypatch.delenv("RAGQ_MODELS")
+    monkeypatch.setenv("RAGQ_IDLE_RESTORE_S", "-1")
+    with pytest.raises(ConfigError, match="RAGQ_IDLE_RESTORE_S"):
         load_settings()
 
 
