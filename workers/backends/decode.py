@@ -267,7 +267,7 @@ class DecodeLoop:
                 seq.done = "cancelled"
             if seq.done is not None:
                 return False
-        if launched.graph is not None:
+        if launched.graph is not None and self.width_round:   # else the same rows keep the same graph
             sampling = any(s.temperature > 0 for s in self.running)
             if self._graph_key(len(self.running), [p + 1 for p in launched.positions], sampling) != launched.key:
                 return False
