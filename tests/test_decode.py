@@ -11,7 +11,7 @@ import torch
 from workers.backends.decode import Sequence
 from workers.backends.decode_steps import sample
 from workers.backends.loading import load_torch_model
-from workers.models import ModelSpec
+from workers.models import ModelSpec, kv_cache_guess
 
 PROMPTS = [
     "Question: what",
@@ -240,6 +240,9 @@ def test_the_kv_cache_counts_in_the_footprint(tiny_models, generator) -> None:  
     assert not off.continuous
     assert generator.nbytes == off.nbytes + generator.loop.kv_bytes
     assert generator.loop.kv_bytes == generator.loop.cache.nbytes
+    # before any load measured it, the first guess adds the same bytes from config.json (the planner sees them)
+    assert kv_cache_guess(generator.spec, "cpu") == generator.loop.kv_bytes
+    assert kv_cache_guess(off.spec, "cpu") == 0
 
 
 def test_the_loop_runs_its_own_decoder_with_fused_projections_as_views(generator) -> None:  # type: ignore[no-untyped-def]

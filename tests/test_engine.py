@@ -256,6 +256,24 @@ def test_an_idle_engine_brings_back_the_embedder_the_generator_put_to_sleep(rest
     assert h.kinds().count(("wake", "embed")) == loads_before + (0 if back else 1)   # no wake of its own
 
 
+def test_the_idle_restore_counts_from_the_end_of_the_last_batch() -> None:
+    """A long answer (3 s) is not idle time: the embedder comes back `idle_restore_s` after it ended, not at once
+    (it once came back between a question's rerank and its generate, 2 ms apart, and the generator's load ran out
+    of memory beside it)."""
+    clock = FakeClock()
+    h = Harness(budget_mib=10, sizes={"embed": 6, "generate": 6}, clock=clock, real_time=False, run_s_per_item=3.0,
+                config=EngineConfig(idle_restore_s=1.0))
+    for role in ("embed", "generate"):
+        done = h.engine.submit(role, ["q"], priority=URGENT)
+        while not done.done():
+            h.engine.step()
+    h.engine.step()
+    assert h.engine.tiers()["embed"] == "host" and h.engine.tiers()["generate"] == VRAM
+    clock.advance(1.5)
+    h.engine.step()
+    assert h.engine.tiers()["embed"] == VRAM
+
+
 def test_cooldown_lets_the_resident_model_finish_before_a_swap() -> None:
     clock = FakeClock()
     h = Harness(budget_mib=10, sizes={"embed": 6, "generate": 6}, cooldown_s=1.0, clock=clock, real_time=False,

@@ -303,6 +303,7 @@ class Engine:
         batch = self._take(decision)
         if batch:
             self._run_batch(decision, batch)
+            self._busy_until = self.clock()   # idle counts from the end of the last batch, not its start
         return True
 
     def _wait(self, seconds: float) -> None:
@@ -364,15 +365,13 @@ class Engine:
             request.future.set_exception(exc)
 
     def _restore_when_idle(self) -> None:
-        """Nothing pending for `idle_restore_s`: the embedder, asleep to make way for the generator, comes back as a
-        prewarm (evicting nothing busy or cooling). A question's later stages are woken while the stages before
-        them run; the embedder's wake is the one a question waited for whole."""
-        delay = self.config.idle_restore_s
-        spec = self.specs.get("embed")
-        if delay <= 0 or spec is None or self.clock() - self._busy_until < delay:
+        """Nothing pending for `idle_restore_s` and no load in flight: the embedder, asleep to make way for the
+        generator, comes back as a prewarm (evicting nothing busy or cooling); its wake is the one a question waited
+        for whole (later stages wake while the stages before them run)."""
+        delay, spec = self.config.idle_restore_s, self.specs.get("embed")
+        if delay <= 0 or spec is None or self.clock() - self._busy_until < delay or self.residency.loading_any():
             return
-        slot = self._slots[spec.name]
-        if slot.tier == HOST and slot.loading is None:
+        if self._slots[spec.name].tier == HOST:
             self._do_prewarm(spec.name)
 
     def _do_prewarm(self, name: str, urgent: bool = False) -> None:

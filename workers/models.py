@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -30,6 +31,8 @@ from ragq.core.sizes import parse_size
 ROLES = ("embed", "rerank", "generate")
 DEFAULT_EMBED_NAME = "all-MiniLM-L6-v2"
 DEFAULT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+DECODE_SLOTS = {"cuda": 16, "cpu": 4}   # the decode loop's sequences at once, unless the models file sets decode_slots
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 @dataclass(frozen=True)
@@ -219,3 +222,22 @@ def check_model_dirs(specs: dict[str, ModelSpec]) -> None:
             raise ConfigError(f"{where}: config.json is not readable JSON ({exc})") from None
         if not any((spec.path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
             raise ConfigError(f"{where} has no tokenizer (tokenizer.json, tokenizer_config.json or vocab.txt)")
+
+
+def kv_cache_guess(spec: ModelSpec, device_type: str) -> int:
+    """The decode loop's KV cache in bytes, from the model's config.json, before any load has measured it: the
+    generator's first guess is its weights' estimate plus this (its first load allocates both). 0 where no decode
+    loop runs or the config cannot be read."""
+    if spec.role != "generate" or spec.backend != "torch" or str(spec.extra.get("decode", "auto")) == "off":
+        return 0
+    try:
+        config = json.loads((Path(spec.path) / "config.json").read_text())
+        layers, heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+    except (OSError, ValueError, TypeError, KeyError):
+        return 0
+    slots = int(spec.extra.get("decode_slots") or DECODE_SLOTS.get(device_type, 4))
+    dtype = spec.dtype if spec.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+    context = spec.max_length + spec.max_new_tokens + 1
+    return layers * 2 * slots * context * kv_heads * head_dim * DTYPE_BYTES.get(dtype, 2)

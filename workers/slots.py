@@ -18,7 +18,7 @@ from scheduler.residency import (
 )
 from workers.backends import LoadedModel
 from workers.engine_state import EngineStats, Slot
-from workers.models import ModelSpec
+from workers.models import ModelSpec, kv_cache_guess
 from workers.observer import Observers
 from workers.profiles import ModelProfile, ProfileStore
 
@@ -46,6 +46,8 @@ class ModelSlots:
         for spec in specs:
             profile = self.profile(spec)
             guess = profile.weights_bytes if profile else (spec.estimate_bytes or 0)
+            if not profile and spec.estimate_bytes:   # a generator's first load allocates its KV cache too
+                guess += kv_cache_guess(spec, device.split(":")[0])
             self.slots[spec.name] = Slot(spec, vram_bytes=guess, host_bytes=guess)
         self.swap_ms: dict[str, float] = {}    # what bringing each model in took last (a load or a wake)
         self.evict_ms: dict[str, float] = {}   # what its last sleep or unload took

@@ -284,9 +284,15 @@ class _TorchModel(ModelBase):
             return None
         leaves = list(zip(self._leaves(), self._host))
         stream = self._wake_stream(asynchronous)
-        with torch.cuda.stream(stream):
+        try:
+            with torch.cuda.stream(stream):
+                for leaf, host in leaves:
+                    leaf.set(host.to(self.device, non_blocking=True))
+        except BaseException:   # out of memory part way: back to the host copy, no device memory left held unseen
+            stream.synchronize()   # the copies already queued finish before their blocks can be reused
             for leaf, host in leaves:
-                leaf.set(host.to(self.device, non_blocking=True))
+                leaf.set(host)
+            raise
         if asynchronous:
             for leaf, _ in leaves:  # the default stream uses them: don't recycle their memory before it is done
                 leaf.get().record_stream(torch.cuda.current_stream(self.device))
