@@ -52,7 +52,8 @@ def models_toml(paths: dict[str, Path], tiny: bool, max_new_tokens: int = 16, qu
     )
 
 
-def ask_streamed(client: Any, count: int, gap_s: float = 0.0) -> tuple[list[float], list[float]]:
+def ask_streamed(client: Any, count: int, gap_s: float = 0.0, collection: str | None = None
+                 ) -> tuple[list[float], list[float]]:
     """Sequential streamed questions, `gap_s` apart: the caller's total and time to the first token (ms) of each."""
     from ragq.demo import QUESTIONS
 
@@ -61,7 +62,8 @@ def ask_streamed(client: Any, count: int, gap_s: float = 0.0) -> tuple[list[floa
         if i and gap_s:
             time.sleep(gap_s)
         t0 = time.perf_counter()
-        reply = [p for p in client.ask_stream(QUESTIONS[i % len(QUESTIONS)], timeout_s=120, top_k=3)][-1]
+        reply = [p for p in client.ask_stream(QUESTIONS[i % len(QUESTIONS)], timeout_s=120, top_k=3,
+                                              collection=collection)][-1]
         totals.append((time.perf_counter() - t0) * 1000.0)
         firsts.append(reply.get("first_token_ms") or float("nan"))
     return totals, firsts
@@ -230,27 +232,31 @@ def run_variant(name: str, home: Path, device: str, args: argparse.Namespace, se
     try:
         wait_until_consuming(worker, log, timeout_s=600)
         print(f"{name}: worker consuming", flush=True)
-        client.wait_for_job(client.submit_ingest(sample_paths()).job_id, timeout_s=600)
-        client.ask(QUESTIONS[0], timeout_s=120)  # every model loaded once
+        # each variant ingests into and asks its own collection: the variants after the first would otherwise
+        # search the earlier ones' chunks too (a collection this size is compared exactly, so its search time
+        # grows with what it holds: 50-90 ms for the first variant, 165-250 ms for the second in one run)
+        collection = name
+        client.wait_for_job(client.submit_ingest(sample_paths(), collection=collection).job_id, timeout_s=600)
+        client.ask(QUESTIONS[0], timeout_s=120, collection=collection)  # every model loaded once
         # cold: the batch tuner starts from its initial size; warm: a second corpus right after, with the size it
         # settled on (as a restarted worker has it from model_profiles)
         timings = {}
         for phase, folder, offset in (("cold", "a", 0), ("warm", "w", 50)):
             corpus = make_corpus(home / f"{folder}-{name}", args.docs, seed + offset)
             t0 = time.perf_counter()
-            status = client.wait_for_job(client.submit_ingest(corpus).job_id, timeout_s=1200)
+            status = client.wait_for_job(client.submit_ingest(corpus, collection=collection).job_id, timeout_s=1200)
             timings[phase] = (status["chunks_total"], time.perf_counter() - t0)
             print(f"{name}: {phase} ingestion of {status['chunks_total']} chunks in {timings[phase][1]:.1f}s",
                   flush=True)
-        idle, idle_timeouts = ask_many(client, args.questions, 60.0)
-        streamed, first_tokens = ask_streamed(client, args.questions)
+        idle, idle_timeouts = ask_many(client, args.questions, 60.0, collection=collection)
+        streamed, first_tokens = ask_streamed(client, args.questions, collection=collection)
         print(f"{name}: idle questions done", flush=True)
         corpus_b = make_corpus(home / f"b-{name}", 2 * args.docs, seed + 100)  # outlasts the questions
-        job_b = client.submit_ingest(corpus_b).job_id
+        job_b = client.submit_ingest(corpus_b, collection=collection).job_id
         time.sleep(args.settle)
         mixed_from, mixed_t0 = db_now(client), time.perf_counter()
         chunks_before = client.job_status(job_b).get("chunks_total") or 0
-        loaded, loaded_timeouts = ask_many(client, args.questions, 60.0, busy_job=job_b)
+        loaded, loaded_timeouts = ask_many(client, args.questions, 60.0, busy_job=job_b, collection=collection)
         during = client.job_status(job_b)
         mixed_s = time.perf_counter() - mixed_t0
         mixed_events = model_events(client, mixed_from, db_now(client))

@@ -65,16 +65,18 @@ def start_worker(home: Path, profile: str, log: Path) -> subprocess.Popen[bytes]
                             env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)  # noqa: SIM115
 
 
-def ask_many(client: Any, count: int, timeout_s: float, busy_job: str | None = None) -> tuple[list[float], int]:
-    """Sequential questions; with `busy_job`, only those answered while that job was still running count, and
-    asking stops when it finishes (so 'loaded' numbers are never partly idle)."""
+def ask_many(client: Any, count: int, timeout_s: float, busy_job: str | None = None,
+             collection: str | None = None) -> tuple[list[float], int]:
+    """Sequential questions (in `collection`, default the default one); with `busy_job`, only those answered while
+    that job was still running count, and asking stops when it finishes (so 'loaded' numbers are never partly
+    idle)."""
     from ragq.core.errors import QuestionTimeout
 
     latencies, timeouts = [], 0
     for i in range(count):
         t0 = time.perf_counter()
         try:
-            client.ask(QUESTIONS[i % len(QUESTIONS)], timeout_s=timeout_s, top_k=3)
+            client.ask(QUESTIONS[i % len(QUESTIONS)], timeout_s=timeout_s, top_k=3, collection=collection)
             elapsed = (time.perf_counter() - t0) * 1000.0
         except QuestionTimeout:
             timeouts += 1
