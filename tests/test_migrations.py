@@ -53,3 +53,35 @@ def test_existing_documents_get_a_collection_and_a_key(scratch_url: str) -> None
                                    "WHERE table_name = 'jobs' AND column_name = 'chunks_reused'")).scalar()
     assert [tuple(k) for k in keys] == [("default", "a.md", "other"), ("default", "notes.md", "new")]
     assert chunks == 3 and reused == "chunks_reused"
+
+
+def test_a_1024_dimension_vector_stays_in_its_row(scratch_url: str) -> None:
+    """A 4 KB vector with a chunk's text is stored inline (an exact search reads it with the row, not from the
+    TOAST table); before 0011 the same row went out of line."""
+    from ragq.core.db import get_engine, migrate
+
+    vector = "[" + ",".join(["0.03125"] * 1024) + "]"
+    text_1k = "word " * 240   # a 256-token chunk's text
+
+    def toast_bytes(engine, table: str) -> int:  # type: ignore[no-untyped-def]
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO documents (id, name, source, format, meta) VALUES "
+                              "(:id, 'n', :source, 'text', '{}')"), {"id": f"d-{table}", "source": table})
+            for i in range(20):
+                conn.execute(text("INSERT INTO chunks (id, document_id, seq, text, headings, embed_model, dim, "
+                                  "tokens, embedding) VALUES (:id, :doc, :i, :t, '[]', 'm', 1024, 256, :v)"),
+                             {"id": f"{table}-{i}", "doc": f"d-{table}", "i": i, "t": text_1k, "v": vector})
+            return int(conn.execute(text("SELECT pg_relation_size(reltoastrelid) FROM pg_class "
+                                         "WHERE relname = 'chunks'")).scalar())
+
+    assert migrate(scratch_url, "0010") == "0010"
+    engine = get_engine(scratch_url)
+    before = toast_bytes(engine, "before")
+    assert before > 20 * 4096   # out of line at the default target
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE chunks, documents CASCADE"))
+    assert migrate(scratch_url) >= "0011"
+    with engine.connect() as conn:
+        options = conn.execute(text("SELECT reloptions FROM pg_class WHERE relname = 'chunks'")).scalar()
+    assert "toast_tuple_target=8160" in options
+    assert toast_bytes(engine, "after") == 0
