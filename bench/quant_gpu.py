@@ -84,9 +84,32 @@ def _format_config(name: str) -> Any:
             "int8 dynamic": Int8DynamicActivationInt8WeightConfig()}[base]
 
 
-def format_row(name: str, device: str, tiny: bool) -> dict[str, Any]:
-    """One MLP of Qwen3-4B's shape in one format, its forward replayed in a CUDA graph (compiled by inductor first
-    for the "compiled" rows): microseconds, weight bytes read per second, cosine against bf16."""
+def pass_timing(forward: Any, base: Any, rows: int, hidden: int, inner: int, device: str) -> dict[str, float]:
+    """The MLP on an ingestion-sized pass (`rows` tokens, compute-bound: what an embed or rerank micro-batch is),
+    eager calls as the packed passes run: microseconds a call, TFLOP/s, lowest cosine against bf16."""
+    import torch
+
+    x = torch.randn(rows, hidden, device=device, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        cosine = float(torch.nn.functional.cosine_similarity(base(x).float(), forward(x).float(), dim=-1).min())
+        for _ in range(3):
+            forward(x)
+        sync(device)
+        calls = 20
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            forward(x)
+        sync(device)
+    us = (time.perf_counter() - t0) / calls * 1e6
+    return {"pass_rows": rows, "us_pass": us, "tflops_pass": 2 * rows * hidden * inner * 2 / (us * 1e-6) / 1e12,
+            "cosine_pass": cosine}
+
+
+def format_row(name: str, device: str, tiny: bool, pass_rows: int = 6400) -> dict[str, Any]:
+    """One MLP of Qwen3-4B's shape in one format: on an ingestion-sized pass of `pass_rows` tokens first (eager
+    calls), then its forward at 1 and 16 rows replayed in a CUDA graph (compiled by inductor first for the
+    "compiled" rows): microseconds, weight bytes read per second, cosine against bf16. A part that fails records
+    its error; the rows before it stay."""
     import torch
     from torchao.quantization import quantize_
 
@@ -105,6 +128,12 @@ def format_row(name: str, device: str, tiny: bool) -> dict[str, Any]:
     row: dict[str, Any] = {"weights_bytes": leaves_bytes(mlp)}
     mode = "max-autotune-no-cudagraphs" if name.endswith("max-autotune") else None
     forward = torch.compile(mlp, fullgraph=True, dynamic=False, mode=mode) if "compiled" in name else mlp
+    if pass_rows:   # before the graphs: a failed capture leaves the CUDA context unusable
+        try:
+            row.update(pass_timing(forward, base, 64 if tiny else pass_rows, hidden, inner, device))
+        except Exception as exc:  # noqa: BLE001 - a format that cannot run a pass: its error is the result
+            row["pass_error"] = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        print(json.dumps(row), flush=True)   # what the row has so far, should the graphs below kill the process
     for rows in (1, 16):
         x = torch.randn(rows, hidden, device=device, dtype=torch.bfloat16)
         with torch.inference_mode():
@@ -137,17 +166,20 @@ def format_row(name: str, device: str, tiny: bool) -> dict[str, Any]:
     return row
 
 
-def formats(device: str, tiny: bool) -> dict[str, Any]:
+def formats(device: str, tiny: bool, pass_rows: int = 6400) -> dict[str, Any]:
     """Each format's row in its own process: a failed graph capture leaves its CUDA context unusable."""
     import subprocess
 
     out: dict[str, Any] = {}
     for name in FORMAT_ROWS:
-        cmd = [sys.executable, __file__, "--format-row", name, "--device", device, "--out", "/tmp"]
+        cmd = [sys.executable, __file__, "--format-row", name, "--device", device, "--out", "/tmp",
+               "--pass-rows", str(pass_rows)]
         done = subprocess.run(cmd + (["--tiny"] if tiny else []), capture_output=True, text=True, timeout=300)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-        out[name] = json.loads(lines[-1]) if lines else {"error": done.stderr.strip().splitlines()[-1][:300]
-                                                         if done.stderr.strip() else f"exit {done.returncode}"}
+        error = done.stderr.strip().splitlines()[-1][:300] if done.stderr.strip() else f"exit {done.returncode}"
+        out[name] = json.loads(lines[-1]) if lines else {}
+        if done.returncode != 0:   # the part that failed; what the row measured before it stays
+            out[name]["error"] = error
         print(f"format {name}: {out[name]}", flush=True)
     return out
 
@@ -274,10 +306,12 @@ def main() -> int:
     parser.add_argument("--lists", type=int, default=50)
     parser.add_argument("--parts", default="embed,rerank,generate,formats")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--pass-rows", type=int, default=6400,
+                        help="tokens of the formats' ingestion-sized pass (32 chunks of ~200 tokens); 0: none")
     parser.add_argument("--format-row", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.format_row:
-        print(json.dumps(format_row(args.format_row, args.device, args.tiny)))
+        print(json.dumps(format_row(args.format_row, args.device, args.tiny, args.pass_rows)))
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     import torch
@@ -304,7 +338,7 @@ def main() -> int:
         results["generate"] = generator_rows(paths["generate"], fmts, args.device, args, rates)
         save()
     if "formats" in parts:
-        results["formats"] = formats(args.device, args.tiny)
+        results["formats"] = formats(args.device, args.tiny, args.pass_rows)
         save()
     gen = results.get("generate", {})
     if "bf16" in gen:
