@@ -310,6 +310,8 @@ def main() -> int:
                         help="tokens of the formats' ingestion-sized pass (32 chunks of ~200 tokens); 0: none")
     parser.add_argument("--format-row", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.pass_rows < 0:
+        parser.error(f"--pass-rows must be >= 0 (0: no ingestion-sized pass), not {args.pass_rows}")
     if args.format_row:
         print(json.dumps(format_row(args.format_row, args.device, args.tiny, args.pass_rows)))
         return 0

@@ -37,6 +37,9 @@ def test_full_config(tmp_path: Path) -> None:
     ("[generate]\npath = '/x'\noverlap = 'yes'", "overlap must be one of auto, on, off, not 'yes'"),
     ("[generate]\npath = '/x'\ncapture_at_load = 1", "capture_at_load must be one of on, off, not 1"),
     ("[embed]\npath = '/x'\nfused_norms = 'fast'", "[embed] fused_norms must be one of on, off, not 'fast'"),
+    ("[generate]\npath = '/x'\ndecode_slots = 'many'", "decode_slots must be a whole number >= 1, not 'many'"),
+    ("[generate]\npath = '/x'\ndecode_slots = 0", "decode_slots must be a whole number >= 1, not 0"),
+    ("[generate]\npath = '/x'\nprefill_chunk = 12.5", "prefill_chunk must be a whole number >= 1, not 12.5"),
 ])
 def test_invalid_config_names_file_and_problem(tmp_path: Path, text: str, problem: str) -> None:
     path = tmp_path / "models.toml"

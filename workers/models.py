@@ -103,6 +103,8 @@ def default_embed_spec() -> ModelSpec:
 GENERATOR_CHOICES = {"compile": ("auto", "on", "off"), "decoder": ("auto", "off"), "decode": ("auto", "off"),
                      "attention": ("auto", "split", "sdpa"), "overlap": ("auto", "on", "off"),
                      "fused_norms": ("on", "off"), "capture_at_load": ("on", "off")}
+# keys of `extra` that are counts (sequences decoded at once, prompt tokens a prefill pass takes)
+GENERATOR_COUNTS = ("decode_slots", "prefill_chunk", "prefill_tokens")
 
 
 def spec_from_table(role: str, table: dict[str, Any], source: str) -> ModelSpec:
@@ -149,6 +151,10 @@ def spec_from_table(role: str, table: dict[str, Any], source: str) -> ModelSpec:
         if key in spec.extra and str(spec.extra[key]) not in allowed:
             raise ConfigError(f"{source}: [{role}] {key} must be one of {', '.join(allowed)}, not "
                               f"{spec.extra[key]!r}")
+    for key in GENERATOR_COUNTS:
+        value = spec.extra.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{source}: [{role}] {key} must be a whole number >= 1, not {value!r}")
     if spec.batch_size < 1 or spec.max_length < 8 or spec.urgent_batch < 1 or spec.max_batch_tokens < spec.max_length \
             or spec.pass_overhead_tokens < 0:
         raise ConfigError(f"{source}: [{role}] needs batch_size >= 1, urgent_batch >= 1, max_length >= 8, "
