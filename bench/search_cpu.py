@@ -57,6 +57,16 @@ def minilm_vectors(corpus: Path, limit: int) -> tuple[Any, Any]:
     return vectors, query_vectors
 
 
+def add_document(conn: Any, doc: str, collection: str) -> None:
+    """One document row `doc` and its key in `collection`: what chunks inserted directly hang from."""
+    from sqlalchemy import text
+
+    conn.execute(text("INSERT INTO documents (id, name, source, format, meta) "
+                      "VALUES (:id, :name, :source, 'text', '{}')"), {"id": doc, "name": doc, "source": doc})
+    conn.execute(text("INSERT INTO doc_keys (collection, key, document_id) VALUES (:c, :k, :d)"),
+                 {"c": collection, "k": doc, "d": doc})
+
+
 def measure(rt: Any, db: Any, queries: list[Any], collection: str) -> dict[str, Any]:
     """ragq's search in `collection` for each query: latency, and recall@10 against exact search there."""
     import numpy as np
@@ -126,11 +136,7 @@ def main() -> int:
         t0 = time.perf_counter()
         with db.begin() as conn:
             for c in range(len(sizes)):
-                doc = f"doc-{c}"
-                conn.execute(text("INSERT INTO documents (id, name, source, format, meta) "
-                                  "VALUES (:id, :name, :source, 'text', '{}')"), {"id": doc, "name": doc, "source": doc})
-                conn.execute(text("INSERT INTO doc_keys (collection, key, document_id) VALUES (:c, :k, :d)"),
-                             {"c": f"c{c}", "k": doc, "d": doc})
+                add_document(conn, f"doc-{c}", f"c{c}")
         from ragq.core.db import vector_index_name
 
         with db.begin() as conn:   # the schema made the default model's index: drop it, build it after (timed)

@@ -24,8 +24,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.search_cpu import add_document  # noqa: E402
+
 MODEL = "bench-1024"
-VARIANTS = {"out of line (0010)": "0010", "inline (0011)": None}
+VARIANTS = {"out of line (0010)": "0010", "inline (0011)": "head"}
 
 
 def fill(url: str, sizes: list[int], dim: int, seed: int) -> None:
@@ -40,10 +42,7 @@ def fill(url: str, sizes: list[int], dim: int, seed: int) -> None:
     for size in sizes:
         doc = f"c{size}"
         with engine.begin() as conn:
-            conn.execute(text("INSERT INTO documents (id, name, source, format, meta) VALUES "
-                              "(:id, :name, :source, 'text', '{}')"), {"id": doc, "name": doc, "source": doc})
-            conn.execute(text("INSERT INTO doc_keys (collection, key, document_id) VALUES (:c, :k, :d)"),
-                         {"c": doc, "k": doc, "d": doc})
+            add_document(conn, doc, doc)
         vectors = rng.normal(size=(size, dim)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         raw = engine.raw_connection()
@@ -77,18 +76,29 @@ def measure(url: str, collection: str, queries: Any, under: int) -> dict[str, fl
     return {"p50_ms": statistics.median(times), "p95_ms": times[int(0.95 * (len(times) - 1))]}
 
 
+def sizes_list(raw: str) -> list[int]:
+    """--sizes: comma-separated positive whole numbers."""
+    try:
+        sizes = [int(part) for part in raw.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a comma-separated list of whole numbers") from None
+    if min(sizes) <= 0:
+        raise argparse.ArgumentTypeError(f"{raw!r}: every size must be positive")
+    return sizes
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="5000,10000", help="collection sizes, in chunks")
+    parser.add_argument("--sizes", type=sizes_list, default="5000,10000", help="collection sizes, in chunks")
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--queries", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=2, help="the variants measured in turn this many times")
     parser.add_argument("--hnsw", action="store_true", help="also the HNSW path (builds each database's index)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
-    if not sizes or min(sizes) <= 0 or args.queries <= 0 or args.repeats <= 0:
-        parser.error("--sizes, --queries and --repeats must be positive")
+    sizes = args.sizes
+    if args.dim <= 0 or args.queries <= 0 or args.repeats <= 0:
+        parser.error("--dim, --queries and --repeats must be positive")
     import numpy as np
     from sqlalchemy import create_engine, text
 
@@ -108,7 +118,7 @@ def main() -> int:
             with admin.connect() as conn:
                 conn.execute(text(f"CREATE DATABASE toast_{n}"))
             urls[label] = admin.url.set(database=f"toast_{n}").render_as_string(hide_password=False)
-            migrate(urls[label], revision) if revision else migrate(urls[label])
+            migrate(urls[label], revision)
             t0 = time.perf_counter()
             fill(urls[label], sizes, args.dim, seed=1)
             if args.hnsw:

@@ -94,7 +94,7 @@ class Engine:
         self._pending: dict[int, Request] = {}
         self._hints: list[tuple[str, bool]] = []
         self._last_urgent: float | None = None
-        self._busy_until = float("-inf")   # when work was last pending (the idle restore counts from there)
+        self._busy_until = float("-inf")   # when work was last pending or last ran (the idle restore counts from there)
         self._expected_until: dict[str, float] = {}  # model -> until when a question in flight expects it
         self._unload_seen: float | None = None
         self._last_sample = float("-inf")

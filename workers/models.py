@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,30 @@ def check_model_dirs(specs: dict[str, ModelSpec]) -> None:
             raise ConfigError(f"{where} has no tokenizer (tokenizer.json, tokenizer_config.json or vocab.txt)")
 
 
+def dtype_name(spec: ModelSpec, device: str) -> str:
+    """The dtype a torch model runs in: its `dtype`, or for "auto" bfloat16 on a CUDA card and float32 elsewhere."""
+    if spec.dtype == "auto":
+        return "bfloat16" if device.startswith("cuda") else "float32"
+    return spec.dtype
+
+
+def decode_slots(spec: ModelSpec, device_type: str) -> int:
+    """How many sequences the generator's decode loop holds at once (`decode_slots`, else by device type)."""
+    return int(spec.extra.get("decode_slots") or DECODE_SLOTS.get(device_type, 4))
+
+
+def kv_heads_and_dim(get: Callable[[str], Any]) -> tuple[int, int]:
+    """(key/value heads, head dimension) of a decoder from its config (`get`: a config field by name, or None)."""
+    heads = int(get("num_attention_heads"))
+    return int(get("num_key_value_heads") or heads), int(get("head_dim") or int(get("hidden_size")) // heads)
+
+
+def kv_cache_bytes(layers: int, slots: int, context: int, kv_heads: int, head_dim: int, element_size: int) -> int:
+    """A decode loop's KV cache: keys and values of every layer for `slots` sequences of `context` tokens, plus the
+    position a step writes past the end."""
+    return layers * 2 * slots * (context + 1) * kv_heads * head_dim * element_size
+
+
 def kv_cache_guess(spec: ModelSpec, device_type: str) -> int:
     """The decode loop's KV cache in bytes, from the model's config.json, before any load has measured it: the
     generator's first guess is its weights' estimate plus this (its first load allocates both). 0 where no decode
@@ -238,12 +263,9 @@ def kv_cache_guess(spec: ModelSpec, device_type: str) -> int:
         return 0
     try:
         config = json.loads((Path(spec.path) / "config.json").read_text())
-        layers, heads = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
-        kv_heads = int(config.get("num_key_value_heads") or heads)
-        head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
-    except (OSError, ValueError, TypeError, KeyError):
+        layers = int(config["num_hidden_layers"])
+        kv_heads, head_dim = kv_heads_and_dim(config.get)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return 0
-    slots = int(spec.extra.get("decode_slots") or DECODE_SLOTS.get(device_type, 4))
-    dtype = spec.dtype if spec.dtype != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
-    context = spec.max_length + spec.max_new_tokens + 1
-    return layers * 2 * slots * context * kv_heads * head_dim * DTYPE_BYTES.get(dtype, 2)
+    return kv_cache_bytes(layers, decode_slots(spec, device_type), spec.max_length + spec.max_new_tokens, kv_heads,
+                          head_dim, DTYPE_BYTES.get(dtype_name(spec, device_type), 2))

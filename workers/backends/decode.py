@@ -43,6 +43,7 @@ from workers.backends.decode_steps import GRAPH_BUCKETS, Launched, StepGraph, sa
 from workers.backends.decoder import Decoder, supported
 from workers.backends.fastpaths import decode_attention, use_decode_attention
 from workers.backends.slot_cache import SlotCache
+from workers.models import kv_cache_bytes, kv_heads_and_dim
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +126,12 @@ class DecodeLoop:
         params = inspect.signature(self.base.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._takes_cache_position = "cache_position" in params
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        kv_heads, head_dim = kv_heads_and_dim(lambda name: getattr(config, name, None))
         self._shape = (config.num_hidden_layers, slots, context, kv_heads, head_dim)
         self.dtype = next(model.parameters()).dtype
         self.cache: SlotCache | None = None
-        self.kv_bytes = config.num_hidden_layers * 2 * slots * (context + 1) * kv_heads * head_dim \
-            * torch.empty((), dtype=self.dtype).element_size()
+        self.kv_bytes = kv_cache_bytes(config.num_hidden_layers, slots, context, kv_heads, head_dim,
+                                       torch.empty((), dtype=self.dtype).element_size())
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []

@@ -20,7 +20,7 @@ from workers.backends.decode import DecodeLoop, Sequence, cut_at_stop
 from workers.backends.decoder import pack_projections
 from workers.backends.fastpaths import fuse_norms
 from workers.backends.torch_backend import _TorchModel
-from workers.models import DECODE_SLOTS, GENERATOR_CHOICES
+from workers.models import GENERATOR_CHOICES, decode_slots
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class TorchGenerator(_TorchModel):
         mode = str(spec.extra.get("decode", "auto"))
         if mode == "off":
             return
-        slots = int(spec.extra.get("decode_slots") or DECODE_SLOTS.get(self.device.type, 4))
+        slots = decode_slots(spec, self.device.type)
         graphs = str(spec.extra.get("graphs", os.environ.get("RAGQ_CUDA_GRAPHS", "auto"))) != "off"
         try:
             loop = DecodeLoop(

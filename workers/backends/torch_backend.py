@@ -26,7 +26,7 @@ from scheduler.batching import PassCostModel, length_groups
 from workers.backends import BatchOutput, ModelBase
 from workers.backends.packed import Packed
 from workers.backends.tokens import Encoded
-from workers.models import ModelSpec
+from workers.models import ModelSpec, dtype_name
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -49,10 +49,8 @@ QWEN3_RERANK_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\
 
 
 def _dtype(spec: ModelSpec, device: str) -> torch.dtype:
-    if spec.dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec.dtype]
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name(spec, device)]
     except KeyError:
         raise ModelLoadFailed(f"model {spec.name}: dtype {spec.dtype!r} is not float32, bfloat16 or float16") from None
 
